@@ -1,0 +1,180 @@
+"""YAML recipes -> typed dataclasses, with errors a user can act on.
+
+Every recipe section is a dataclass. `load_config` reads a YAML file and builds the dataclass tree,
+rejecting unknown keys and bad values with the file, the line, the dotted key and what is allowed.
+`to_dict` is the inverse used to store the resolved recipe next to an output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message names file, line and key."""
+
+
+class _Where:
+    """Maps dotted key paths of a YAML document to their line numbers."""
+
+    def __init__(self, source: str, node: yaml.Node | None):
+        self.source = source
+        self.lines: dict[str, int] = {}
+        if node is not None:
+            self._walk(node, "")
+
+    def _walk(self, node: yaml.Node, prefix: str) -> None:
+        self.lines.setdefault(prefix, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                self.lines[key] = k.start_mark.line + 1
+                self._walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._walk(v, f"{prefix}[{i}]")
+
+    def error(self, key: str, msg: str) -> ConfigError:
+        line = self.lines.get(key)
+        while line is None and key:
+            key_parent = key.rsplit(".", 1)[0] if "." in key else ""
+            line = self.lines.get(key_parent)
+            key = key_parent
+        loc = f"{self.source}:{line}" if line else self.source
+        return ConfigError(f"{loc}: {msg}")
+
+
+def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
+    """Read `path` as YAML and build `cls` from it; `overrides` are dotted keys set afterwards."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a recipe must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return from_dict(data, cls, _Where(str(path), node))
+
+
+def from_dict(data: Any, cls: type[T], where: _Where | None = None, key: str = "") -> T:
+    """Build `cls` (a dataclass or a type annotation) from plain data, validating as it goes."""
+    where = where or _Where("<recipe>", None)
+    return _convert(data, cls, where, key)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain data (enums by value), suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dump_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[last] = value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    label = key or "<top>"
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise where.error(key, f"'{label}': {value!r} matches none of "
+                               + ", ".join(_type_name(a) for a in args if a is not type(None)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise where.error(key, f"'{label}' must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            sub = f"{key}.{unknown[0]}" if key else str(unknown[0])
+            raise where.error(sub, f"unknown key '{sub}'; allowed in '{label}': " + ", ".join(fields))
+        kwargs = {}
+        for name, f in fields.items():
+            sub = f"{key}.{name}" if key else name
+            if name in value:
+                kwargs[name] = _convert(value[name], hints[name], where, sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise where.error(key, f"missing required key '{sub}'")
+        try:
+            obj = tp(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise where.error(key, f"'{label}': {e}") from None
+        return obj
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise where.error(key, f"'{label}': {value!r} is not allowed; use {_type_name(tp)}") from None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise where.error(key, f"'{label}' must be a list, got {value!r}")
+        (arg, *_rest) = typing.get_args(tp) or (Any,)
+        return [_convert(v, arg, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise where.error(key, f"'{label}' must be a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(v, vt, where, f"{key}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise where.error(key, f"'{label}': {value!r} is not allowed; use one of "
+                                   + ", ".join(repr(a) for a in allowed))
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise where.error(key, f"'{label}' must be {_type_name(tp)}, got {value!r}")
+    return value

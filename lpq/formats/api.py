@@ -1,0 +1,151 @@
+"""Public numerics API: fake_quant / encode / decode on any tensor, any axis, kernel or reference."""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from lpq.formats._build import load_kernel
+from lpq.formats.spec import FormatSpec, get_format
+
+BIT_ORDER_VERSION = 1   # layout of Packed, see docs/design.md; bump on any change
+SPEC_VERSION = 1        # semantics of the format names; bump on any change
+
+_BACKENDS = ("auto", "cpp", "ref")
+
+
+@dataclass
+class Packed:
+    """The real bits of a quantized tensor (layout: docs/design.md, bit-order version 1)."""
+
+    fmt: str
+    shape: tuple[int, ...]
+    axis: int                      # non-negative axis of `shape` that was quantized
+    codes: Tensor                  # uint8 (rows, Lp) for hif8, (rows, Lp/2) nibbles otherwise
+    scales: Tensor | None          # uint8 block scales, or None (hif8)
+    tensor_scale: Tensor | None    # float32 scalar (nvfp4), or None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.tensor_scale)
+                   if t is not None)
+
+
+def _family(spec: FormatSpec) -> ModuleType:
+    return importlib.import_module(f"lpq.formats.{spec.family}")
+
+
+def _backend(backend: str | None) -> str:
+    b = backend or os.environ.get("LPQ_BACKEND", "auto")
+    if b not in _BACKENDS:
+        raise ValueError(f"unknown backend {b!r}; valid: {', '.join(_BACKENDS)} (argument or LPQ_BACKEND)")
+    return b
+
+
+def _kernel(spec: FormatSpec, x: Tensor, backend: str | None):
+    """The C++ extension to use for this call, or None for the reference path."""
+    b = _backend(backend)
+    if b == "ref" or x.device.type != "cpu":
+        return None
+    ext = load_kernel(spec.family)
+    if ext is None and b == "cpp":
+        from lpq.formats._build import why_unavailable
+
+        raise RuntimeError(f"C++ kernel for {spec.name} requested but unavailable: {why_unavailable(spec.family)}")
+    return ext
+
+
+def _check(x: Tensor, axis: int) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got dtype {x.dtype}")
+    nd = max(x.dim(), 1)
+    if not -nd <= axis < nd:
+        raise ValueError(f"axis {axis} out of range for a tensor with {x.dim()} dims")
+    return axis % nd
+
+
+def _as_rows(x: Tensor, axis: int) -> Tensor:
+    """View x as (rows, L) with `axis` last; contiguous (copies only when it must)."""
+    xm = x.reshape(1) if x.dim() == 0 else x
+    xm = xm.movedim(axis, -1)
+    return xm.reshape(-1, xm.shape[-1]).contiguous()
+
+
+def _pad(x2d: Tensor, block: int) -> Tensor:
+    L = x2d.shape[1]
+    Lp = -(-L // block) * block
+    return x2d if Lp == L else torch.nn.functional.pad(x2d, (0, Lp - L))
+
+
+def _from_rows(y2d: Tensor, x: Tensor, axis: int) -> Tensor:
+    if x.dim() == 0:
+        return y2d.reshape(())
+    moved = list(x.shape)
+    moved.append(moved.pop(axis))
+    return y2d.reshape(moved).movedim(-1, axis)
+
+
+def fake_quant(x: Tensor, fmt: str, axis: int = -1, *, backend: str | None = None) -> Tensor:
+    """Quantize then dequantize `x` along `axis`; float32 arithmetic, returns x's dtype and shape."""
+    spec = get_format(fmt)
+    axis = _check(x, axis)
+    if x.numel() == 0:
+        return x.clone()
+    x2d = _as_rows(x, axis)
+    ext = _kernel(spec, x2d, backend)
+    if ext is not None and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y2d = ext.fake_quant(x2d, fmt, torch.empty_like(x2d))
+    else:
+        L = x2d.shape[1]
+        y2d = _family(spec).fake_quant_ref(_pad(x2d.float(), spec.block), fmt)[:, :L].to(x.dtype)
+    return _from_rows(y2d, x, axis)
+
+
+def encode(x: Tensor, fmt: str, axis: int = -1, *, backend: str | None = None) -> Packed:
+    """The real bits of `x` in `fmt` (see Packed); decode(encode(x)) == fake_quant(x.float())."""
+    spec = get_format(fmt)
+    axis = _check(x, axis)
+    x2d = _as_rows(x, axis)
+    ext = _kernel(spec, x2d, backend)
+    if ext is not None and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2d.numel():
+        codes, scales, tscale = ext.encode(x2d, fmt)
+    else:
+        codes, scales, tscale = _family(spec).encode_ref(_pad(x2d.float(), spec.block), fmt)
+    return Packed(fmt, tuple(x.shape), axis, codes, scales, tscale)
+
+
+def decode(p: Packed, *, backend: str | None = None) -> Tensor:
+    """float32 values of a Packed tensor, in its original shape."""
+    spec = get_format(p.fmt)
+    shape = p.shape
+    L = 1 if len(shape) == 0 else shape[p.axis]
+    Lp = -(-L // spec.block) * spec.block
+    ext = _kernel(spec, p.codes, backend)
+    if ext is not None and p.codes.numel():
+        y2d = ext.decode(p.codes, p.scales, p.tensor_scale, p.fmt, Lp)
+    else:
+        y2d = _family(spec).decode_ref(p.codes, p.scales, p.tensor_scale, p.fmt, Lp)
+    template = torch.empty(shape, dtype=torch.float32, device="meta")
+    return _from_rows(y2d[:, :L].contiguous(), template, p.axis) if len(shape) else y2d.reshape(())
+
+
+class FakeQuantSTE(torch.autograd.Function):
+    """fake_quant in forward, identity (straight-through) gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fmt: str, axis: int = -1) -> Tensor:
+        return fake_quant(x, fmt, axis)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
+def fake_quant_ste(x: Tensor, fmt: str, axis: int = -1) -> Tensor:
+    return FakeQuantSTE.apply(x, fmt, axis)

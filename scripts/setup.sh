@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up lpq from nothing: a fresh .venv with the pinned CPU torch and lpq installed editable.
+# Usage: scripts/setup.sh [extras]   (extras: "dev" for tests, "eval" for lm-eval; default "eval")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-eval}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: this is the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[${extras}]"
