@@ -1,0 +1,274 @@
+// HiFloat8 (HiF8) CPU kernels: fake_quant, encode, decode (formats.md §1; lpq/formats/hif8.py is
+// the reference these must match bit for bit).
+//
+// Quantization works on the fp32 bit pattern: the exponent field gives e = floor(log2|x|) exactly,
+// e gives the mantissa width m, and adding half an ulp at width m to the magnitude bits then
+// clearing the dropped bits rounds half away from zero (a carry moves into the exponent field,
+// which is the right answer: the next binade's first value). Overflow, underflow and NaN are
+// selects, so the loops have no branches and vectorize.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kSignMask = 0x80000000u;
+constexpr uint32_t kInfBits = 0x7F800000u;
+constexpr uint32_t kOverflowBits = 0x47200000u;   // 40960 = 1.25 * 2^15: at or above -> Inf
+constexpr uint32_t kUnderflowBits = 0x34000000u;  // 2^-23: below -> +0
+constexpr uint32_t kMinDenormBits = 0x34800000u;  // 2^-22, the smallest nonzero HiF8 value
+constexpr uint32_t kF16MinNormalBits = 0x38800000u;  // 2^-14
+constexpr int64_t kGrain = 1 << 15;
+constexpr uint8_t kNanCode = 0x80;
+constexpr uint8_t kPosInfCode = 0x6F;
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// HiF8 value of the fp32 number with bit pattern u, as an fp32 bit pattern.
+inline uint32_t quant_bits(uint32_t u) {
+  const uint32_t mag = u & kAbsMask;
+  const uint32_t sign = u & kSignMask;
+  // [2^-23, 2^-22) all become 2^-22 (the spec's e = -23 -> -22); lifting them to 2^-22 first
+  // lets the general rounding produce exactly that. Smaller values are zeroed below.
+  const uint32_t lifted = mag > kMinDenormBits ? mag : kMinDenormBits;
+  const int32_t e = static_cast<int32_t>(lifted >> 23) - 127;
+  const int32_t ae = e < 0 ? -e : e;
+  const int32_t m = 3 - (ae >= 4) - (ae >= 8) - (ae >= 16);  // 0 covers the denormals
+  const uint32_t drop = static_cast<uint32_t>(23 - m);
+  const uint32_t rounded = (lifted + (1u << (drop - 1))) & (~0u << drop);
+  uint32_t res = sign | rounded;
+  res = mag < kUnderflowBits ? 0u : res;  // +0 even for negative input: HiF8 has no -0
+  res = mag >= kOverflowBits ? (sign | kInfBits) : res;
+  res = mag > kInfBits ? u : res;  // NaN passes through
+  return res;
+}
+
+inline uint32_t f16_to_f32_bits(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const uint32_t special = (em << 13) | kInfBits;  // Inf, and NaN with its payload
+  // subnormals (and zero): em * 2^-24 is exact in fp32
+  const uint32_t subnormal = float_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  const uint32_t r = em >= 0x7C00u ? special : (em < 0x400u ? subnormal : normal);
+  return sign | r;
+}
+
+// fp32 -> fp16 for HiF8 results only: every HiF8 value is an fp16 value (3 mantissa bits at
+// most, 2^-22 <= |v| <= 2^15), so this is exact and needs no rounding.
+inline uint16_t hif8_f32_to_f16_bits(uint32_t y) {
+  const uint32_t mag = y & kAbsMask;
+  const uint32_t sign = (y >> 16) & 0x8000u;
+  const uint32_t normal = (mag >> 13) - ((127u - 15u) << 10);
+  const uint32_t small = mag < kF16MinNormalBits ? mag : kF16MinNormalBits;  // keeps the cast finite
+  const uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(bits_float(small) * 0x1p24f));
+  const uint32_t special = 0x7C00u | (mag > kInfBits ? 0x200u : 0u);
+  const uint32_t r = mag >= kInfBits ? special : (mag < kF16MinNormalBits ? subnormal : normal);
+  return static_cast<uint16_t>(sign | r);
+}
+
+// One code read with the bit rules of formats.md §1.1: S | dot | exponent | mantissa.
+struct CodeFields {
+  bool negative;
+  bool denormal;  // dot = 0000
+  int exponent;   // normal: e; denormal: M - 23 (M = mantissa field)
+  int mbits;      // fraction bits of a normal code (0 in denormal mode)
+  int mant;       // the mantissa field
+};
+
+CodeFields read_code(uint8_t code) {
+  CodeFields f{};
+  f.negative = code >> 7;
+  const int rest = code & 0x7F;
+  const int dot_bits = rest >= 0x20 ? 2 : (rest >= 0x10 ? 3 : 4);
+  const int prefix = rest >> (7 - dot_bits);
+  // 11 -> 4, 10 -> 3, 01 -> 2 exponent bits; 001 -> 1; 0001 -> 0; 0000 -> denormal
+  const int D = dot_bits == 2 ? prefix + 1 : (dot_bits == 3 ? 1 : 0);
+  f.denormal = dot_bits == 4 && prefix == 0;
+  const int field_bits = 7 - dot_bits - D;
+  f.mant = rest & ((1 << field_bits) - 1);
+  if (f.denormal) {
+    f.exponent = f.mant - 23;
+    f.mbits = 0;
+    return f;
+  }
+  f.mbits = field_bits;
+  const int exp_field = (rest >> field_bits) & ((1 << D) - 1);
+  if (D == 0) {
+    f.exponent = 0;
+  } else {  // sign-magnitude with an implicit leading 1
+    const int mag = (1 << (D - 1)) + (exp_field & ((1 << (D - 1)) - 1));
+    f.exponent = (exp_field >> (D - 1)) ? -mag : mag;
+  }
+  return f;
+}
+
+float code_value(uint8_t code) {
+  const CodeFields f = read_code(code);
+  const float s = f.negative ? -1.0f : 1.0f;
+  if (f.denormal) {
+    if (f.mant == 0) return f.negative ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    return s * std::ldexp(1.0f, f.exponent);
+  }
+  if (f.exponent == 15 && f.mant == 1) return s * std::numeric_limits<float>::infinity();
+  return s * std::ldexp(1.0f + static_cast<float>(f.mant) / static_cast<float>(1 << f.mbits), f.exponent);
+}
+
+const std::array<float, 256>& decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = code_value(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+
+// Indexed by the fp32 exponent field of a HiF8 value: the positive code with mantissa field 0
+// and how far to shift the fp32 mantissa to get the code's mantissa field. Built by inverting
+// read_code, so encode and decode share one reading of the bit rules.
+struct EncodeTables {
+  std::array<uint8_t, 256> base{};
+  std::array<uint8_t, 256> shift{};
+};
+
+const EncodeTables& encode_tables() {
+  static const EncodeTables tables = [] {
+    EncodeTables t;
+    t.shift.fill(23);  // zero (field 0) and Inf (field 255): no mantissa bits
+    for (int c = 1; c < 0x80; ++c) {
+      const CodeFields f = read_code(static_cast<uint8_t>(c));
+      if (f.denormal || f.mant == 0) {
+        const int field = f.exponent + 127;
+        t.base[field] = static_cast<uint8_t>(c);
+        t.shift[field] = static_cast<uint8_t>(23 - f.mbits);
+      }
+    }
+    t.base[255] = kPosInfCode;
+    return t;
+  }();
+  return tables;
+}
+
+inline uint8_t code_of_bits(uint32_t y, const EncodeTables& t) {
+  const uint32_t field = (y >> 23) & 0xFFu;
+  const uint32_t mant = (y & 0x7FFFFFu) >> t.shift[field];
+  const uint8_t code = static_cast<uint8_t>(((y >> 24) & 0x80u) | t.base[field] | mant);
+  return (y & kAbsMask) > kInfBits ? kNanCode : code;
+}
+
+void check_fmt(const std::string& fmt) {
+  TORCH_CHECK(fmt == "hif8", "hif8 kernel: unknown format '", fmt, "' (this kernel implements only 'hif8')");
+}
+
+void check_input(const torch::Tensor& x, const char* fn) {
+  TORCH_CHECK(x.device().is_cpu(), "hif8 ", fn, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "hif8 ", fn, ": expected a 2-D (rows, L) tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "hif8 ", fn, ": expected float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "hif8 ", fn, ": expected a contiguous tensor");
+}
+
+// Calls body(begin, end, load) over all elements in parallel; load(i) gives element i's fp32 bits.
+template <typename Body>
+void for_each_input(const torch::Tensor& x, Body body) {
+  const int64_t n = x.numel();
+  if (x.scalar_type() == at::kFloat) {
+    const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { body(b, e, [p](int64_t i) { return p[i]; }); });
+  } else if (x.scalar_type() == at::kBFloat16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      body(b, e, [p](int64_t i) { return static_cast<uint32_t>(p[i]) << 16; });
+    });
+  } else {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::Half>());
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      body(b, e, [p](int64_t i) { return f16_to_f32_bits(p[i]); });
+    });
+  }
+}
+
+torch::Tensor fake_quant(torch::Tensor x, std::string fmt, torch::Tensor out) {
+  check_fmt(fmt);
+  check_input(x, "fake_quant");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(),
+              "hif8 fake_quant: out must be a contiguous CPU tensor with x's shape and dtype");
+  // Block size 1: rows and the tail need no special handling, the data is one flat run.
+  if (x.scalar_type() == at::kFloat) {
+    uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<float>());
+    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
+      for (int64_t i = b; i < e; ++i) o[i] = quant_bits(load(i));
+    });
+  } else if (x.scalar_type() == at::kBFloat16) {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    // every HiF8 value (and Inf, and a NaN that came in as bf16) is a bf16 value: truncation is exact
+    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
+      for (int64_t i = b; i < e; ++i) o[i] = static_cast<uint16_t>(quant_bits(load(i)) >> 16);
+    });
+  } else {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>());
+    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
+      for (int64_t i = b; i < e; ++i) o[i] = hif8_f32_to_f16_bits(quant_bits(load(i)));
+    });
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> encode(torch::Tensor x, std::string fmt) {
+  check_fmt(fmt);
+  check_input(x, "encode");
+  torch::Tensor codes = torch::empty(x.sizes(), torch::dtype(torch::kUInt8));
+  uint8_t* o = codes.data_ptr<uint8_t>();
+  const EncodeTables& t = encode_tables();
+  for_each_input(x, [o, &t](int64_t b, int64_t e, auto load) {
+    for (int64_t i = b; i < e; ++i) o[i] = code_of_bits(quant_bits(load(i)), t);
+  });
+  return {codes, torch::Tensor(), torch::Tensor()};  // hif8 has no scales: Python gets None
+}
+
+torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
+                     c10::optional<torch::Tensor> tensor_scale, std::string fmt, int64_t Lp) {
+  check_fmt(fmt);
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
+              "hif8 decode: codes must be a contiguous 2-D uint8 CPU tensor, got ", codes.scalar_type(), " with ",
+              codes.dim(), " dims");
+  TORCH_CHECK(codes.size(1) == Lp, "hif8 decode: codes have ", codes.size(1), " columns, expected Lp = ", Lp);
+  TORCH_CHECK(!(scales.has_value() && scales->defined()) && !(tensor_scale.has_value() && tensor_scale->defined()),
+              "hif8 decode: hif8 has no scales; scales and tensor_scale must be None");
+  torch::Tensor out = torch::empty(codes.sizes(), torch::dtype(torch::kFloat));
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const float* table = decode_table().data();
+  at::parallel_for(0, codes.numel(), kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) o[i] = table[c[i]];
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fake_quant", &fake_quant, "HiF8 quantize-dequantize of a (rows, L) tensor into out",
+        py::arg("x"), py::arg("fmt"), py::arg("out"));
+  m.def("encode", &encode, "HiF8 codes of a (rows, L) tensor: [codes uint8, None, None]",
+        py::arg("x"), py::arg("fmt"));
+  m.def("decode", &decode, "float32 values of HiF8 codes (rows, Lp)", py::arg("codes"), py::arg("scales"),
+        py::arg("tensor_scale"), py::arg("fmt"), py::arg("Lp"));
+}

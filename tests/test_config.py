@@ -1,0 +1,65 @@
+import enum
+from dataclasses import dataclass, field
+
+import pytest
+
+from lpq.config import ConfigError, from_dict, load_config, to_dict
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class Inner:
+    n: int = 1
+    color: Color = Color.RED
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    ids: list[int] = field(default_factory=list)
+    ratio: float = 0.5
+    extra: Inner | None = None
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, "name: a\ninner:\n  n: 3\n  color: blue\nids: [1, 2]\nratio: 2\n"), Outer)
+    assert cfg == Outer("a", Inner(3, Color.BLUE), [1, 2], 2.0)
+    assert from_dict(to_dict(cfg), Outer) == cfg
+
+
+def test_unknown_key_names_file_line_and_allowed(tmp_path):
+    p = write(tmp_path, "name: a\ninner:\n  n: 3\n  colour: blue\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, Outer)
+    msg = str(e.value)
+    assert f"{p}:4" in msg and "inner.colour" in msg and "n, color" in msg
+
+
+def test_bad_enum_value_lists_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.yaml:3: 'inner.color': 'green' is not allowed; use one of 'red', 'blue'"):
+        load_config(write(tmp_path, "name: a\ninner:\n  color: green\n"), Outer)
+
+
+def test_wrong_type_and_missing_key(tmp_path):
+    with pytest.raises(ConfigError, match="'ids\\[1\\]' must be int"):
+        load_config(write(tmp_path, "name: a\nids: [1, x]\n"), Outer)
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        load_config(write(tmp_path, "ratio: 1.0\n"), Outer)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml", Outer)
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    cfg = load_config(write(tmp_path, "name: a\n"), Outer, overrides={"inner.n": 7})
+    assert cfg.inner.n == 7
