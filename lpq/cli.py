@@ -11,6 +11,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # Each module defines `register(app)`; a command is listed here only once it works.
 COMMAND_MODULES = [
     "formats",
+    "ptq",
+    "inspect",
+    "eval",
 ]
 
 for _name in COMMAND_MODULES:

@@ -59,15 +59,21 @@ inline uint32_t quant_bits(uint32_t u) {
   return res;
 }
 
+// Bitwise select: GCC will not if-convert a ?: whose arms hold float operations (they might trap),
+// so the fp16 loops would not vectorize with ?: there.
+inline uint32_t select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
 inline uint32_t f16_to_f32_bits(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;
   const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
   const uint32_t special = (em << 13) | kInfBits;  // Inf, and NaN with its payload
-  // subnormals (and zero): em * 2^-24 is exact in fp32
-  const uint32_t subnormal = float_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-  const uint32_t r = em >= 0x7C00u ? special : (em < 0x400u ? subnormal : normal);
-  return sign | r;
+  // subnormals and zero are em * 2^-24; (2^23 + em) - 2^23 turns em into a float exactly
+  const uint32_t subnormal = float_bits((bits_float(em | 0x4B000000u) - 0x1p23f) * 0x1p-24f);
+  return sign | select(em >= 0x7C00u, special, select(em < 0x400u, subnormal, normal));
 }
 
 // fp32 -> fp16 for HiF8 results only: every HiF8 value is an fp16 value (3 mantissa bits at
@@ -76,11 +82,11 @@ inline uint16_t hif8_f32_to_f16_bits(uint32_t y) {
   const uint32_t mag = y & kAbsMask;
   const uint32_t sign = (y >> 16) & 0x8000u;
   const uint32_t normal = (mag >> 13) - ((127u - 15u) << 10);
-  const uint32_t small = mag < kF16MinNormalBits ? mag : kF16MinNormalBits;  // keeps the cast finite
-  const uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(bits_float(small) * 0x1p24f));
+  // below 2^-14 the fp16 field is the integer |v| * 2^24 < 1024; adding 2^23 puts it in the low bits
+  const uint32_t small = select(mag < kF16MinNormalBits, mag, kF16MinNormalBits);
+  const uint32_t subnormal = float_bits(bits_float(small) * 0x1p24f + 0x1p23f) & 0x3FFu;
   const uint32_t special = 0x7C00u | (mag > kInfBits ? 0x200u : 0u);
-  const uint32_t r = mag >= kInfBits ? special : (mag < kF16MinNormalBits ? subnormal : normal);
-  return static_cast<uint16_t>(sign | r);
+  return static_cast<uint16_t>(sign | select(mag >= kInfBits, special, select(mag < kF16MinNormalBits, subnormal, normal)));
 }
 
 // One code read with the bit rules of formats.md §1.1: S | dot | exponent | mantissa.

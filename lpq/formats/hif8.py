@@ -4,12 +4,17 @@ Quantization (formats.md §1.4), per element:
   * NaN -> NaN, ±Inf -> ±Inf;
   * |x| >= 40960 -> ±Inf (overflow to infinity, not saturation);
   * |x| < 2^-23 -> +0 (also -0 and tiny negatives: HiF8 has no -0, 0x80 is NaN);
-  * otherwise e = floor(log2|x|) (taken from the float bits, never log2), e = -23 -> -22,
-    m = 3 / 2 / 1 / 0 mantissa bits for |e| <= 3 / <= 7 / <= 15 / else (denormals),
+  * otherwise e = floor(log2|x|), e = -23 -> -22, m = 3 / 2 / 1 / 0 mantissa bits for
+    |e| <= 3 / <= 7 / <= 15 / else (the denormals), and
     y = sign(x) * floor(|x| * 2^(m-e) + 0.5) * 2^(e-m): round half away from zero ("TA").
 
-Packed layout (docs/design.md, bit-order version 1): block size 1, so
-  * codes: uint8 (rows, Lp), one HiF8 code per value, Lp == L;
+The arithmetic is exact integer work on the float32 bit pattern: the exponent field is
+floor(log2|x|), and adding half an ulp at width m to the magnitude bits then clearing the dropped
+bits is floor(|x| * 2^(m-e) + 0.5) * 2^(e-m) (a carry into the exponent gives 2^(e+1), the right
+answer). Integer ops keep it exact and fast on any device.
+
+Packed layout (docs/design.md, bit-order version 1), block size 1:
+  * codes: uint8 (rows, Lp), one HiF8 code per value (Lp == L, nothing is padded);
   * scales: None; tensor_scale: None.
 A code is `S | dot | exponent | mantissa` from the MSB (formats.md §1.1): zero is 0x00, NaN 0x80,
 +Inf 0x6F, -Inf 0xEF; the encoder never emits 0x80 for a zero.
@@ -22,14 +27,19 @@ import torch
 from torch import Tensor
 
 FMT = "hif8"
-OVERFLOW = 40960.0          # 1.25 * 2^15: midpoint between 32768 and the Inf slot 49152
-UNDERFLOW = 2.0 ** -23      # below this the result is +0; exactly 2^-23 rounds away to 2^-22
 NAN_CODE = 0x80
 POS_INF_CODE = 0x6F
 NEG_INF_CODE = 0xEF
-_E_MIN, _E_MAX = -22, 15    # exponents of the finite nonzero values (denormals included)
 
-# (dot bits, dot prefix) -> D; None means denormal mode ("DML")
+# float32 bit patterns
+_ABS = 0x7FFFFFFF
+_SIGN = -(2 ** 31)          # 0x80000000 as int32
+_INF = 0x7F800000
+_OVERFLOW = 0x47200000      # 40960 = 1.25 * 2^15, the midpoint between 32768 and the Inf slot 49152
+_UNDERFLOW = 0x34000000     # 2^-23: below it the result is +0
+_MIN_VALUE = 0x34800000     # 2^-22, the smallest nonzero HiF8 value
+
+# (dot bits, dot prefix) -> D, the number of exponent bits; None is denormal mode ("DML")
 _DOT = {(2, 0b11): 4, (2, 0b10): 3, (2, 0b01): 2, (3, 0b001): 1, (4, 0b0001): 0, (4, 0b0000): None}
 
 
@@ -38,45 +48,48 @@ def _check_fmt(fmt: str) -> None:
         raise ValueError(f"hif8 module got format {fmt!r}; it implements only {FMT!r}")
 
 
+def _check_x2d(x2d: Tensor, fn: str) -> None:
+    if x2d.dtype != torch.float32 or x2d.dim() != 2:
+        raise TypeError(f"hif8 {fn} expects a 2-D float32 tensor, got {x2d.dim()}-D {x2d.dtype}")
+
+
 def code_fields(code: int) -> dict:
     """Fields of one HiF8 code, read with the bit rules of formats.md §1.1/§1.3.
 
-    Keys mirror vectors/hif8_code_table.csv: sign, dot_bits (str), D (int, or "DML" in denormal
-    mode), exp_field_bits (str, "" when D is 0 or DML), exponent (int, None for zero and NaN),
-    mantissa_bits, mantissa_field (str), value (float).
+    Keys: sign (0/1), dot (the dot prefix as a bit string), D (number of exponent bits, or "DML" in
+    denormal mode), exp_field (exponent bits as a string, "" when D is 0 or DML), exponent (e, or
+    M - 23 for a denormal; None for zero and NaN), mantissa_bits (width of the mantissa field),
+    mantissa (the mantissa field as a bit string), value (float; ±inf, nan included).
     """
-    if not isinstance(code, int) or not 0 <= code <= 0xFF:
+    if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 0xFF:
         raise ValueError(f"a HiF8 code is an int in [0, 255], got {code!r}")
     sign = code >> 7
-    rest = code & 0x7F                       # 7 bits after the sign
+    rest = code & 0x7F                       # the 7 bits after the sign
     # the dot field is a prefix code: 2 bits unless they are 00, then 3 unless 000, then 4
     dot_bits = 2 if rest >= 0x20 else 3 if rest >= 0x10 else 4
     prefix = rest >> (7 - dot_bits)
     D = _DOT[(dot_bits, prefix)]
     mbits = 7 - dot_bits - (D or 0)
     mant = rest & ((1 << mbits) - 1)
-    mant_str = format(mant, f"0{mbits}b")
+    fields = dict(sign=sign, dot=format(prefix, f"0{dot_bits}b"), D="DML" if D is None else D,
+                  exp_field="", mantissa_bits=mbits, mantissa=format(mant, f"0{mbits}b"))
     s = -1.0 if sign else 1.0
-    if D is None:                            # denormal: 2^(M-23), M = 0 is zero (S=0) or NaN (S=1)
+    if D is None:                            # denormal: 2^(M-23); M = 0 is zero (S=0) or NaN (S=1)
         if mant == 0:
-            return dict(sign=sign, dot_bits="0000", D="DML", exp_field_bits="", exponent=None,
-                        mantissa_bits=mbits, mantissa_field=mant_str,
-                        value=float("nan") if sign else 0.0)
-        return dict(sign=sign, dot_bits="0000", D="DML", exp_field_bits="", exponent=mant - 23,
-                    mantissa_bits=mbits, mantissa_field=mant_str, value=s * 2.0 ** (mant - 23))
+            return dict(fields, exponent=None, value=float("nan") if sign else 0.0)
+        return dict(fields, exponent=mant - 23, value=s * 2.0 ** (mant - 23))
     exp_field = (rest >> mbits) & ((1 << D) - 1)
     if D == 0:
         e = 0
     else:                                    # sign-magnitude exponent with an implicit leading 1
         mag = (1 << (D - 1)) + (exp_field & ((1 << (D - 1)) - 1))
         e = -mag if exp_field >> (D - 1) else mag
-    if e == _E_MAX and mant == 1:            # the slot of 1.5 * 2^15 holds infinity
+        fields["exp_field"] = format(exp_field, f"0{D}b")
+    if e == 15 and mant == 1:                # the slot of 1.5 * 2^15 holds infinity
         value = s * float("inf")
     else:
         value = s * (1.0 + mant / (1 << mbits)) * 2.0 ** e
-    return dict(sign=sign, dot_bits=format(prefix, f"0{dot_bits}b"), D=D,
-                exp_field_bits=format(exp_field, f"0{D}b") if D else "", exponent=e,
-                mantissa_bits=mbits, mantissa_field=mant_str, value=value)
+    return dict(fields, exponent=e, value=value)
 
 
 @lru_cache(maxsize=1)
@@ -91,75 +104,59 @@ def decode_table() -> Tensor:
 
 @lru_cache(maxsize=1)
 def _encode_tables() -> tuple[Tensor, Tensor]:
-    """For e in [-22, 15]: the positive code with mantissa field 0, and the mantissa width.
+    """Indexed by the float32 exponent field of a HiF8 value: the positive code with mantissa
+    field 0, and the right shift that turns the float32 mantissa into the code's mantissa field.
 
-    Inverted from the decoder so encode and decode share one reading of the bit rules.
+    Inverted from code_fields, so encode and decode share one reading of the bit rules. Field 0
+    (zero) gives code 0; field 255 (Inf) gives 0x6F; NaN is handled by the caller.
     """
-    base = torch.zeros(_E_MAX - _E_MIN + 1, dtype=torch.int64)
-    mbits = torch.zeros_like(base)
+    base = torch.zeros(256, dtype=torch.int32)
+    shift = torch.full((256,), 23, dtype=torch.int32)
     for c in range(1, 0x80):
         f = code_fields(c)
-        if int(f["mantissa_field"], 2) == 0 or f["D"] == "DML":
-            i = f["exponent"] - _E_MIN
-            # in denormal mode the whole 3-bit field is the exponent: no fraction bits
-            base[i], mbits[i] = c, 0 if f["D"] == "DML" else f["mantissa_bits"]
-    return base, mbits
+        if f["D"] == "DML" or int(f["mantissa"], 2) == 0:
+            field = f["exponent"] + 127
+            base[field] = c
+            if f["D"] != "DML":               # a denormal's field is its exponent: no fraction bits
+                shift[field] = 23 - f["mantissa_bits"]
+    base[255] = POS_INF_CODE
+    return base, shift
 
 
-def _pow2(k: Tensor) -> Tensor:
-    """2^k as float64, exact, built from the exponent bits (k integer, within the normal range)."""
-    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
-
-
-def _floor_log2(a: Tensor) -> Tensor:
-    """floor(log2 a) for positive finite float64 a, exact (frexp reads the bits)."""
-    return torch.frexp(a)[1].to(torch.int64) - 1
-
-
-def _quantize(x: Tensor) -> Tensor:
-    """HiF8 values of float32 x (float32), exact: float64 holds every intermediate exactly."""
-    a = x.abs().double()
-    finite_nonzero = torch.isfinite(a) & (a > 0)
-    a_safe = torch.where(finite_nonzero, a, torch.ones_like(a))
-    e = _floor_log2(a_safe)
-    e = torch.where(e == -23, -22, e)
-    ae = e.abs()
-    m = 3 - (ae >= 4).long() - (ae >= 8).long() - (ae >= 16).long()
-    # a * 2^(m-e) < 2^(m+1) <= 16 has at most 24 significant bits: + 0.5 and floor are exact.
-    y = torch.floor(a_safe * _pow2(m - e) + 0.5) * _pow2(e - m)
-    y = torch.where(a >= OVERFLOW, torch.inf, y)
-    y = torch.where(a < UNDERFLOW, 0.0, y)
-    y = torch.where((x < 0) & (y != 0), -y, y)   # no -0: tiny negatives become +0
-    return torch.where(torch.isnan(x), x.double(), y).float()
+def _quantize_bits(x: Tensor) -> Tensor:
+    """int32 bit patterns of the HiF8 values of float32 x (see the module docstring)."""
+    u = x.view(torch.int32)
+    mag = u & _ABS
+    # [2^-23, 2^-22) all become 2^-22 (the spec's e = -23 -> -22): lifting them first lets the
+    # rounding below produce that; the upper clamp keeps the int32 add from overflowing (those
+    # elements become Inf below anyway).
+    lifted = mag.clamp(_MIN_VALUE, _OVERFLOW)
+    ae = ((lifted >> 23) - 127).abs_()
+    drop = (ae >= 4).int().add_(20).add_(ae >= 8).add_(ae >= 16)     # 23 - m
+    r = (lifted.add_(1 << (drop - 1)) >> drop) << drop
+    sign = u & _SIGN
+    r |= sign
+    r = torch.where(mag < _UNDERFLOW, 0, r)                            # +0, never -0
+    r = torch.where(mag >= _OVERFLOW, sign | _INF, r)
+    return torch.where(mag > _INF, u, r)                              # NaN passes through
 
 
 def fake_quant_ref(x2d: Tensor, fmt: str) -> Tensor:
     """HiF8 quantize-dequantize of a float32 (rows, Lp) tensor; float32 result."""
     _check_fmt(fmt)
-    if x2d.dtype != torch.float32 or x2d.dim() != 2:
-        raise TypeError(f"fake_quant_ref expects a 2-D float32 tensor, got {x2d.dim()}-D {x2d.dtype}")
-    return _quantize(x2d)
+    _check_x2d(x2d, "fake_quant_ref")
+    return _quantize_bits(x2d).view(torch.float32)
 
 
 def encode_ref(x2d: Tensor, fmt: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(codes uint8 (rows, Lp), None, None): the HiF8 code of each quantized value."""
     _check_fmt(fmt)
-    if x2d.dtype != torch.float32 or x2d.dim() != 2:
-        raise TypeError(f"encode_ref expects a 2-D float32 tensor, got {x2d.dim()}-D {x2d.dtype}")
-    y = _quantize(x2d)
-    a = y.abs().double()
-    finite_nonzero = torch.isfinite(a) & (a > 0)
-    a_safe = torch.where(finite_nonzero, a, torch.ones_like(a))
-    e = _floor_log2(a_safe)
-    base, mbits = (t.to(y.device) for t in _encode_tables())
-    i = (e - _E_MIN).clamp(0, _E_MAX - _E_MIN)
-    m = mbits[i]
-    frac = ((a_safe * _pow2(-e) - 1.0) * _pow2(m)).long()    # exact: y has at most m fraction bits
-    code = base[i] + frac
-    code = torch.where(y < 0, code | 0x80, code)
-    code = torch.where(y == 0, 0, code)
-    code = torch.where(torch.isinf(y), torch.where(y > 0, POS_INF_CODE, NEG_INF_CODE), code)
-    code = torch.where(torch.isnan(y), NAN_CODE, code)
+    _check_x2d(x2d, "encode_ref")
+    y = _quantize_bits(x2d)
+    base, shift = (t.to(y.device) for t in _encode_tables())
+    field = ((y >> 23) & 0xFF).long()
+    code = ((y >> 24) & 0x80) | base[field] | ((y & 0x7FFFFF) >> shift[field])
+    code = torch.where((y & _ABS) > _INF, NAN_CODE, code)
     return code.to(torch.uint8), None, None
 
 

@@ -1,0 +1,316 @@
+// HiFloat4 (HiF4) CPU kernels: fake_quant, encode, decode (formats.md §2 with the CUDA-kernel
+// semantics of §2.3; lpq/formats/hif4.py is the reference these must match bit for bit, and its
+// docstring documents the packed layout and the NaN / Inf conventions).
+//
+// One 64-block at a time: the block is loaded into a float32 scratch array (zero-padded past the
+// row end), its maxima are taken on the |x| bit patterns (for non-negative floats unsigned order
+// is float order, and a NaN sorts above Inf, so one integer max also detects NaN blocks), the
+// metadata is decided in scalar code, and the per-element loops are branch-free so they vectorize.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 64;
+constexpr int64_t kGrainBlocks = 256;
+constexpr float kInv7 = 0.142578125f;     // bf16(1/7), the toolkit's constant
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kSignBit = 0x80000000u;
+constexpr uint32_t kInfBits = 0x7F800000u;
+constexpr uint32_t kScaleMinBits = 0x27800000u;  // 2^-48
+constexpr uint32_t kScaleMaxBits = 0x47400000u;  // 49152 = 1.5 * 2^15
+constexpr uint32_t kEightBits = 0x41000000u;     // 8.0f
+constexpr uint8_t kNanCode = 0xFF;
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round a finite (or infinite) float32 to bfloat16, nearest even, and widen back.
+inline float bf16_round(float f) {
+  const uint32_t u = float_bits(f);
+  return bits_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
+
+// S and R = bf16(fp32(1/S)) for every E6M2 code; code 0xFF is NaN.
+struct ScaleTables {
+  float S[256];
+  float R[256];
+  ScaleTables() {
+    for (int c = 0; c < 256; ++c) {
+      S[c] = std::ldexp(1.0f + static_cast<float>(c & 3) / 4.0f, (c >> 2) - 48);
+      R[c] = bf16_round(1.0f / S[c]);
+    }
+    S[kNanCode] = R[kNanCode] = std::numeric_limits<float>::quiet_NaN();
+  }
+};
+
+const ScaleTables& tables() {
+  static const ScaleTables t;
+  return t;
+}
+
+// Block metadata plus the per-element factors the element loops need.
+struct Block {
+  bool nan;
+  uint8_t code;
+  uint8_t e1_8;    // bit g: groups of 8
+  uint16_t e1_16;  // bit j: groups of 4
+  float R;
+  float inv_pow2[kBlock];  // 2^-d_i: |x| * 2^-d equals fp32(|x| / 2^d) (both correctly rounded)
+  float step[kBlock];      // S * 2^d_i / 4: value of one unit of k
+};
+
+template <typename T>
+inline void load_block(const T* src, int64_t n, float* xs) {
+  if (n == kBlock) {
+    for (int i = 0; i < kBlock; ++i) xs[i] = static_cast<float>(src[i]);
+  } else {
+    for (int i = 0; i < kBlock; ++i) xs[i] = i < n ? static_cast<float>(src[i]) : 0.0f;
+  }
+}
+
+// formats.md §2.2 steps 1-6 for the block in xs.
+inline void block_meta(const float* xs, Block& b) {
+  uint32_t ab[kBlock];
+  for (int i = 0; i < kBlock; ++i) ab[i] = float_bits(xs[i]) & kAbsMask;
+  uint32_t C[16];
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t m0 = ab[4 * j] > ab[4 * j + 1] ? ab[4 * j] : ab[4 * j + 1];
+    const uint32_t m1 = ab[4 * j + 2] > ab[4 * j + 3] ? ab[4 * j + 2] : ab[4 * j + 3];
+    C[j] = m0 > m1 ? m0 : m1;
+  }
+  uint32_t B[8];
+  uint32_t A = 0;
+  for (int g = 0; g < 8; ++g) {
+    B[g] = C[2 * g] > C[2 * g + 1] ? C[2 * g] : C[2 * g + 1];
+    A = B[g] > A ? B[g] : A;
+  }
+  b.nan = A > kInfBits;
+  b.e1_8 = 0;
+  b.e1_16 = 0;
+  if (b.nan) {
+    b.code = kNanCode;
+    return;
+  }
+  // S0 = bf16(fp32(A * c)) clamped to [2^-48, 49152]; on bit patterns since it is positive.
+  uint32_t s0 = float_bits(bf16_round(bits_float(A) * kInv7));
+  s0 = s0 < kScaleMinBits ? kScaleMinBits : (s0 > kScaleMaxBits ? kScaleMaxBits : s0);
+  // E6M2: keep 2 mantissa bits, round half to even; a carry moves into the exponent field.
+  s0 = (s0 + 0xFFFFFu + ((s0 >> 21) & 1u)) & ~0x1FFFFFu;
+  const int E = static_cast<int>(s0 >> 23) - 127;
+  b.code = static_cast<uint8_t>(((E + 48) << 2) | ((s0 >> 21) & 3u));
+  const float S = tables().S[b.code];
+  b.R = tables().R[b.code];
+  for (int g = 0; g < 8; ++g) b.e1_8 |= static_cast<uint8_t>((bits_float(B[g]) * b.R >= 4.0f) << g);
+  for (int j = 0; j < 16; ++j) {
+    const float div = ((b.e1_8 >> (j / 2)) & 1) ? 2.0f : 1.0f;
+    b.e1_16 |= static_cast<uint16_t>(((bits_float(C[j]) * b.R) / div >= 2.0f) << j);
+  }
+  const float inv_pow2[3] = {1.0f, 0.5f, 0.25f};
+  const float step[3] = {S * 0.25f, S * 0.5f, S};
+  for (int j = 0; j < 16; ++j) {
+    const int d = ((b.e1_8 >> (j / 2)) & 1) + ((b.e1_16 >> j) & 1);
+    for (int i = 4 * j; i < 4 * j + 4; ++i) {
+      b.inv_pow2[i] = inv_pow2[d];
+      b.step[i] = step[d];
+    }
+  }
+}
+
+// Step 7: k = floor(t + 0.5) exactly, saturated to 7. t is clamped to 8 first so Inf gives 7
+// (on the bit pattern: t >= 0, and an integer select vectorizes where a float one does not); the
+// fraction t - trunc(t) is exact in float32, so comparing it with 0.5 is the exact rounding.
+inline int element_k(float x, float inv_pow2, float R) {
+  const uint32_t tb = float_bits(((std::fabs(x) * inv_pow2) * R) * 4.0f);
+  const float t = bits_float(tb < kEightBits ? tb : kEightBits);
+  int k = static_cast<int>(t);
+  k += (t - static_cast<float>(k)) >= 0.5f;
+  return k < 7 ? k : 7;
+}
+
+template <typename T>
+void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
+  const int64_t nblk = (L + kBlock - 1) / kBlock;
+  at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) float xs[kBlock];
+    alignas(64) float ys[kBlock];
+    Block b;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
+      const int64_t n = L - off < kBlock ? L - off : kBlock;
+      load_block(x + r * L + off, n, xs);
+      block_meta(xs, b);
+      if (b.nan) {
+        for (int i = 0; i < kBlock; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
+      } else {
+        for (int i = 0; i < kBlock; ++i) {
+          const int k = element_k(xs[i], b.inv_pow2[i], b.R);
+          ys[i] = bits_float(float_bits(static_cast<float>(k) * b.step[i]) | (float_bits(xs[i]) & kSignBit));
+        }
+      }
+      T* dst = y + r * L + off;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(ys[i]);
+    }
+  });
+}
+
+template <typename T>
+void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int64_t L) {
+  const int64_t nblk = (L + kBlock - 1) / kBlock;
+  const int64_t Lp = nblk * kBlock;
+  at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) float xs[kBlock];
+    alignas(64) uint8_t nib[kBlock];
+    Block b;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r = blk / nblk, bi = blk % nblk, off = bi * kBlock;
+      const int64_t n = L - off < kBlock ? L - off : kBlock;
+      load_block(x + r * L + off, n, xs);
+      block_meta(xs, b);
+      if (b.nan) {
+        for (int i = 0; i < kBlock; ++i) nib[i] = 0;  // canonical NaN block: all nibbles 0
+      } else {
+        for (int i = 0; i < kBlock; ++i) {
+          const int k = element_k(xs[i], b.inv_pow2[i], b.R);
+          nib[i] = static_cast<uint8_t>(((float_bits(xs[i]) >> 28) & 8u) | static_cast<uint32_t>(k));
+        }
+      }
+      uint8_t* c = codes + r * (Lp / 2) + off / 2;
+      for (int i = 0; i < kBlock / 2; ++i) c[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
+      uint8_t* s = scales + (r * nblk + bi) * 4;
+      s[0] = b.code;
+      s[1] = b.e1_8;
+      s[2] = static_cast<uint8_t>(b.e1_16 & 0xFF);
+      s[3] = static_cast<uint8_t>(b.e1_16 >> 8);
+    }
+  });
+}
+
+void check_fmt(const std::string& fmt) {
+  TORCH_CHECK(fmt == "hif4", "hif4 kernel got format '", fmt, "'; it implements only 'hif4'");
+}
+
+void check_input(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "hif4 kernel: expected a CPU tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, "hif4 kernel: expected a 2-D (rows, L) tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.is_contiguous(), "hif4 kernel: expected a contiguous tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "hif4 kernel: expected float32, bfloat16 or float16, got ", dt);
+}
+
+}  // namespace
+
+torch::Tensor fake_quant(torch::Tensor x, std::string fmt, torch::Tensor out) {
+  check_fmt(fmt);
+  check_input(x);
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(),
+              "hif4 fake_quant: out must be a contiguous CPU tensor with x's shape and dtype");
+  const int64_t rows = x.size(0), L = x.size(1);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      fake_quant_rows(x.data_ptr<float>(), out.data_ptr<float>(), rows, L);
+      break;
+    case at::kBFloat16:
+      fake_quant_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, L);
+      break;
+    default:
+      fake_quant_rows(x.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, L);
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> encode(torch::Tensor x, std::string fmt) {
+  check_fmt(fmt);
+  check_input(x);
+  const int64_t rows = x.size(0), L = x.size(1);
+  const int64_t nblk = (L + kBlock - 1) / kBlock;
+  auto u8 = torch::TensorOptions().dtype(torch::kUInt8);
+  torch::Tensor codes = torch::empty({rows, nblk * kBlock / 2}, u8);
+  torch::Tensor scales = torch::empty({rows, nblk, 4}, u8);
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* s = scales.data_ptr<uint8_t>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      encode_rows(x.data_ptr<float>(), c, s, rows, L);
+      break;
+    case at::kBFloat16:
+      encode_rows(x.data_ptr<c10::BFloat16>(), c, s, rows, L);
+      break;
+    default:
+      encode_rows(x.data_ptr<c10::Half>(), c, s, rows, L);
+  }
+  return {codes, scales, torch::Tensor()};
+}
+
+torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
+                     c10::optional<torch::Tensor> tensor_scale, std::string fmt, int64_t Lp) {
+  check_fmt(fmt);
+  TORCH_CHECK(!tensor_scale.has_value() || !tensor_scale->defined(), "hif4 decode: hif4 has no tensor scale; got one");
+  TORCH_CHECK(scales.has_value() && scales->defined(), "hif4 decode: the block scales are required; got None");
+  TORCH_CHECK(codes.device().is_cpu() && scales->device().is_cpu(), "hif4 decode: expected CPU tensors");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales->scalar_type() == at::kByte,
+              "hif4 decode: codes and scales must be uint8, got ", codes.scalar_type(), " and ",
+              scales->scalar_type());
+  TORCH_CHECK(Lp >= 0 && Lp % kBlock == 0, "hif4 decode: Lp=", Lp, " is not a multiple of ", kBlock);
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == Lp / 2, "hif4 decode: codes must be (rows, ", Lp / 2,
+              ") for Lp=", Lp, ", got ", codes.sizes());
+  const int64_t rows = codes.size(0), nblk = Lp / kBlock;
+  TORCH_CHECK(scales->dim() == 3 && scales->size(0) == rows && scales->size(1) == nblk && scales->size(2) == 4,
+              "hif4 decode: scales must be (", rows, ", ", nblk, ", 4), got ", scales->sizes());
+  const torch::Tensor cc = codes.contiguous(), sc = scales->contiguous();
+  torch::Tensor out = torch::empty({rows, Lp}, torch::TensorOptions().dtype(torch::kFloat));
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const uint8_t* sp = sc.data_ptr<uint8_t>();
+  float* yp = out.data_ptr<float>();
+  at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) float step[kBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint8_t* s = sp + blk * 4;
+      const float S = tables().S[s[0]];
+      const uint32_t e1_16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
+      for (int j = 0; j < 16; ++j) {
+        const int d = ((s[1] >> (j / 2)) & 1) + ((e1_16 >> j) & 1);
+        const float st = std::ldexp(S, d - 2);
+        for (int i = 4 * j; i < 4 * j + 4; ++i) step[i] = st;
+      }
+      // blk = r * nblk + b, so the block's codes and values start at blk * 32 and blk * 64.
+      const uint8_t* c = cp + blk * (kBlock / 2);
+      float* y = yp + blk * kBlock;
+      for (int i = 0; i < kBlock; ++i) {
+        const int nb = (c[i / 2] >> (4 * (i & 1))) & 0xF;
+        const float v = static_cast<float>(nb & 7) * step[i];
+        y[i] = (nb & 8) ? -v : v;
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fake_quant", &fake_quant, "HiF4 quantize-dequantize of a (rows, L) tensor along L",
+        py::arg("x"), py::arg("fmt"), py::arg("out"));
+  m.def("encode", &encode, "HiF4 codes, scales and tensor scale (None) of a (rows, L) tensor",
+        py::arg("x"), py::arg("fmt"));
+  m.def("decode", &decode, "float32 (rows, Lp) values of packed HiF4 data", py::arg("codes"),
+        py::arg("scales"), py::arg("tensor_scale"), py::arg("fmt"), py::arg("Lp"));
+}

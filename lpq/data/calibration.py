@@ -1,0 +1,118 @@
+"""Calibration data: token sequences for LLMs (text file, JSONL, hub dataset) and prompts for Wan.
+
+LLM calibration is `num_sequences` non-overlapping windows of `seq_len` tokens cut from the
+tokenized text, evenly spread over it (deterministic: no sampling), so a run is reproducible and a
+resumed run sees the same data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration data comes from. Exactly one of `text_file`, `jsonl`, `dataset`, `prompts`."""
+
+    text_file: str | None = None
+    jsonl: str | None = None
+    jsonl_field: str = "text"
+    dataset: str | None = None            # hub dataset id (needs network or a local HF cache)
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    dataset_field: str = "text"
+    num_sequences: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    # Wan: a prompt list (text file, one per line, or a JSON list / JSONL with `prompt`/`caption`)
+    prompts: str | None = None
+    num_prompts: int = 4
+    timesteps: int = 8                    # denoising steps sampled per prompt
+    height: int = 480
+    width: int = 832
+    num_frames: int = 17
+
+    def __post_init__(self) -> None:
+        sources = [s for s in (self.text_file, self.jsonl, self.dataset, self.prompts) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of text_file, jsonl, dataset, prompts "
+                             f"(got {len(sources)})")
+        for name in ("num_sequences", "seq_len", "batch_size", "num_prompts", "timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def read_text(cfg: CalibrationConfig) -> str:
+    """The raw calibration text of an LLM recipe."""
+    if cfg.text_file is not None:
+        p = Path(cfg.text_file).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"calibration text file not found: {p}")
+        return p.read_text(encoding="utf-8", errors="replace")
+    if cfg.jsonl is not None:
+        p = Path(cfg.jsonl).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"calibration JSONL file not found: {p}")
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if cfg.jsonl_field not in row:
+                raise KeyError(f"{p}:{i}: no field {cfg.jsonl_field!r} (fields: {', '.join(row)})")
+            texts.append(str(row[cfg.jsonl_field]))
+        return "\n\n".join(texts)
+    if cfg.dataset is not None:
+        from datasets import load_dataset
+
+        ds = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
+        if cfg.dataset_field not in ds.column_names:
+            raise KeyError(f"dataset {cfg.dataset} has no column {cfg.dataset_field!r}: {ds.column_names}")
+        return "\n\n".join(str(t) for t in ds[cfg.dataset_field])
+    raise ValueError("this calibration config holds prompts (for Wan), not text")
+
+
+def token_windows(ids: torch.Tensor, num: int, seq_len: int) -> torch.Tensor:
+    """`num` non-overlapping windows of `seq_len` tokens spread evenly over a 1-D id tensor."""
+    total = ids.numel() // seq_len
+    if total < 1:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    num = min(num, total)
+    starts = torch.linspace(0, total - 1, num).round().long() * seq_len
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
+    """(num_sequences, seq_len) int64 token ids for an LLM."""
+    ids = tokenizer(read_text(cfg), return_tensors="pt").input_ids[0]
+    return token_windows(ids, cfg.num_sequences, cfg.seq_len)
+
+
+def read_prompts(cfg: CalibrationConfig) -> list[str]:
+    """Prompt list for Wan calibration: plain lines, a JSON list, or JSONL with `prompt`/`caption`."""
+    if cfg.prompts is None:
+        raise ValueError("calibration.prompts is required for a Wan model")
+    p = Path(cfg.prompts).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    prompts: list[str] = []
+    if p.suffix == ".json":
+        data = json.loads(text)
+        for item in data:
+            prompts.append(item if isinstance(item, str) else item.get("prompt_en") or item.get("prompt")
+                           or item.get("caption"))
+    elif p.suffix == ".jsonl":
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                prompts.append(row.get("prompt") or row.get("caption") or row.get("text"))
+    else:
+        prompts = [l.strip() for l in text.splitlines() if l.strip()]
+    prompts = [q for q in prompts if q]
+    if not prompts:
+        raise ValueError(f"no prompts found in {p}")
+    return prompts[:cfg.num_prompts]

@@ -1,0 +1,101 @@
+"""The `eval:` recipe section and where evaluation data is found."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LM_TASKS = ("mmlu", "gsm8k", "gpqa", "math500", "wikitext2")
+VIDEO_TASKS = ("video",)
+
+
+@dataclass
+class VideoSettings:
+    """Wan pipeline runs: the same prompts and seeds for baseline and candidate."""
+
+    prompts_file: str | None = None        # JSON list of {"prompt_en": ...} or of strings; default: data_dir/video/vbench_prompts.json
+    num_prompts: int = 2
+    dimension: str | None = "temporal_flickering"   # keep only VBench prompts tagged with it; None: all
+    seeds: list[int] = field(default_factory=lambda: [0])
+    height: int = 16
+    width: int = 16
+    num_frames: int = 9
+    steps: int = 2
+    guidance_scale: float = 5.0
+    max_sequence_length: int = 16
+    vbench_python: str | None = None        # python of a separate venv with vbench installed (optional)
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ValueError("num_prompts must be >= 1")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how. Everything that can change a score is here and lands in results.json."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext2"])
+    limit: int | None = None               # items per task: a seeded random subset, identical for both models
+    seed: int = 0                          # subset selection and bootstrap
+    data_dir: str | None = None            # default: $LPQ_DATA_DIR, else ../shared/data next to the repo
+    gpqa_file: str | None = None           # your local GPQA CSV/JSONL (see docs/eval.md); default data_dir/gpqa/
+    batch_size: int = 8                    # requests per forward for multiple choice and generation
+    window_batch_size: int = 2             # long-text windows per forward (perplexity, KL): logits are large
+    max_length: int = 2048                 # context length given to lm-eval (rolling perplexity windows)
+    chat_template: bool = False            # wrap prompts in the tokenizer's chat template
+    enable_thinking: bool | None = None    # Qwen3 thinking mode, passed to the chat template; None: not passed
+    think_end_token: str = "</think>"      # with thinking on, the answer is what follows it
+    num_fewshot: int | None = None         # None: each task's default (gsm8k 5, others 0)
+    max_gen_toks: int | None = None        # None: each task's default
+    bootstrap: int = 10000                 # paired bootstrap resamples
+    kl: bool = True                        # distribution shift (KL, top-1) on kl_text
+    kl_text: str | None = None             # default: data_dir/wikitext2/test.txt
+    kl_windows: int = 40
+    kl_seq_len: int = 512
+    cache_dir: str | None = None           # baseline cache; default $LPQ_CACHE/eval
+    use_cache: bool = True
+    video: VideoSettings = field(default_factory=VideoSettings)
+
+    def __post_init__(self) -> None:
+        allowed = LM_TASKS + VIDEO_TASKS
+        bad = [t for t in self.tasks if t not in allowed]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(allowed)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1 (or null for all items)")
+        if self.enable_thinking and not self.chat_template:
+            raise ValueError("enable_thinking needs chat_template: true (thinking is a chat-template switch)")
+        for name in ("batch_size", "window_batch_size", "max_length", "kl_windows", "kl_seq_len", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_data_dir(settings: EvalSettings) -> Path | None:
+    """`data_dir` from the recipe, else $LPQ_DATA_DIR, else ../shared/data beside the repo if present."""
+    if settings.data_dir:
+        return Path(settings.data_dir).expanduser().resolve()
+    if os.environ.get("LPQ_DATA_DIR"):
+        return Path(os.environ["LPQ_DATA_DIR"]).expanduser().resolve()
+    shared = repo_root().parent / "shared" / "data"
+    return shared.resolve() if shared.is_dir() else None
+
+
+def kl_text_path(settings: EvalSettings) -> Path:
+    if settings.kl_text:
+        path = Path(settings.kl_text).expanduser()
+    else:
+        data = resolve_data_dir(settings)
+        if data is None:
+            raise FileNotFoundError("no text for the distribution-shift measure: set eval.kl_text (any text "
+                                    "file) or a data dir holding wikitext2/test.txt (--data-dir or $LPQ_DATA_DIR)")
+        path = data / "wikitext2" / "test.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"distribution-shift text {path} not found: set eval.kl_text to a text file "
+                                f"or --data-dir to a folder with wikitext2/test.txt")
+    return path

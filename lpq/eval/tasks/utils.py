@@ -1,0 +1,55 @@
+"""Functions the lpq task YAMLs name with `!function utils.<name>` (lm-eval loads this file by path)."""
+from __future__ import annotations
+
+import random
+import re
+
+from lpq.eval.answers import extract_gsm8k, extract_math, gsm8k_target, math_equal, numbers_equal
+
+_ARTICLE_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+
+
+def wikitext_articles(dataset):
+    """One document per WikiText article (a line ' = Title = ' starts one), lines joined by newlines."""
+    import datasets
+
+    articles: list[list[str]] = []
+    for line in dataset["text"]:
+        line = line.rstrip("\n")
+        if _ARTICLE_TITLE.match(line) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    texts = ["\n".join(a).strip() for a in articles]
+    return datasets.Dataset.from_dict({"text": [t for t in texts if t]})
+
+
+def _gpqa_option(text) -> str:
+    if text is None:
+        return " "
+    return text.strip().replace(" [title]", ". ").replace("  ", " ")
+
+
+def gpqa_process_docs(dataset):
+    """Shuffle the four options per question with a seed taken from the question text.
+
+    lm-eval's own GPQA shuffles with Python's global RNG, so the option order depends on what ran
+    before; a per-question seed makes it identical for the baseline and the candidate run.
+    """
+    def one(doc):
+        options = [_gpqa_option(doc[k]) for k in ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                                 "Incorrect Answer 3")]
+        order = [0, 1, 2, 3]
+        random.Random(doc["Question"]).shuffle(order)
+        shuffled = [options[i] for i in order]
+        return {"choice1": shuffled[0], "choice2": shuffled[1], "choice3": shuffled[2], "choice4": shuffled[3],
+                "answer": f"({'ABCD'[order.index(0)]})"}
+
+    return dataset.map(one)
+
+
+def gsm8k_process_results(doc, results):
+    return {"exact_match": int(numbers_equal(extract_gsm8k(results[0]), gsm8k_target(doc["answer"])))}
+
+
+def math_process_results(doc, results):
+    return {"exact_match": int(math_equal(extract_math(results[0]), doc["answer"]))}

@@ -1,0 +1,84 @@
+"""`lpq eval`: a baseline and a candidate (quantized on the fly, or a second checkpoint), paired report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _load_recipe(config: Path | None, overrides: dict):
+    from lpq.config import from_dict, load_config
+    from lpq.eval.recipe import EvalRecipe
+
+    if config is not None:
+        return load_config(config, EvalRecipe, overrides)
+    data: dict = {}
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(data, EvalRecipe)
+
+
+def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
+    """Load the baseline, make or load the candidate, and run the paired evaluation."""
+    import copy
+
+    from lpq.config import to_dict
+    from lpq.models.hub import ModelConfig, load_model
+
+    if (recipe.quant is None) == (candidate_id is None):
+        raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
+                         "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
+    base = load_model(recipe.model)
+    if recipe.quant is not None:
+        from lpq.quant import quantize_model
+
+        candidate = quantize_model(copy.deepcopy(base.model), recipe.quant)
+    else:
+        candidate = load_model(ModelConfig(id=candidate_id, dtype=recipe.model.dtype,
+                                           trust_remote_code=recipe.model.trust_remote_code)).model
+    provenance = {**to_dict(recipe), "candidate": candidate_id or "quant section"}
+    if base.kind == "wan":
+        from lpq.eval.video import run_paired_video
+
+        return run_paired_video(base.model, candidate, recipe.eval, out, model_name=base.name, recipe=provenance)
+    if "video" in recipe.eval.tasks:
+        raise ValueError(f"task 'video' needs a Wan pipeline; {base.name} is a causal LM")
+    from lpq.eval.paired import run_paired
+
+    return run_paired(base.model, candidate, base.tokenizer, recipe.eval, out, model_name=base.name,
+                      recipe=provenance)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_command(
+        out: Path = typer.Option(..., "--out", help="output folder: results.json, report.md, deltas.png, items/"),
+        config: Path | None = typer.Option(None, "--config", help="recipe YAML with model:, quant:, eval: sections"),
+        model: str | None = typer.Option(None, "--model", help="override model.id (built-in, local dir, hub id)"),
+        candidate: str | None = typer.Option(None, "--candidate",
+                                             help="compare against this checkpoint instead of quantizing on the fly"),
+        tasks: str | None = typer.Option(None, "--tasks", help="comma list: mmlu,gsm8k,gpqa,math500,wikitext2,video"),
+        limit: int | None = typer.Option(None, "--limit", help="items per task (seeded subset, same for both)"),
+        data_dir: Path | None = typer.Option(None, "--data-dir", help="folder in the ../shared/data layout"),
+        kl: bool | None = typer.Option(None, "--kl/--no-kl", help="distribution shift (KL, top-1) on eval.kl_text"),
+        cache: bool | None = typer.Option(None, "--cache/--no-cache", help="reuse the cached baseline run"),
+        vbench_python: str | None = typer.Option(None, "--vbench", help="python of a venv with vbench: also run VBench"),
+    ) -> None:
+        """Evaluate a model against its quantized version: paired per-item comparison, CIs, report."""
+        from lpq.config import ConfigError
+
+        overrides = {k: v for k, v in {
+            "model.id": model, "eval.limit": limit, "eval.data_dir": str(data_dir) if data_dir else None,
+            "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+            "eval.kl": kl, "eval.use_cache": cache,
+            "eval.video.vbench_python": vbench_python}.items() if v is not None}
+        try:
+            recipe = _load_recipe(config, overrides)
+            run(recipe, out, candidate)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)

@@ -1,0 +1,401 @@
+"""`lpq ptq`: W4A4 post-training quantization, block by block, resumable.
+
+Flow: load the model -> calibration inputs of block 0 (hooks) -> data-free rotation of every block
+-> sensitivity ranking and protected blocks (`protect.auto`) -> for each block in order: smoothing,
+Hessians of its (quantized) inputs, GPTQ / scale search / RTN, outputs for the next block, a
+checkpoint -> evaluation vs the unquantized model -> report.md, report.json, the resolved recipe.
+
+The checkpoint after block i holds the quantized blocks <= i and the inputs of block i+1, so a
+killed run restarts at block i+1 and ends with the same model as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from torch import nn
+from tqdm import tqdm
+
+from lpq.algorithms.rtn import rtn_quantize
+from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
+from lpq.config import ConfigError, dump_yaml, load_config, to_dict
+from lpq.data.calibration import calibration_tokens, read_prompts, token_windows
+from lpq.models.hub import LoadedModel, load_model
+from lpq.pipelines import linear_hooks as lh
+from lpq.pipelines.calibration import (BlockInputs, advance, capture, decoder_blocks, feed_causal_lm,
+                                       iterate)
+from lpq.pipelines.ptq_blocks import BlockStats, prepare_block, process_block
+from lpq.pipelines.ptq_config import PTQConfig
+
+CHECKPOINT_VERSION = 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fingerprint(cfg: PTQConfig) -> str:
+    """What must match for a checkpoint to be continued: model, quantization, data, algorithms."""
+    d = to_dict(cfg)
+    key = {k: d[k] for k in ("model", "quant", "calibration", "algorithms", "protect", "skip_linears")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class Checkpoint:
+    """out/checkpoint: meta.json (progress), block_NNNN.pt (finished blocks), inputs.pt (next inputs)."""
+
+    def __init__(self, root: Path, fp: str):
+        self.root, self.fp = root, fp
+        self.meta_path = root / "meta.json"
+
+    def load(self) -> dict | None:
+        if not self.meta_path.is_file():
+            return None
+        meta = json.loads(self.meta_path.read_text())
+        if meta.get("fingerprint") != self.fp or meta.get("version") != CHECKPOINT_VERSION:
+            print(f"lpq ptq: checkpoint in {self.root} is for another recipe; starting over", file=sys.stderr)
+            return None
+        return meta
+
+    def _atomic_save(self, obj: Any, path: Path) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(obj, tmp)
+        tmp.replace(path)
+
+    def save_block(self, key: str, block: nn.Module, inputs: BlockInputs, meta: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        states = {n: (s.rotation, s.enabled, s.input_scale) for n, m in block.named_modules()
+                  if (s := lh.state(m)) is not None}
+        self._atomic_save({"state_dict": block.state_dict(), "linear_states": states}, self.root / f"{key}.pt")
+        self._atomic_save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs},
+                          self.root / "inputs.pt")
+        self.save_meta(meta)
+
+    def save_meta(self, meta: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**meta, "fingerprint": self.fp, "version": CHECKPOINT_VERSION}, indent=1))
+        tmp.replace(self.meta_path)
+
+    def restore_block(self, key: str, block: nn.Module) -> None:
+        saved = torch.load(self.root / f"{key}.pt", weights_only=False)
+        block.load_state_dict(saved["state_dict"])
+        modules = dict(block.named_modules())
+        for name, (rotation, enabled, input_scale) in saved["linear_states"].items():
+            st = lh.attach(modules[name])
+            st.rotation, st.enabled, st.input_scale = rotation, enabled, input_scale
+
+    def load_inputs(self) -> BlockInputs:
+        d = torch.load(self.root / "inputs.pt", weights_only=False)
+        return BlockInputs(d["hidden"], d["args"], d["kwargs"])
+
+
+# ---------------------------------------------------------------- model parts
+
+class Stage:
+    """One stack of blocks to calibrate: an LLM's decoder, or one Wan expert."""
+
+    def __init__(self, name: str, root: nn.Module, offset: int):
+        self.name, self.root, self.offset = name, root, offset
+        self.blocks = decoder_blocks(root)
+
+
+def stages_of(loaded: LoadedModel) -> list[Stage]:
+    if loaded.kind == "wan":
+        pipe = loaded.model
+        stages = [Stage("transformer", pipe.transformer, 0)]
+        if getattr(pipe, "transformer_2", None) is not None:
+            stages.append(Stage("transformer_2", pipe.transformer_2, len(stages[0].blocks)))
+        return stages
+    return [Stage("model", loaded.model, 0)]
+
+
+def capture_stage_inputs(loaded: LoadedModel, cfg: PTQConfig, tokens: torch.Tensor | None) -> list[BlockInputs]:
+    """Block-0 inputs for every stage (LLM: token batches; Wan: latents over the denoising schedule)."""
+    stages = stages_of(loaded)
+    if loaded.kind != "wan":
+        feed = feed_causal_lm(loaded.model, tokens, cfg.calibration.batch_size)
+        return [capture(stages[0].blocks[0], feed, stop=True)]
+    recs: list[BlockInputs] = [BlockInputs() for _ in stages]
+    handles = []
+    for st, rec in zip(stages, recs):
+        def hook(module, args, kwargs, rec=rec):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = tuple(args[1:]) if args else ()
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            rec.hidden.append(hidden.detach().cpu())
+            rec.args.append(tuple(a.detach().cpu() if torch.is_tensor(a) else a for a in rest))
+            rec.kwargs.append({k: (v.detach().cpu() if torch.is_tensor(v) else
+                                   tuple(t.detach().cpu() for t in v) if isinstance(v, tuple) else v)
+                               for k, v in kw.items()})
+        handles.append(st.blocks[0].register_forward_pre_hook(hook, with_kwargs=True))
+    c = cfg.calibration
+    try:
+        with torch.no_grad():
+            for prompt in read_prompts(c):
+                loaded.model(prompt=prompt, height=c.height, width=c.width, num_frames=c.num_frames,
+                             num_inference_steps=c.timesteps, output_type="latent",
+                             generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in handles:
+            h.remove()
+    for st, rec in zip(stages, recs):
+        if not rec.hidden:
+            raise RuntimeError(f"no calibration inputs reached {st.name}; check calibration.timesteps")
+    return recs
+
+
+# ---------------------------------------------------------------- sensitivity
+
+def _llm_loss(model: nn.Module, hidden: list[torch.Tensor], tokens: torch.Tensor, batch: int) -> float:
+    norm, head = model.model.norm, model.get_output_embeddings()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, h in enumerate(hidden):
+            t = tokens[i * batch:(i + 1) * batch]
+            logits = head(norm(h))[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             t[:, 1:].reshape(-1), reduction="sum"))
+            count += t[:, 1:].numel()
+    return total / count
+
+
+def sensitivity(loaded: LoadedModel, cfg: PTQConfig, stage_inputs: list[BlockInputs],
+                tokens: torch.Tensor | None) -> dict[int, float]:
+    """Per global block index: loss increase when only that block is quantized (RTN, W4A4)."""
+    scores: dict[int, float] = {}
+    for stage, inputs0 in zip(stages_of(loaded), stage_inputs):
+        n_batches = len(inputs0)
+        if loaded.kind != "wan":
+            per = cfg.calibration.batch_size
+            n_batches = max(1, min(n_batches, -(-cfg.protect.sequences // per)))
+        sub = BlockInputs(inputs0.hidden[:n_batches], inputs0.args[:n_batches], inputs0.kwargs[:n_batches])
+        if loaded.kind != "wan":
+            sub.hidden = [h[:, :cfg.protect.seq_len] for h in sub.hidden]
+            sub.kwargs = [_truncate_kwargs(k, cfg.protect.seq_len) for k in sub.kwargs]
+        all_inputs = [sub]
+        for blk in stage.blocks:
+            lh.set_enabled(blk, False)
+        for blk in tqdm(stage.blocks, desc=f"sensitivity float pass ({stage.name})", unit="block"):
+            all_inputs.append(advance(blk, all_inputs[-1]))
+        sens_tokens = tokens[: n_batches * cfg.calibration.batch_size, :cfg.protect.seq_len] if tokens is not None else None
+
+        def loss_of(final: BlockInputs) -> float:
+            if loaded.kind == "wan":
+                ref = all_inputs[-1].hidden
+                num = sum(float(((a - b) ** 2).sum()) for a, b in zip(final.hidden, ref))
+                return num / max(sum(float((b ** 2).sum()) for b in ref), 1e-30)
+            return _llm_loss(stage.root, final.hidden, sens_tokens, cfg.calibration.batch_size)
+
+        base = loss_of(all_inputs[-1])
+        for i, blk in enumerate(tqdm(stage.blocks, desc=f"sensitivity ({stage.name})", unit="block")):
+            lins = lh.linears(blk, tuple(cfg.skip_linears))
+            saved = {n: l.weight.detach().clone() for n, l in lins.items()}
+            with torch.no_grad():
+                for l in lins.values():
+                    l.weight.copy_(rtn_quantize(l.weight.float(), cfg.weight_format).to(l.weight.dtype))
+            lh.set_enabled(blk, True)
+            cur = all_inputs[i]
+            for blk2 in stage.blocks[i:]:
+                cur = advance(blk2, cur)
+            scores[stage.offset + i] = loss_of(cur) - base
+            lh.set_enabled(blk, False)
+            with torch.no_grad():
+                for n, l in lins.items():
+                    l.weight.copy_(saved[n])
+    return scores
+
+
+def _truncate_kwargs(kwargs: dict, seq_len: int) -> dict:
+    """Cut sequence-length dims of the captured block kwargs (rotary tables, masks) to seq_len."""
+    out = {}
+    for k, v in kwargs.items():
+        if k == "position_embeddings" and isinstance(v, tuple):
+            out[k] = tuple(t[:, :seq_len] for t in v)
+        elif k == "attention_mask" and torch.is_tensor(v) and v.dim() == 4:
+            out[k] = v[..., :seq_len, :seq_len]
+        elif k in ("position_ids", "cache_position") and torch.is_tensor(v):
+            out[k] = v[..., :seq_len]
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
+    """Run the whole PTQ recipe into out_dir; returns the report dict."""
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out_dir / "recipe.yaml")
+    ckpt = Checkpoint(out_dir / "checkpoint", fingerprint(cfg))
+    meta = ckpt.load() or {"next": 0, "stats": [], "protected": None, "sensitivity": None, "wall_s": 0.0}
+    resumed_from = meta["next"]
+    prev_wall = meta["wall_s"]   # time spent by the runs this one continues
+    if resumed_from:
+        print(f"lpq ptq: resuming after {resumed_from} finished blocks", file=sys.stderr)
+
+    loaded = load_model(cfg.model)
+    stages = stages_of(loaded)
+    n_blocks = sum(len(s.blocks) for s in stages)
+    for stage in stages:
+        for blk in stage.blocks:
+            prepare_block(blk, cfg)
+
+    tokens = None
+    if loaded.kind != "wan":
+        tokens = calibration_tokens(cfg.calibration, loaded.tokenizer)
+
+    timings: dict[str, float] = {}
+    stage_inputs = None
+    if meta["protected"] is None:
+        protected = sorted(cfg.protect.blocks or [])
+        if cfg.protect.auto:
+            t0 = time.perf_counter()
+            stage_inputs = capture_stage_inputs(loaded, cfg, tokens)
+            scores = sensitivity(loaded, cfg, stage_inputs, tokens)
+            protected = sorted(choose_protected(scores, cfg.protect.auto))
+            meta["sensitivity"] = {str(k): v for k, v in scores.items()}
+            timings["sensitivity_s"] = time.perf_counter() - t0
+        bad = [b for b in protected if b >= n_blocks]
+        if bad:
+            raise ValueError(f"protected block(s) {bad} out of range: the model has {n_blocks} blocks")
+        meta["protected"] = protected
+        meta["timings"] = timings
+        ckpt.save_meta(meta)
+    protected = set(meta["protected"])
+    if meta["sensitivity"]:
+        scores = {int(k): v for k, v in meta["sensitivity"].items()}
+        plot_sensitivity(scores, sorted(protected), out_dir / "sensitivity.png")
+
+    # Blocks finished before a restart: load them back.
+    for stage in stages:
+        for i, blk in enumerate(stage.blocks):
+            if stage.offset + i < meta["next"]:
+                ckpt.restore_block(f"block_{stage.offset + i:04d}", blk)
+
+    t_blocks = time.perf_counter()
+    with tqdm(total=n_blocks, initial=meta["next"], desc="ptq blocks", unit="block") as bar:
+        for si, stage in enumerate(stages):
+            end = stage.offset + len(stage.blocks)
+            if meta["next"] >= end:
+                continue
+            if meta["next"] > stage.offset:
+                inputs = ckpt.load_inputs()
+            else:
+                if stage_inputs is None:
+                    stage_inputs = capture_stage_inputs(loaded, cfg, tokens)
+                inputs = stage_inputs[si]
+            for i in range(meta["next"] - stage.offset, len(stage.blocks)):
+                g = stage.offset + i
+                blk = stage.blocks[i]
+                stats = process_block(blk, g, inputs, cfg, protected=g in protected)
+                inputs = advance(blk, inputs)
+                meta["stats"].append(stats.__dict__)
+                meta["next"] = g + 1
+                meta["wall_s"] = prev_wall + time.perf_counter() - t_start
+                ckpt.save_block(f"block_{g:04d}", blk, inputs, meta)
+                bar.set_postfix(block=g, err=f"{stats.rel_output_error or 0:.2e}", prot=stats.protected)
+                bar.update(1)
+            stage_inputs = None if si + 1 < len(stages) else stage_inputs
+    timings["blocks_s"] = time.perf_counter() - t_blocks
+
+    report = {
+        "format": cfg.weight_format,
+        "model": cfg.model.id,
+        "protected_blocks": sorted(protected),
+        "resumed_from_block": resumed_from,
+        "blocks": meta["stats"],
+        "sensitivity": meta["sensitivity"],
+        "algorithms": [to_dict(s) for s in cfg.algorithms],
+        "timings": {**meta.get("timings", {}), **timings},
+        "baseline": {},
+        "quantized": {},
+    }
+    if cfg.evaluation is not None and loaded.kind != "wan":
+        report.update(evaluate(loaded, cfg, out_dir))
+    report["wall_s"] = prev_wall + time.perf_counter() - t_start
+    report["peak_rss_mb"] = peak_rss_mb()
+    write_report(report, out_dir)
+    return report
+
+
+def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:
+    """WikiText-2 perplexity / KL / top-1 and paired MMLU, quantized vs a fresh unquantized copy."""
+    from lpq.pipelines.ptq_eval import compare, eval_windows
+
+    ev = cfg.evaluation
+    res: dict[str, Any] = {"baseline": {}, "quantized": {}}
+    baseline = load_model(cfg.model).model
+    if ev.wikitext2:
+        text = Path(ev.wikitext2).read_text(encoding="utf-8")
+        wins = eval_windows(loaded.tokenizer, text, ev.windows, ev.seq_len)
+        r = compare(baseline, loaded.model, wins, desc="wikitext2")
+        res["baseline"]["wikitext2_ppl"] = r["baseline_ppl"]
+        res["quantized"].update(wikitext2_ppl=r["ppl"], kl_div=r["kl_div"], top1_agreement=r["top1_agreement"])
+    return res
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    b, q = report["baseline"], report["quantized"]
+    lines = [f"# lpq ptq report: {report['model']} in {report['format']}", "",
+             f"* protected blocks: {report['protected_blocks']}",
+             f"* wall time: {report['wall_s']:.1f} s; peak RSS: {report['peak_rss_mb']:.0f} MB",
+             f"* algorithms: {', '.join(a['name'] for a in report['algorithms'])}", ""]
+    if "wikitext2_ppl" in q:
+        inc = 100 * (q["wikitext2_ppl"] / b["wikitext2_ppl"] - 1)
+        lines += ["| metric | baseline | quantized |", "|---|---|---|",
+                  f"| WikiText-2 perplexity | {b['wikitext2_ppl']:.3f} | {q['wikitext2_ppl']:.3f} ({inc:+.1f} %) |",
+                  f"| KL(baseline ‖ quantized), nats/token | | {q['kl_div']:.4f} |",
+                  f"| top-1 agreement | | {q['top1_agreement']:.4f} |"]
+        if "mmlu_acc" in q:
+            lines.append(f"| MMLU accuracy | {b['mmlu_acc']:.4f} | {q['mmlu_acc']:.4f} |")
+        if "mmlu_agreement" in report:
+            lines.append(f"| MMLU paired agreement | | {report['mmlu_agreement']:.4f} |")
+        lines.append("")
+    lines += ["## Blocks", "", "| block | protected | rel. output error | GPTQ s | total s |", "|---|---|---|---|---|"]
+    for s in report["blocks"]:
+        err = "" if s["rel_output_error"] is None else f"{s['rel_output_error']:.3e}"
+        lines.append(f"| {s['index']} | {'yes' if s['protected'] else ''} | {err} | {s['gptq_seconds']:.1f} | "
+                     f"{s['seconds']:.1f} |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def summary(report: dict) -> str:
+    b, q = report["baseline"], report["quantized"]
+    s = (f"{report['model']} {report['format']}: protected {report['protected_blocks']}, "
+         f"{report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    if "wikitext2_ppl" in q:
+        s += (f"\nWikiText-2 ppl {b['wikitext2_ppl']:.3f} -> {q['wikitext2_ppl']:.3f} "
+              f"({100 * (q['wikitext2_ppl'] / b['wikitext2_ppl'] - 1):+.1f} %), KL {q['kl_div']:.4f}, "
+              f"top-1 {q['top1_agreement']:.4f}")
+    return s
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ptq")
+    def ptq_command(
+        config: Path = typer.Option(..., "--config", help="PTQ recipe YAML (configs/w4a4_hif4.yaml)"),
+        model: str | None = typer.Option(None, "--model", help="override model.id"),
+        out: Path | None = typer.Option(None, "--out", help="output folder (default: the recipe's output_dir)"),
+    ) -> None:
+        """W4A4 post-training quantization with block-sequential calibration (resumable)."""
+        overrides = {"model.id": model} if model else None
+        try:
+            cfg = load_config(config, PTQConfig, overrides)
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        report = run(cfg, out or Path(cfg.output_dir), str(config))
+        typer.echo(summary(report))

@@ -1,0 +1,177 @@
+"""quantize_model: attach quantizers to a model following a recipe and its family's adapter."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+from lpq.models.adapters import Adapter, get_adapter
+from lpq.quant.attention import (AttentionQuantizers, QuantWanAttnProcessor, register_transformers_attention)
+from lpq.quant.experts import QuantExperts
+from lpq.quant.linear import QuantLinear
+from lpq.quant.quantizer import TensorQuantizer, update_delayed_scales
+from lpq.quant.recipe import QuantRecipe, Scaling
+
+QUANT_MODULES = (QuantLinear, QuantExperts, AttentionQuantizers)
+
+
+@dataclass
+class PlanEntry:
+    """One module's fate: `action` is "quantize", "protected" or "excluded"."""
+
+    network: str          # "" for a plain model, "transformer"/"transformer_2" in a Wan pipeline
+    block: int | None     # block index, None outside the blocks
+    name: str             # module name within the network
+    kind: str             # "linear", "experts", "attention", or the class name for other modules
+    action: str
+    reason: str = ""
+
+
+def _excluded(name: str, network: str, patterns: list[str] | tuple[str, ...]) -> str | None:
+    full = f"{network}.{name}" if network else name
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full, p)), None)
+
+
+def plan_quantization(model: object, recipe: QuantRecipe) -> tuple[Adapter, list[PlanEntry]]:
+    """What quantize_model would do, module by module (used by `lpq inspect`)."""
+    adapter = get_adapter(model, recipe.adapter)
+    plan: list[PlanEntry] = []
+    for net_name, net in adapter.networks(model):
+        blocks = adapter.blocks(net)
+        bad = [b for b in recipe.protected_blocks if b >= len(blocks)]
+        if bad:
+            raise ValueError(f"protected_blocks {bad} out of range: {type(net).__name__} has {len(blocks)} blocks")
+        in_blocks: set[str] = set()
+        for i, block in enumerate(blocks):
+            prefix = adapter.block_prefix(i)
+            in_blocks.update(f"{prefix}.{n}" if n else prefix for n, _ in block.named_modules())
+            members = adapter.block_members(block)
+            wanted = {"linear": recipe.weight or recipe.input or recipe.grad,
+                      "experts": recipe.weight or recipe.input or recipe.grad, "attention": recipe.attention}
+            for kind, names in members.items():
+                if not wanted[kind]:
+                    continue
+                for rel in names:
+                    name = f"{prefix}.{rel}"
+                    if i in recipe.protected_blocks:
+                        plan.append(PlanEntry(net_name, i, name, kind, "protected", "protected block"))
+                    elif pattern := _excluded(name, net_name, recipe.exclude):
+                        plan.append(PlanEntry(net_name, i, name, kind, "excluded", f"recipe exclude {pattern!r}"))
+                    else:
+                        plan.append(PlanEntry(net_name, i, name, kind, "quantize"))
+        for name, module in net.named_modules():
+            if not name or name in in_blocks or not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            pattern = _excluded(name, net_name, adapter.exclude) or _excluded(name, net_name, recipe.exclude)
+            reason = f"default exclude {pattern!r}" if pattern else "outside the transformer blocks"
+            plan.append(PlanEntry(net_name, None, name, type(module).__name__, "excluded", reason))
+    return adapter, plan
+
+
+def quantize_model(model: object, recipe: QuantRecipe) -> object:
+    """Attach quantizers (in place) and return the model: a transformers causal LM, a
+    WanTransformer3DModel, or a Wan pipeline (its `transformer` and `transformer_2`)."""
+    if not isinstance(recipe, QuantRecipe):
+        raise TypeError(f"recipe must be a QuantRecipe, got {type(recipe).__name__}")
+    adapter, plan = plan_quantization(model, recipe)
+    networks = dict(adapter.networks(model))
+    for net in networks.values():
+        if getattr(net, "lpq_recipe", None) is not None or any(isinstance(m, QUANT_MODULES) for m in net.modules()):
+            raise RuntimeError(f"{type(net).__name__} is already quantized; quantize a fresh copy of the model")
+    for entry in plan:
+        if entry.action != "quantize":
+            continue
+        net = networks[entry.network]
+        module = net.get_submodule(entry.name)
+        if entry.kind == "linear":
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{entry.name} is a {type(module).__name__}, expected nn.Linear")
+            _replace(net, entry.name, QuantLinear.from_linear(module, weight_spec=recipe.weight,
+                                                              input_spec=recipe.input, grad_spec=recipe.grad))
+        elif entry.kind == "experts":
+            _replace(net, entry.name, QuantExperts(module, weight_spec=recipe.weight, input_spec=recipe.input,
+                                                   grad_spec=recipe.grad))
+        else:
+            _attach_attention(net, module, adapter, recipe)
+    for net in networks.values():
+        net.lpq_recipe = recipe
+        if any(isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED for m in net.modules()):
+            net.register_forward_pre_hook(lambda mod, args: update_delayed_scales(mod))
+    return model
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _attach_attention(net: nn.Module, attn: nn.Module, adapter: Adapter, recipe: QuantRecipe) -> None:
+    attn.lpq_attention = AttentionQuantizers(recipe.attention).train(attn.training)
+    if adapter.kind == "wan":
+        attn.set_processor(QuantWanAttnProcessor(attn.processor))
+        return
+    current = net.config._attn_implementation
+    if not current.startswith("lpq_quant_"):
+        net.set_attn_implementation(register_transformers_attention(current))
+
+
+def _networks(model: object) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Module):
+        return [("", model)]
+    return [(n, m) for n in ("transformer", "transformer_2") if (m := getattr(model, n, None)) is not None]
+
+
+def _quant_modules(model: object, blocks: list[int] | None) -> Iterator[nn.Module]:
+    for _, net in _networks(model):
+        if blocks is None:
+            roots = [net]
+        else:
+            all_blocks = get_adapter(net, getattr(getattr(net, "lpq_recipe", None), "adapter", None)).blocks(net)
+            roots = [all_blocks[i] for i in blocks]
+        for root in roots:
+            yield from (m for m in root.modules() if isinstance(m, QUANT_MODULES))
+
+
+def set_quant_enabled(model: object, enabled: bool, blocks: list[int] | None = None) -> None:
+    """Switch quantization on/off everywhere, or only in the given block indices (per transformer
+    of a Wan pipeline). Disabled modules compute exactly the original model's function."""
+    for m in _quant_modules(model, blocks):
+        m.quant_enabled = enabled
+
+
+@contextlib.contextmanager
+def quant_enabled(model: object, enabled: bool, blocks: list[int] | None = None) -> Iterator[None]:
+    """Context manager form of set_quant_enabled; restores each module's previous state."""
+    modules = list(_quant_modules(model, blocks))
+    before = [m.quant_enabled for m in modules]
+    for m in modules:
+        m.quant_enabled = enabled
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, before):
+            m.quant_enabled = state
+
+
+def set_stats_tracking(model: object, on: bool = True) -> None:
+    """Opt in (or out) of per-call statistics on every quantizer; costs a few reductions per call."""
+    for _, net in _networks(model):
+        for m in net.modules():
+            if isinstance(m, TensorQuantizer):
+                m.track_stats = on
+                if not on:
+                    m.last_stats = None
+
+
+def collect_stats(model: object) -> dict[str, dict[str, float | None]]:
+    """Per quantizer (by module name): the last call's amax, scale, and fractions overflowed to Inf,
+    flushed to zero and (HiF8) in the 1-mantissa-bit range. Only quantizers that tracked stats."""
+    out = {}
+    for net_name, net in _networks(model):
+        for name, m in net.named_modules():
+            if isinstance(m, TensorQuantizer) and m.last_stats is not None:
+                out[f"{net_name}.{name}" if net_name else name] = dict(m.last_stats)
+    return out

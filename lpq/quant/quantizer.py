@@ -1,0 +1,157 @@
+"""TensorQuantizer: one role's fake quantization with its per-tensor scaling state in buffers.
+
+Scaling state is per group: one group for an ordinary tensor, or one per leading-dim slice (the
+experts of a fused MoE weight), or one per caller-chosen index (one per expert's activations).
+
+Delayed scaling follows TransformerEngine: a call quantizes with the stored scale and, in training
+mode, records this call's amax (and RMS) as pending. `update_delayed_scales(model)` — run by
+`quantize_model`'s hook before every forward of the quantized model — all-reduces the pending
+statistics with MAX across ranks, pushes them into the history and recomputes the scales. So the
+scale used at step t comes from steps < t. Before the first update a quantizer uses current scaling.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lpq.formats import fake_quant, fake_quant_ste
+from lpq.quant.recipe import QuantizerSpec, Scaling, ScaleTarget
+from lpq.quant.scaling import compute_scale, reduce_history
+
+HIF8_COARSE = 2.0 ** 8   # HiF8 values with exponent >= 8 keep only 1 mantissa bit
+
+
+class TensorQuantizer(nn.Module):
+    def __init__(self, spec: QuantizerSpec, role: str, groups: int = 1):
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.spec = spec
+        self.role = role
+        self.groups = groups
+        self.track_stats = False
+        self.last_stats: dict[str, float | None] | None = None
+        if spec.scaling != Scaling.NONE:
+            n = spec.history_len if spec.scaling == Scaling.DELAYED else 1
+            self.register_buffer("amax_history", torch.zeros(n, groups))
+            self.register_buffer("rms_history", torch.zeros(n, groups))
+            self.register_buffer("scale", torch.zeros(groups))   # 0: not set yet
+        if spec.scaling == Scaling.DELAYED:
+            self.register_buffer("amax_pending", torch.zeros(groups), persistent=False)
+            self.register_buffer("rms_pending", torch.zeros(groups), persistent=False)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        text = f"role={self.role}, format={s.format}, axis={s.axis}, scaling={s.scaling.value}"
+        if s.scaling != Scaling.NONE:
+            text += f", target={s.target.value}"
+        if s.scaling == Scaling.DELAYED:
+            text += f", history={s.history_len}, reduction={s.reduction.value}"
+        return text + (f", groups={self.groups}" if self.groups > 1 else "")
+
+    def forward(self, x: Tensor, group: int | None = None) -> Tensor:
+        """Fake-quantize x. `group`: the group all of x belongs to; None: per leading-dim slice
+        when the quantizer has several groups, else the whole tensor."""
+        if self.spec.scaling == Scaling.NONE:
+            return self._quantize(x, None)
+        with torch.no_grad():
+            amax, rms = self._statistics(x, group)
+            scale = self._scale_for(amax, rms, group)
+        return self._quantize(x, scale, group)
+
+    def _statistics(self, x: Tensor, group: int | None) -> tuple[Tensor, Tensor]:
+        per_slice = group is None and self.groups > 1
+        if per_slice and x.shape[0] != self.groups:
+            raise ValueError(f"{self.role} quantizer has {self.groups} groups but the tensor's leading "
+                             f"dim is {x.shape[0]}")
+        dims = tuple(range(1, x.dim())) if per_slice else tuple(range(x.dim()))
+        amax = x.detach().abs().amax(dim=dims).float().reshape(-1)
+        if self.spec.target == ScaleTarget.WINDOW:
+            rms = x.detach().float().square().mean(dim=dims).sqrt().reshape(-1)
+        else:
+            rms = torch.zeros_like(amax)
+        return amax, rms
+
+    def _scale_for(self, amax: Tensor, rms: Tensor, group: int | None) -> Tensor:
+        sl = slice(None) if group is None else slice(group, group + 1)
+        if self.spec.scaling == Scaling.CURRENT:
+            scale = compute_scale(amax, rms, self.spec)
+            self.amax_history[0, sl] = amax
+            self.rms_history[0, sl] = rms
+            self.scale[sl] = scale
+            return scale
+        stored = self.scale[sl].clone()   # a copy: autograd keeps it until backward, after later updates
+        scale = stored if bool((stored > 0).all()) else torch.where(stored > 0, stored,
+                                                                   compute_scale(amax, rms, self.spec))
+        if self.training:
+            self.amax_pending[sl] = torch.maximum(self.amax_pending[sl], amax)
+            self.rms_pending[sl] = torch.maximum(self.rms_pending[sl], rms)
+        return scale
+
+    def _quantize(self, x: Tensor, scale: Tensor | None, group: int | None = None) -> Tensor:
+        fq = fake_quant_ste if (torch.is_grad_enabled() and x.requires_grad) else fake_quant
+        if scale is None:
+            y = fq(x, self.spec.format, self.spec.axis)
+            if self.track_stats:
+                self._record_stats(x, y, None)
+            return y
+        if group is None and self.groups > 1:
+            scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
+        else:
+            scale = scale.reshape(())
+        scale = scale.to(x.device)
+        xs = x.float() * scale
+        ys = fq(xs, self.spec.format, self.spec.axis)
+        if self.track_stats:
+            self._record_stats(xs, ys, scale)
+        return (ys / scale).to(x.dtype)
+
+    @torch.no_grad()
+    def _record_stats(self, xs: Tensor, ys: Tensor, scale: Tensor | None) -> None:
+        finite = torch.isfinite(xs)
+        n = max(xs.numel(), 1)
+        self.last_stats = {
+            "amax": float(xs.abs().amax() / (scale.amax() if scale is not None else 1)) if xs.numel() else 0.0,
+            "scale": float(scale.amax()) if scale is not None else None,
+            "overflow": float((torch.isinf(ys) & finite).sum()) / n,
+            "flushed": float(((ys == 0) & (xs != 0)).sum()) / n,
+            "coarse": (float(((xs.abs() >= HIF8_COARSE) & finite).sum()) / n
+                       if self.spec.format == "hif8" else None),
+        }
+
+    @torch.no_grad()
+    def _push_history(self, amax: Tensor, rms: Tensor) -> None:
+        seen = amax > 0   # groups never called this step keep their history
+        for hist, new in ((self.amax_history, amax), (self.rms_history, rms)):
+            rolled = torch.roll(hist, 1, dims=0)
+            rolled[0] = new
+            hist.copy_(torch.where(seen[None], rolled, hist))
+        fresh = compute_scale(reduce_history(self.amax_history, self.spec.reduction),
+                              reduce_history(self.rms_history, self.spec.reduction), self.spec)
+        self.scale.copy_(torch.where(seen, fresh, self.scale))
+        self.amax_pending.zero_()
+        self.rms_pending.zero_()
+
+
+@torch.no_grad()
+def update_delayed_scales(model: nn.Module) -> None:
+    """Fold pending amax/RMS into every delayed quantizer's history and recompute its scale.
+
+    With torch.distributed initialized, the pending statistics of all quantizers are all-reduced
+    (MAX) in one call first, so every rank ends with the same scales. All ranks must call this the
+    same number of times (it runs before each forward of a quantized model).
+    """
+    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED]
+    if not qs:
+        return
+    flat = torch.cat([torch.cat([q.amax_pending, q.rms_pending]).to(qs[0].amax_pending.device) for q in qs])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    offset = 0
+    for q in qs:
+        g = q.groups
+        amax = flat[offset:offset + g].to(q.amax_pending.device)
+        rms = flat[offset + g:offset + 2 * g].to(q.amax_pending.device)
+        offset += 2 * g
+        q._push_history(amax, rms)

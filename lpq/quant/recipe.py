@@ -1,0 +1,158 @@
+"""Quantization recipes: which format and scaling rule each tensor role gets, as versioned dataclasses.
+
+A recipe is plain data: it loads from YAML with `lpq.config.from_dict(data, QuantRecipe)`, and
+`lpq.config.to_dict` gives it back, so it can be stored next to a checkpoint. Roles:
+
+* `weight`, `input` (the activation entering a linear, quantized along the reduction dim),
+  `grad` (the gradient arriving at a linear's output in backward, TransformerEngine's
+  `grad_output`: the operand of both backward GEMMs; used in training only);
+* attention `q`, `k`, `v`, `p` (softmax probabilities), each along its matmul's reduction dim.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from lpq.formats.spec import get_format
+
+RECIPE_VERSION = 1
+
+# The challenge's limits on blocks kept in high precision (docs: shared/docs/challenge.md).
+BLOCK_BUDGETS = {"hif4": 2, "mxfp4": 5, "mxfp4-rceil": 5, "mxfp4-toolkit": 5, "hif8": 5}
+
+
+class Scaling(str, enum.Enum):
+    """How a per-tensor scale is found before the format's own quantization."""
+
+    NONE = "none"          # the format's own block scale only
+    CURRENT = "current"    # from this tensor's statistics, now
+    DELAYED = "delayed"    # from an amax history of earlier steps (FP8-LM / TransformerEngine)
+
+
+class ScaleTarget(str, enum.Enum):
+    """Where the per-tensor scale puts the tensor."""
+
+    # HiF8-native: a power of two that puts the tensor's RMS at 2^window_center, inside the
+    # 3-mantissa-bit window (|exponent| <= 3), lowered when needed so amax stays <= 2^15 (no Inf).
+    WINDOW = "window"
+    # The FP8 habit: amax -> amax_target (default: the format's largest finite value) / 2^margin.
+    AMAX = "amax"
+
+
+class Reduction(str, enum.Enum):
+    MAX = "max"
+    MOST_RECENT = "most_recent"
+
+
+# Largest finite value per format for the amax rule and the overflow guard; block formats have
+# no fixed largest value (their block scale moves), so the amax rule needs an explicit target.
+FORMAT_LIMITS = {"hif8": 32768.0}
+
+
+@dataclass
+class QuantizerSpec:
+    """One role's quantizer: format, axis, and the per-tensor scaling rule."""
+
+    format: str
+    axis: int = -1
+    scaling: Scaling = Scaling.NONE
+    target: ScaleTarget = ScaleTarget.WINDOW
+    window_center: float = 0.0      # log2 of where the RMS goes (window rule)
+    amax_target: float | None = None  # amax rule: value amax maps to; None: the format's max
+    power_of_two: bool = True       # amax rule: round the scale down to a power of two (exact scaling)
+    margin: int = 0                 # extra headroom, in powers of two (both rules)
+    history_len: int = 16           # delayed scaling
+    reduction: Reduction = Reduction.MAX
+
+    def __post_init__(self) -> None:
+        get_format(self.format)
+        self.scaling = Scaling(self.scaling)
+        self.target = ScaleTarget(self.target)
+        self.reduction = Reduction(self.reduction)
+        if self.history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.amax_target is not None and not self.amax_target > 0:
+            raise ValueError(f"amax_target must be > 0, got {self.amax_target}")
+        if (self.scaling != Scaling.NONE and self.target == ScaleTarget.AMAX and self.amax_target is None
+                and self.format not in FORMAT_LIMITS):
+            raise ValueError(f"the amax scaling rule for block format {self.format!r} needs an explicit "
+                             f"amax_target (its block scale has no fixed largest value)")
+
+    def limit(self) -> float | None:
+        """The largest magnitude the scaled tensor may reach, or None when the format has none."""
+        return FORMAT_LIMITS.get(self.format)
+
+
+@dataclass
+class AttentionRecipe:
+    """Attention quantization: Q and K along head_dim, V along the key sequence, P along the keys.
+
+    `format: hif8` is a short form that fills q, k, v and p with default axes.
+    """
+
+    format: str | None = None
+    q: QuantizerSpec | None = None
+    k: QuantizerSpec | None = None
+    v: QuantizerSpec | None = None
+    p: QuantizerSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            axes = {"q": -1, "k": -1, "v": -2, "p": -1}
+            for role, axis in axes.items():
+                if getattr(self, role) is None:
+                    setattr(self, role, QuantizerSpec(self.format, axis=axis))
+        if not any(getattr(self, r) for r in ("q", "k", "v", "p")):
+            raise ValueError("an attention section needs `format` or at least one of q, k, v, p")
+
+
+@dataclass
+class QuantRecipe:
+    """What to quantize and how. YAML: `quant: {format: hif4, protected_blocks: [0, 29]}`."""
+
+    version: int = RECIPE_VERSION
+    format: str | None = None                 # short form: fills weight and input
+    weight: QuantizerSpec | None = None
+    input: QuantizerSpec | None = None
+    grad: QuantizerSpec | None = None
+    attention: AttentionRecipe | None = None
+    protected_blocks: list[int] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)   # extra fnmatch patterns on module names
+    allow_over_budget: bool = False
+    adapter: str | None = None                # model family; None: detected from the model
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is not supported; this lpq reads version "
+                             f"{RECIPE_VERSION}")
+        if self.format is not None:
+            self.weight = self.weight or QuantizerSpec(self.format)
+            self.input = self.input or QuantizerSpec(self.format)
+        if not (self.weight or self.input or self.grad or self.attention):
+            raise ValueError("the recipe quantizes nothing: set `format`, or weight/input/grad/attention")
+        if any(b < 0 for b in self.protected_blocks):
+            raise ValueError(f"protected_blocks must be block indices >= 0, got {self.protected_blocks}")
+        if len(set(self.protected_blocks)) != len(self.protected_blocks):
+            raise ValueError(f"protected_blocks has duplicates: {self.protected_blocks}")
+        budget = self.block_budget()
+        if budget is not None and len(self.protected_blocks) > budget and not self.allow_over_budget:
+            raise ValueError(
+                f"{len(self.protected_blocks)} protected blocks exceed the challenge budget of {budget} for "
+                f"{self._budget_reason()}; set allow_over_budget: true for research runs outside the challenge")
+
+    def formats(self) -> set[str]:
+        specs = [self.weight, self.input, self.grad]
+        if self.attention:
+            specs += [self.attention.q, self.attention.k, self.attention.v, self.attention.p]
+        return {s.format for s in specs if s is not None}
+
+    def block_budget(self) -> int | None:
+        """The challenge's limit on protected blocks for this recipe's formats (the strictest), or None."""
+        limits = [BLOCK_BUDGETS[f] for f in self.formats() if f in BLOCK_BUDGETS]
+        return min(limits) if limits else None
+
+    def _budget_reason(self) -> str:
+        fmts = sorted(f for f in self.formats() if BLOCK_BUDGETS.get(f) == self.block_budget())
+        return "/".join(fmts)

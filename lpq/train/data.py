@@ -1,0 +1,120 @@
+"""Training data: text/JSONL corpora cut into fixed-length token blocks, and a deterministic batch plan.
+
+The batch plan maps (step, micro-batch, rank) to sample indices with a seeded permutation per epoch, so
+the data order is a pure function of the step: a resumed run sees exactly the batches it would have seen,
+and ranks read disjoint slices of each global batch without a stateful sampler.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lpq.train.recipe import PYDOC_TOPICS, DataConfig
+
+
+def read_texts(cfg: DataConfig) -> list[str]:
+    """The documents named by `cfg.paths`, in order: .txt files whole, .jsonl / .json one record each."""
+    texts: list[str] = []
+    for entry in cfg.paths:
+        if entry == PYDOC_TOPICS:
+            from pydoc_data.topics import topics
+
+            texts.extend(topics[k] for k in sorted(topics))
+            continue
+        path = Path(entry)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.paths: {path} does not exist (or use {PYDOC_TOPICS!r})")
+        if path.suffix in (".jsonl", ".json"):
+            texts.extend(_json_texts(path, cfg.text_field))
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"data.paths {cfg.paths} hold no text")
+    return texts
+
+
+def _json_texts(path: Path, key: str) -> list[str]:
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        records = json.loads(raw)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        numbered = list(enumerate(records, 1))
+    else:
+        numbered = [(i, json.loads(line)) for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    out = []
+    for i, rec in numbered:
+        if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+            raise ValueError(f"{path}:{i}: record has no string field {key!r} (set data.text_field)")
+        out.append(rec[key])
+    return out
+
+
+def tokenize_blocks(texts: list[str], tokenizer, seq_len: int) -> Tensor:
+    """Concatenate the documents (EOS between them) and cut into (N, seq_len) int64 blocks; the tail is dropped."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@dataclass
+class TextSplits:
+    train: Tensor    # (N_train, seq_len)
+    eval: Tensor     # (N_eval, seq_len)
+
+
+def text_splits(cfg: DataConfig, tokenizer) -> TextSplits:
+    """Hold out the last `eval_blocks` blocks (a contiguous stretch of text never seen in training)."""
+    blocks = tokenize_blocks(read_texts(cfg), tokenizer, cfg.seq_len)
+    if len(blocks) <= cfg.eval_blocks:
+        raise ValueError(f"the corpus gives {len(blocks)} blocks of {cfg.seq_len} tokens; need more than "
+                         f"data.eval_blocks={cfg.eval_blocks} to keep some for training")
+    train, held_out = blocks[: -cfg.eval_blocks], blocks[-cfg.eval_blocks:]
+    if cfg.max_train_blocks is not None:
+        train = train[: cfg.max_train_blocks]
+    return TextSplits(train, held_out)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator whose seed is a fixed function of integer keys (the same in every process)."""
+    import numpy as np
+
+    seed = np.random.SeedSequence([k % 2 ** 32 for k in keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
+
+
+class BatchPlan:
+    """Sample indices of every (step, micro-batch, rank); epoch e uses permutation randperm(seed + e)."""
+
+    def __init__(self, num_samples: int, batch_size: int, grad_accum: int, world_size: int, seed: int):
+        if num_samples < 1:
+            raise ValueError("no training samples")
+        self.n, self.batch, self.accum, self.world, self.seed = num_samples, batch_size, grad_accum, world_size, seed
+        self._perms: dict[int, Tensor] = {}
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch * self.accum * self.world
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            # A batch spans at most two epochs, so two cached permutations are enough.
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        start = step * self.samples_per_step + (micro * self.world + rank) * self.batch
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch)]

@@ -1,0 +1,256 @@
+"""One training run (BF16 reference or HiF8 QAT) on accelerate: DDP/FSDP, resumable, NaN-guarded.
+
+The two runs of a comparison are identical except for quantization: same seed, data order, noise, model
+initialisation and optimizer. Both keep float32 master weights and optimizer state and compute under
+bfloat16 autocast (`train.mixed_precision: bf16`); the HiF8 run additionally fake-quantizes (STE) the
+roles its recipe names, after `bf16_warmup_steps` unquantized steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lpq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lpq.train.data import BatchPlan
+from lpq.train.monitor import JsonlLog, summarize_stats
+from lpq.train.nonfinite import NonFiniteError, diagnose
+from lpq.train.objectives import build_objective, move_batch
+from lpq.train.recipe import Distributed, LrSchedule, Optimizer, TrainConfig, TrainRecipe
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class RunResult:
+    label: str
+    run_dir: Path
+    quantized: bool
+    losses: list[float]
+    step_times: list[float]
+    eval_loss: float
+    eval_loss_initial: float | None = None      # before training (None when resumed past step 0)
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for 0-based optimizer step `step`: linear warm-up, then the schedule."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule is LrSchedule.CONSTANT:
+        return 1.0
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+    if cfg.lr_schedule is LrSchedule.LINEAR:
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    kwargs = {}
+    if cfg.distributed is Distributed.FSDP and PartialState().num_processes > 1:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                               state_dict_type="SHARDED_STATE_DICT")
+    return Accelerator(mixed_precision=cfg.mixed_precision.value, **kwargs)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "gradient_checkpointing_enable"):        # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):    # diffusers
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective, accelerator, batch_size: int) -> float:
+    """Mean loss over the fixed held-out set (every rank evaluates all of it: identical results)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in objective.eval_batches(batch_size):
+        batch = move_batch(batch, accelerator.device)
+        n = len(next(iter(batch.values())))
+        with accelerator.autocast():
+            total += float(objective.loss(model, batch)) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def _zero_pending_amax(model: nn.Module) -> None:
+    """Before a diagnostic replay: stop the delayed-scaling hook from folding the failing step's amax in,
+    so the replay quantizes with exactly the scales the failing forward used."""
+    from lpq.quant import TensorQuantizer
+
+    for m in model.modules():
+        if isinstance(m, TensorQuantizer) and hasattr(m, "amax_pending"):
+            m.amax_pending.zero_()
+            m.rms_pending.zero_()
+
+
+def _fail_nonfinite(what: str, step: int, raw: nn.Module, replay: Callable[[], object] | None, accelerator,
+                    quantized: bool, run_dir: Path) -> None:
+    from accelerate.utils import gather_object
+
+    if quantized:
+        _zero_pending_amax(raw)
+    found = gather_object([f"rank {accelerator.process_index}: {diagnose(raw, replay)}"])
+    msg = (f"{what} at step {step + 1}; first non-finite tensor: " + "; ".join(found)
+           + (" (HiF8 overflows to Inf at |x| >= 40960 after scaling: check quant_stats.jsonl)" if quantized else ""))
+    if accelerator.is_main_process:
+        (run_dir / "nonfinite.txt").write_text(msg + "\n")
+    raise NonFiniteError(msg)
+
+
+def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str, resume: bool = True,
+              on_step: StepCallback | None = None) -> RunResult:
+    """Train one model per the recipe into `run_dir`; continues from its latest checkpoint when `resume`."""
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from lpq.models.hub import load_model
+
+    cfg = recipe.train
+    if quantized and recipe.quant is None:
+        raise ValueError("a quantized run needs a `quant:` section in the recipe")
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    loaded = load_model(recipe.model)
+    objective = build_objective(loaded, recipe)
+    model = objective.module
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if quantized:
+        from lpq.quant import quantize_model
+
+        quantize_model(objective.quant_target, recipe.quant)
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    # The scheduler is stepped once per optimizer step by this loop (accelerate's prepared scheduler
+    # would step once per process), and checkpointed by save_checkpoint.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    state: dict = {"losses": [], "step_times": [], "quant_on": []}
+    start, initial_eval = 0, None
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, scheduler, ckpt)
+        start = state.pop("step")
+        if main:
+            print(f"lpq train [{label}]: resumed from {ckpt} at step {start}")
+    else:
+        initial_eval = evaluate(model, objective, accelerator, cfg.batch_size)
+    metrics = JsonlLog(run_dir / "metrics.jsonl", start) if main else None
+    qlog = JsonlLog(run_dir / "quant_stats.jsonl", start) if main and quantized else None
+
+    plan = BatchPlan(objective.num_train, cfg.batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed)
+    rank = accelerator.process_index
+    bar = tqdm(total=cfg.steps, initial=start, desc=label, unit="step", disable=not main, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        on = quantized and step >= cfg.bf16_warmup_steps
+        track = on and cfg.stats_every > 0 and ((step + 1) % cfg.stats_every == 0 or step == cfg.bf16_warmup_steps)
+        if quantized:
+            from lpq.quant import set_quant_enabled, set_stats_tracking
+
+            set_quant_enabled(raw, on)
+            set_stats_tracking(raw, track)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        bad_batch = None
+        for micro in range(cfg.grad_accum):
+            batch = move_batch(objective.train_batch(plan.indices(step, micro, rank), step, micro, rank),
+                               accelerator.device)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    loss = objective.loss(model, batch)
+                accelerator.backward(loss / cfg.grad_accum)
+            loss = loss.detach().float()
+            if bad_batch is None and not torch.isfinite(loss):
+                bad_batch = batch
+            loss_sum += loss
+        step_loss = float(accelerator.reduce(loss_sum / cfg.grad_accum, "mean"))
+        if not math.isfinite(step_loss):
+            replay_batch = bad_batch if bad_batch is not None else batch
+
+            def replay():
+                with accelerator.autocast():
+                    return objective.loss(raw, replay_batch)
+
+            _fail_nonfinite(f"loss is {step_loss}", step, raw, replay, accelerator, quantized, run_dir)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                _fail_nonfinite(f"gradient norm is {grad_norm}", step, raw, None, accelerator, quantized, run_dir)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        state["losses"].append(step_loss)
+        state["step_times"].append(dt)
+        state["quant_on"].append(on)
+        if main:
+            metrics.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                           "step_time_s": dt, "quant_on": on})
+            if track:
+                from lpq.quant import collect_stats
+
+                stats = collect_stats(raw)
+                qlog.write({"step": step + 1, "summary": summarize_stats(stats), "quantizers": stats})
+            bar.set_postfix(loss=f"{step_loss:.4f}", hif8="on" if on else "off")
+            bar.update()
+        done = step + 1
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            if quantized:
+                from lpq.quant import update_delayed_scales
+
+                # Fold this step's pending amax into the history now: pending statistics are not part of
+                # the state dict, and folding early gives the same scales as folding at the next forward.
+                update_delayed_scales(raw)
+            save_checkpoint(accelerator, scheduler, run_dir, done, state, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(done, step_loss)
+    bar.close()
+    eval_loss = evaluate(model, objective, accelerator, cfg.batch_size)
+    _save_final(accelerator, model, raw, loaded, run_dir)
+    result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss, initial_eval)
+    result.extra["quant_on"] = state["quant_on"]
+    accelerator.free_memory()
+    return result
+
+
+def _save_final(accelerator, model: nn.Module, raw: nn.Module, loaded, run_dir: Path) -> None:
+    """The trained weights in the model's own format (transformers / diffusers folder) under run_dir/final."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        out = run_dir / "final"
+        raw.save_pretrained(out, state_dict=state_dict)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,171 @@
+"""The `lpq train` recipe: YAML sections `model`, `quant`, `train`, `data`, optional `eval` / `export`.
+
+`quant` is the runtime's `QuantRecipe` (roles, scaling, protected blocks); `train` and `data` are defined
+here. Everything is validated by `lpq.config`, so a bad key or value is reported with file and line.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lpq.config import load_config
+from lpq.models.hub import ModelConfig
+from lpq.quant.recipe import QuantRecipe
+
+
+class LrSchedule(enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Optimizer(enum.Enum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class MixedPrecision(enum.Enum):
+    # "bf16": float32 master weights and optimizer state, bfloat16 autocast compute (both runs).
+    BF16 = "bf16"
+    NO = "no"
+
+
+class Distributed(enum.Enum):
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class TimestepSampling(enum.Enum):
+    UNIFORM = "uniform"
+    LOGIT_NORMAL = "logit_normal"
+
+
+@dataclass
+class FlowMatchConfig:
+    """Wan flow-matching objective: x_t = (1 - s) x0 + s noise, target velocity noise - x0."""
+
+    shift: float | None = None            # None: the pipeline scheduler's shift
+    timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
+    expert: str = "transformer"           # Wan2.2: "transformer" (high noise) or "transformer_2" (low noise)
+    eval_timesteps: int = 4               # fixed noise levels per held-out sample for the eval loss
+
+    def __post_init__(self) -> None:
+        if self.shift is not None and self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.expert not in ("transformer", "transformer_2"):
+            raise ValueError(f"expert {self.expert!r} is not allowed; use 'transformer' or 'transformer_2'")
+        if self.eval_timesteps < 1:
+            raise ValueError(f"eval_timesteps must be >= 1, got {self.eval_timesteps}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: Path = Path("runs/train")
+    steps: int = 300
+    batch_size: int = 4                   # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-5
+    lr_schedule: LrSchedule = LrSchedule.COSINE
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.1             # cosine/linear decay ends at lr * min_lr_ratio
+    optimizer: Optimizer = Optimizer.ADAMW
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    bf16_warmup_steps: int = 0            # steps trained unquantized before HiF8 turns on
+    mixed_precision: MixedPrecision = MixedPrecision.BF16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0             # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    stats_every: int = 10                 # per-quantizer amax/scale/overflow statistics
+    seed: int = 0
+    reference_run: bool = True            # also train the unquantized reference with the same seed
+    num_processes: int = 1
+    distributed: Distributed = Distributed.DDP
+    flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "num_processes", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "bf16_warmup_steps", "checkpoint_every", "stats_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bf16_warmup_steps >= self.steps:
+            raise ValueError(f"bf16_warmup_steps ({self.bf16_warmup_steps}) must be < steps ({self.steps}), "
+                             "or quantization never turns on")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+class DataKind(enum.Enum):
+    TEXT = "text"                   # causal LM: .txt / .jsonl, tokenized into fixed-length blocks
+    WAN_LATENTS = "wan_latents"     # Wan: the cache written by `lpq prepare-data`
+
+
+PYDOC_TOPICS = "pydoc-topics"      # Python's own documentation topics: English text on every machine
+
+
+@dataclass
+class VideoPrepConfig:
+    """What `lpq prepare-data` reads and how it shapes clips before the VAE."""
+
+    captions: Path | None = None          # JSONL/JSON of {"path", "cap"} records (OpenS2V layout)
+    video_root: Path | None = None        # relative "path"s resolve here; absolute ones are re-rooted by name
+    num_frames: int = 81                  # 4k + 1, as Wan's VAE needs
+    height: int = 480
+    width: int = 832
+    max_sequence_length: int = 512
+    limit: int | None = None              # first N clips only
+
+    def __post_init__(self) -> None:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k + 1 for Wan's VAE, got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.TEXT
+    paths: list[str] = field(default_factory=lambda: [PYDOC_TOPICS])   # text/JSONL files or "pydoc-topics"
+    text_field: str = "text"              # JSONL key holding the text
+    seq_len: int = 128
+    eval_blocks: int = 32                 # held out from the end of the corpus (Wan: samples)
+    max_train_blocks: int | None = None
+    cache_dir: Path | None = None         # Wan latent cache (written by prepare-data)
+    video: VideoPrepConfig = field(default_factory=VideoPrepConfig)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.eval_blocks < 1:
+            raise ValueError(f"eval_blocks must be >= 1, got {self.eval_blocks}")
+        if self.kind is DataKind.WAN_LATENTS and self.cache_dir is None:
+            raise ValueError("kind 'wan_latents' needs cache_dir (the folder `lpq prepare-data` writes)")
+        if self.kind is DataKind.TEXT and not self.paths:
+            raise ValueError("paths must name at least one text/JSONL file or 'pydoc-topics'")
+
+
+@dataclass
+class TrainRecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantRecipe | None = None       # None: plain fine-tuning, no quantized run
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: dict[str, Any] | None = None     # passed to lpq.eval when that module is installed
+    export: dict[str, Any] | None = None   # passed to lpq.export at the end when present
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
+    """Read and validate a training recipe; `overrides` are dotted keys set afterwards (`train.steps`)."""
+    return load_config(path, TrainRecipe, overrides)
