@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "ptq",
     "inspect",
     "eval",
+    "train",
 ]
 
 for _name in COMMAND_MODULES:

@@ -2,10 +2,12 @@
 // semantics of §2.3; lpq/formats/hif4.py is the reference these must match bit for bit, and its
 // docstring documents the packed layout and the NaN / Inf conventions).
 //
-// One 64-block at a time: the block is loaded into a float32 scratch array (zero-padded past the
-// row end), its maxima are taken on the |x| bit patterns (for non-negative floats unsigned order
-// is float order, and a NaN sorts above Inf, so one integer max also detects NaN blocks), the
-// metadata is decided in scalar code, and the per-element loops are branch-free so they vectorize.
+// One 64-block at a time, in a float32 scratch copy (zero-padded past the row end). Every loop
+// runs over the 64 elements with no branches so it vectorizes: the group maxima are written
+// replicated to each element of their group (max of 4, then of 8), so the micro-exponent tests and
+// the element rounding are plain per-element loops. Maxima are taken on |x| bit patterns: for
+// non-negative floats unsigned order is float order and a NaN sorts above Inf, so the block
+// maximum also tells whether the block holds a NaN. Only the block scale is scalar code.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -43,11 +45,16 @@ inline float bits_float(uint32_t u) {
   return f;
 }
 
-// Round a finite (or infinite) float32 to bfloat16, nearest even, and widen back.
-inline float bf16_round(float f) {
+// 2^e for -126 <= e <= 127, built from the exponent field.
+inline float pow2(int32_t e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// Round a non-NaN float32 to bfloat16 bits, nearest even (a quiet NaN stays a quiet NaN).
+inline uint16_t bf16_bits(float f) {
   const uint32_t u = float_bits(f);
-  return bits_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
+
+inline float bf16_round(float f) { return bits_float(static_cast<uint32_t>(bf16_bits(f)) << 16); }
 
 // S and R = bf16(fp32(1/S)) for every E6M2 code; code 0xFF is NaN.
 struct ScaleTables {
@@ -67,15 +74,15 @@ const ScaleTables& tables() {
   return t;
 }
 
-// Block metadata plus the per-element factors the element loops need.
+// One block's metadata and per-element micro-exponents (d = e1_8 + e1_16 of the element's groups).
 struct Block {
   bool nan;
   uint8_t code;
-  uint8_t e1_8;    // bit g: groups of 8
-  uint16_t e1_16;  // bit j: groups of 4
+  float S;
   float R;
-  float inv_pow2[kBlock];  // 2^-d_i: |x| * 2^-d equals fp32(|x| / 2^d) (both correctly rounded)
-  float step[kBlock];      // S * 2^d_i / 4: value of one unit of k
+  alignas(64) int32_t e1_8[kBlock];
+  alignas(64) int32_t e1_16[kBlock];
+  alignas(64) int32_t d[kBlock];
 };
 
 template <typename T>
@@ -87,25 +94,25 @@ inline void load_block(const T* src, int64_t n, float* xs) {
   }
 }
 
+inline uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
 // formats.md §2.2 steps 1-6 for the block in xs.
 inline void block_meta(const float* xs, Block& b) {
-  uint32_t ab[kBlock];
+  alignas(64) uint32_t ab[kBlock];
+  alignas(64) uint32_t c4[kBlock];  // max |x| of the element's group of 4 (C_j), bit pattern
+  alignas(64) uint32_t c8[kBlock];  // max |x| of the element's group of 8 (B_g), bit pattern
   for (int i = 0; i < kBlock; ++i) ab[i] = float_bits(xs[i]) & kAbsMask;
-  uint32_t C[16];
-  for (int j = 0; j < 16; ++j) {
-    const uint32_t m0 = ab[4 * j] > ab[4 * j + 1] ? ab[4 * j] : ab[4 * j + 1];
-    const uint32_t m1 = ab[4 * j + 2] > ab[4 * j + 3] ? ab[4 * j + 2] : ab[4 * j + 3];
-    C[j] = m0 > m1 ? m0 : m1;
+  for (int j = 0; j < kBlock; j += 4) {
+    const uint32_t m = umax(umax(ab[j], ab[j + 1]), umax(ab[j + 2], ab[j + 3]));
+    c4[j] = c4[j + 1] = c4[j + 2] = c4[j + 3] = m;
   }
-  uint32_t B[8];
+  for (int g = 0; g < kBlock; g += 8) {
+    const uint32_t m = umax(c4[g], c4[g + 4]);
+    for (int i = g; i < g + 8; ++i) c8[i] = m;
+  }
   uint32_t A = 0;
-  for (int g = 0; g < 8; ++g) {
-    B[g] = C[2 * g] > C[2 * g + 1] ? C[2 * g] : C[2 * g + 1];
-    A = B[g] > A ? B[g] : A;
-  }
+  for (int i = 0; i < kBlock; ++i) A = umax(A, c8[i]);
   b.nan = A > kInfBits;
-  b.e1_8 = 0;
-  b.e1_16 = 0;
   if (b.nan) {
     b.code = kNanCode;
     return;
@@ -117,33 +124,45 @@ inline void block_meta(const float* xs, Block& b) {
   s0 = (s0 + 0xFFFFFu + ((s0 >> 21) & 1u)) & ~0x1FFFFFu;
   const int E = static_cast<int>(s0 >> 23) - 127;
   b.code = static_cast<uint8_t>(((E + 48) << 2) | ((s0 >> 21) & 3u));
-  const float S = tables().S[b.code];
+  b.S = tables().S[b.code];
   b.R = tables().R[b.code];
-  for (int g = 0; g < 8; ++g) b.e1_8 |= static_cast<uint8_t>((bits_float(B[g]) * b.R >= 4.0f) << g);
-  for (int j = 0; j < 16; ++j) {
-    const float div = ((b.e1_8 >> (j / 2)) & 1) ? 2.0f : 1.0f;
-    b.e1_16 |= static_cast<uint16_t>(((bits_float(C[j]) * b.R) / div >= 2.0f) << j);
-  }
-  const float inv_pow2[3] = {1.0f, 0.5f, 0.25f};
-  const float step[3] = {S * 0.25f, S * 0.5f, S};
-  for (int j = 0; j < 16; ++j) {
-    const int d = ((b.e1_8 >> (j / 2)) & 1) + ((b.e1_16 >> j) & 1);
-    for (int i = 4 * j; i < 4 * j + 4; ++i) {
-      b.inv_pow2[i] = inv_pow2[d];
-      b.step[i] = step[d];
-    }
+  const float R = b.R;
+  for (int i = 0; i < kBlock; ++i) {
+    const int32_t e8 = bits_float(c8[i]) * R >= 4.0f;
+    const int32_t e16 = (bits_float(c4[i]) * R) / pow2(e8) >= 2.0f;
+    b.e1_8[i] = e8;
+    b.e1_16[i] = e16;
+    b.d[i] = e8 + e16;
   }
 }
 
 // Step 7: k = floor(t + 0.5) exactly, saturated to 7. t is clamped to 8 first so Inf gives 7
 // (on the bit pattern: t >= 0, and an integer select vectorizes where a float one does not); the
 // fraction t - trunc(t) is exact in float32, so comparing it with 0.5 is the exact rounding.
-inline int element_k(float x, float inv_pow2, float R) {
-  const uint32_t tb = float_bits(((std::fabs(x) * inv_pow2) * R) * 4.0f);
+// |x| * 2^-d equals fp32(|x| / 2^d): both are the correctly rounded value of the same number.
+inline int32_t element_k(float x, int32_t d, float R) {
+  const uint32_t tb = float_bits(((std::fabs(x) * pow2(-d)) * R) * 4.0f);
   const float t = bits_float(tb < kEightBits ? tb : kEightBits);
-  int k = static_cast<int>(t);
+  int32_t k = static_cast<int32_t>(t);
   k += (t - static_cast<float>(k)) >= 0.5f;
   return k < 7 ? k : 7;
+}
+
+// Value of k with micro-exponent d under scale S: (k/4) * 2^d * S, exact in float32.
+inline float element_value(int32_t k, int32_t d, float S) {
+  return static_cast<float>(k) * (S * pow2(d - 2));
+}
+
+template <typename T>
+inline void store_block(const float* ys, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(ys[i]);
+}
+
+// c10's float -> bfloat16 conversion checks for NaN with a branch; this one is branch-free and
+// gives the same bits for every value fake_quant produces (our only NaN is the quiet NaN).
+template <>
+inline void store_block<c10::BFloat16>(const float* ys, int64_t n, c10::BFloat16* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(bf16_bits(ys[i]), c10::BFloat16::from_bits());
 }
 
 template <typename T>
@@ -162,12 +181,11 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
         for (int i = 0; i < kBlock; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
       } else {
         for (int i = 0; i < kBlock; ++i) {
-          const int k = element_k(xs[i], b.inv_pow2[i], b.R);
-          ys[i] = bits_float(float_bits(static_cast<float>(k) * b.step[i]) | (float_bits(xs[i]) & kSignBit));
+          const float v = element_value(element_k(xs[i], b.d[i], b.R), b.d[i], b.S);
+          ys[i] = bits_float(float_bits(v) | (float_bits(xs[i]) & kSignBit));
         }
       }
-      T* dst = y + r * L + off;
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(ys[i]);
+      store_block(ys, n, y + r * L + off);
     }
   });
 }
@@ -175,31 +193,36 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
 template <typename T>
 void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
-  const int64_t Lp = nblk * kBlock;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) float xs[kBlock];
     alignas(64) uint8_t nib[kBlock];
     Block b;
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r = blk / nblk, bi = blk % nblk, off = bi * kBlock;
+      const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
       const int64_t n = L - off < kBlock ? L - off : kBlock;
       load_block(x + r * L + off, n, xs);
       block_meta(xs, b);
-      if (b.nan) {
-        for (int i = 0; i < kBlock; ++i) nib[i] = 0;  // canonical NaN block: all nibbles 0
-      } else {
-        for (int i = 0; i < kBlock; ++i) {
-          const int k = element_k(xs[i], b.inv_pow2[i], b.R);
-          nib[i] = static_cast<uint8_t>(((float_bits(xs[i]) >> 28) & 8u) | static_cast<uint32_t>(k));
-        }
+      // blk = r * nblk + block index: the block's codes start at blk * 32, its scales at blk * 4.
+      uint8_t* c = codes + blk * (kBlock / 2);
+      uint8_t* s = scales + blk * 4;
+      if (b.nan) {  // canonical NaN block: scale 0xFF, E1 bits and nibbles 0
+        std::memset(c, 0, kBlock / 2);
+        s[0] = kNanCode;
+        s[1] = s[2] = s[3] = 0;
+        continue;
       }
-      uint8_t* c = codes + r * (Lp / 2) + off / 2;
+      for (int i = 0; i < kBlock; ++i) {
+        const uint32_t k = static_cast<uint32_t>(element_k(xs[i], b.d[i], b.R));
+        nib[i] = static_cast<uint8_t>(((float_bits(xs[i]) >> 28) & 8u) | k);
+      }
       for (int i = 0; i < kBlock / 2; ++i) c[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
-      uint8_t* s = scales + (r * nblk + bi) * 4;
+      uint32_t e8 = 0, e16 = 0;
+      for (int g = 0; g < 8; ++g) e8 |= static_cast<uint32_t>(b.e1_8[8 * g]) << g;
+      for (int j = 0; j < 16; ++j) e16 |= static_cast<uint32_t>(b.e1_16[4 * j]) << j;
       s[0] = b.code;
-      s[1] = b.e1_8;
-      s[2] = static_cast<uint8_t>(b.e1_16 & 0xFF);
-      s[3] = static_cast<uint8_t>(b.e1_16 >> 8);
+      s[1] = static_cast<uint8_t>(e8);
+      s[2] = static_cast<uint8_t>(e16 & 0xFF);
+      s[3] = static_cast<uint8_t>(e16 >> 8);
     }
   });
 }
@@ -283,23 +306,26 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
   const uint8_t* sp = sc.data_ptr<uint8_t>();
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    alignas(64) float step[kBlock];
+    alignas(64) int32_t nib[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
+      // blk = r * nblk + block index: codes start at blk * 32, scales at blk * 4, values at blk * 64.
       const uint8_t* s = sp + blk * 4;
-      const float S = tables().S[s[0]];
-      const uint32_t e1_16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
-      for (int j = 0; j < 16; ++j) {
-        const int d = ((s[1] >> (j / 2)) & 1) + ((e1_16 >> j) & 1);
-        const float st = std::ldexp(S, d - 2);
-        for (int i = 4 * j; i < 4 * j + 4; ++i) step[i] = st;
-      }
-      // blk = r * nblk + b, so the block's codes and values start at blk * 32 and blk * 64.
       const uint8_t* c = cp + blk * (kBlock / 2);
       float* y = yp + blk * kBlock;
+      if (s[0] == kNanCode) {
+        for (int i = 0; i < kBlock; ++i) y[i] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const float S = tables().S[s[0]];
+      const uint32_t e8 = s[1], e16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
+      for (int i = 0; i < kBlock / 2; ++i) {
+        nib[2 * i] = c[i] & 0xF;
+        nib[2 * i + 1] = c[i] >> 4;
+      }
       for (int i = 0; i < kBlock; ++i) {
-        const int nb = (c[i / 2] >> (4 * (i & 1))) & 0xF;
-        const float v = static_cast<float>(nb & 7) * step[i];
-        y[i] = (nb & 8) ? -v : v;
+        const int32_t d = static_cast<int32_t>(((e8 >> (i >> 3)) & 1u) + ((e16 >> (i >> 2)) & 1u));
+        const float v = element_value(nib[i] & 7, d, S);
+        y[i] = bits_float(float_bits(v) | (static_cast<uint32_t>(nib[i] & 8) << 28));
       }
     }
   });

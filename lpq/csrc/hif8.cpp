@@ -10,8 +10,10 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -83,10 +85,10 @@ inline uint16_t hif8_f32_to_f16_bits(uint32_t y) {
   const uint32_t sign = (y >> 16) & 0x8000u;
   const uint32_t normal = (mag >> 13) - ((127u - 15u) << 10);
   // below 2^-14 the fp16 field is the integer |v| * 2^24 < 1024; adding 2^23 puts it in the low bits
-  const uint32_t small = select(mag < kF16MinNormalBits, mag, kF16MinNormalBits);
-  const uint32_t subnormal = float_bits(bits_float(small) * 0x1p24f + 0x1p23f) & 0x3FFu;
+  const uint32_t subnormal = float_bits(bits_float(mag) * 0x1p24f + 0x1p23f) & 0x3FFu;
   const uint32_t special = 0x7C00u | (mag > kInfBits ? 0x200u : 0u);
-  return static_cast<uint16_t>(sign | select(mag >= kInfBits, special, select(mag < kF16MinNormalBits, subnormal, normal)));
+  const uint32_t r = select(mag >= kInfBits, special, select(mag < kF16MinNormalBits, subnormal, normal));
+  return static_cast<uint16_t>(sign | r);
 }
 
 // One code read with the bit rules of formats.md §1.1: S | dot | exponent | mantissa.

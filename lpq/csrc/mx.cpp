@@ -223,7 +223,7 @@ inline uint32_t block_amax(const float* xs) {
 }
 
 template <Fmt F, int B>
-inline void fq_block(const float* xs, float* ys, float s) {
+C10_ALWAYS_INLINE void fq_block(const float* xs, float* ys, float s) {
   const BlockScale bs = block_scale<F>(block_amax<B>(xs), s);
   if (bs.nan) {
     for (int i = 0; i < B; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
@@ -268,12 +268,27 @@ inline void load_block(const T* src, int64_t n, float* xs) {
   }
 }
 
+// float32 -> T, round to nearest even. For bfloat16 this is c10's conversion written without a
+// branch (NaN -> 0x7FC0), so that the store loop vectorizes.
+template <typename T>
+inline T to_out(float v) {
+  return static_cast<T>(v);
+}
+
+template <>
+inline c10::BFloat16 to_out<c10::BFloat16>(float v) {
+  const uint32_t u = float_bits(v);
+  const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t h = static_cast<uint16_t>((u & kAbsMask) > kInfBits ? 0x7FC0u : rne);
+  return c10::BFloat16(h, c10::BFloat16::from_bits());
+}
+
 template <int B, typename T>
 inline void store_block(const float* ys, int64_t n, T* dst) {
   if (n == B) {
-    for (int i = 0; i < B; ++i) dst[i] = static_cast<T>(ys[i]);
+    for (int i = 0; i < B; ++i) dst[i] = to_out<T>(ys[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(ys[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_out<T>(ys[i]);
   }
 }
 

@@ -241,8 +241,40 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     _save_final(accelerator, model, raw, loaded, run_dir)
     result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss, initial_eval)
     result.extra["quant_on"] = state["quant_on"]
+    if accelerator.num_processes > 1:
+        result.extra["ranks_identical"] = _check_ranks_identical(accelerator, raw, run_dir)
     accelerator.free_memory()
     return result
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    """sha256 of every parameter and buffer (this rank's copy), and the per-tensor scales in full."""
+    import hashlib
+
+    from lpq.quant import TensorQuantizer
+
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    scales = {n: m.scale.tolist() for n, m in model.named_modules()
+              if isinstance(m, TensorQuantizer) and hasattr(m, "scale")}
+    return {"sha256": h.hexdigest(), "scales": scales}
+
+
+def _check_ranks_identical(accelerator, raw: nn.Module, run_dir: Path) -> bool:
+    """Every rank must end with bit-identical weights and scales (DDP + amax all-reduce); the per-rank
+    fingerprints are written to run_dir/rank<i>_fingerprint.json for inspection."""
+    import json
+
+    from accelerate.utils import gather_object
+
+    if accelerator.distributed_type.value == "FSDP":
+        return True   # parameters are sharded: ranks hold different pieces by design
+    mine = _fingerprint(raw)
+    (run_dir / f"rank{accelerator.process_index}_fingerprint.json").write_text(json.dumps(mine))
+    every = gather_object([mine["sha256"]])
+    return len(set(every)) == 1
 
 
 def _save_final(accelerator, model: nn.Module, raw: nn.Module, loaded, run_dir: Path) -> None:

@@ -19,8 +19,10 @@ from lpq.formats.hif8 import code_fields, decode_ref, decode_table, encode_ref, 
 
 BACKENDS = ["ref", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-VECTORS = Path(os.environ.get("LPQ_VECTORS", Path(__file__).resolve().parents[2].parent / "shared" / "vectors"))
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+           torch.float16: torch.int16}
+# formats.md §5: the vectors live in ../shared/vectors relative to the project root
+VECTORS = Path(os.environ.get("LPQ_VECTORS", Path(__file__).resolve().parents[3] / "shared" / "vectors"))
 
 
 def _vectors(name: str):
@@ -49,7 +51,7 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def spec_oracle(x: np.ndarray) -> np.ndarray:
     """formats.md §1.4 written out literally in float64 (independent of lpq's bit tricks)."""
-    with np.errstate(all="ignore"):                      # signalling NaNs, log of 0 and Inf
+    with np.errstate(all="ignore"):                      # signalling NaNs; Inf and NaN are masked below
         x64 = x.astype(np.float64)
         a = np.abs(x64)
         e = np.frexp(a)[1].astype(np.int64) - 1          # floor(log2 a), exact

@@ -1,0 +1,128 @@
+"""Find a network's quantized weights and turn each into its real bits (and back), bit-exactly.
+
+The weight exported is the one the module uses in an eval forward (`quantized_weight`): for RTN
+it is fake_quant of the parameter, for GPTQ the on-grid values written by `set_quantized_weight`.
+A weight quantizer with per-tensor scaling computes `fake_quant(w * s) / s`; the codes are those
+of `w * s` and `s` is stored as `<key>.prescale` (one value per group: per expert for MoE).
+Every packed weight is decoded again at export and must reproduce the forward weight bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lpq.export.ongrid import encode_on_grid
+from lpq.formats import Packed, decode, encode
+from lpq.quant.attention import AttentionQuantizers
+from lpq.quant.experts import QuantExperts
+from lpq.quant.linear import QuantLinear
+from lpq.quant.quantizer import TensorQuantizer
+from lpq.quant.recipe import Scaling
+
+
+@dataclass
+class QuantizedWeight:
+    key: str                    # state-dict key of the parameter
+    module: nn.Module           # QuantLinear or QuantExperts
+    attr: str                   # "weight", "gate_up_proj" or "down_proj"
+    quantizer: TensorQuantizer
+
+    @property
+    def fmt(self) -> str:
+        return self.quantizer.spec.format
+
+    @property
+    def axis(self) -> int:
+        return self.quantizer.spec.axis
+
+    def parameter(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    def forward_weight(self) -> Tensor:
+        """The weight an eval forward multiplies by (call with the module in eval mode)."""
+        if isinstance(self.module, QuantExperts):
+            return self.module.quantized_weight(self.attr)
+        return self.module.quantized_weight()
+
+    def prescale(self) -> Tensor | None:
+        """The per-tensor (per-group) scale the quantizer multiplies by, or None without scaling."""
+        if self.quantizer.spec.scaling == Scaling.NONE:
+            return None
+        s = self.quantizer.scale.detach().float().cpu()
+        return torch.where(s > 0, s, torch.ones_like(s))   # 0: the quantizer never ran
+
+    @torch.no_grad()
+    def set(self, w_q: Tensor) -> None:
+        """Make `w_q` (on the format grid) the weight an eval forward uses, without re-quantizing it."""
+        if isinstance(self.module, QuantLinear):
+            self.module.set_quantized_weight(w_q)
+            return
+        # QuantExperts has no set_quantized_weight yet: the same thing through its weight cache.
+        p = self.parameter()
+        p.copy_(w_q)
+        self.module._caches[self.attr].put(p, p.detach().clone())
+
+
+def quantized_weights(net: nn.Module) -> list[QuantizedWeight]:
+    """Every weight of `net` with a weight quantizer; refuses states an export cannot reproduce."""
+    out: list[QuantizedWeight] = []
+    disabled = [n for n, m in net.named_modules()
+                if isinstance(m, (QuantLinear, QuantExperts, AttentionQuantizers)) and not m.quant_enabled]
+    if disabled:
+        raise ValueError(f"quantization is disabled on {len(disabled)} modules (e.g. {disabled[0]}); an export "
+                         f"stores the recipe's model, so enable them (set_quant_enabled) or protect their blocks")
+    for name, m in net.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, QuantLinear):
+            if m.input_transform is not None:
+                raise NotImplementedError(f"{name} has an online input transform; exporting it is not supported, "
+                                          f"so the reloaded model would compute something else")
+            if m.weight_quantizer is not None:
+                out.append(QuantizedWeight(prefix + "weight", m, "weight", m.weight_quantizer))
+        elif isinstance(m, QuantExperts):
+            for attr, q in (("gate_up_proj", m.gate_up_weight_quantizer), ("down_proj", m.down_weight_quantizer)):
+                if q is not None:
+                    out.append(QuantizedWeight(prefix + attr, m, attr, q))
+    return out
+
+
+def _per_group(s: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a (groups,) scale over `like`: one value, or one per leading-dim slice."""
+    return s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def unpack(p: Packed, prescale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weight values of packed bits, exactly as the quantizer's dequantization computes them."""
+    ys = decode(p)
+    if prescale is not None:
+        ys = ys / _per_group(prescale, ys)
+    return ys.to(dtype)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def pack(qw: QuantizedWeight, w_q: Tensor) -> Packed | None:
+    """The bits of the forward weight `w_q`, or None when no encoding reproduces it exactly.
+
+    First the format's own encoder on the (scaled) parameter, which is what RTN quantized; then,
+    for on-grid weights whose re-encoding differs (GPTQ with scale search), a search for codes
+    that decode to exactly those values."""
+    s = qw.prescale()
+    param = qw.parameter().detach().cpu()
+    scaled = lambda t: t.float() * _per_group(s, t) if s is not None else t.float()
+    candidates = [lambda: encode(scaled(param), qw.fmt, qw.axis)]
+    if not _same_bits(param, w_q):
+        candidates.append(lambda: encode(scaled(w_q), qw.fmt, qw.axis))
+    candidates.append(lambda: encode_on_grid(scaled(w_q), qw.fmt, qw.axis))
+    for make in candidates:
+        p = make()
+        if p is not None and _same_bits(unpack(p, s, w_q.dtype), w_q):
+            return p
+    return None

@@ -1,0 +1,154 @@
+"""load_quantized: rebuild a model (or Wan pipeline) from a packed export, bit-exactly.
+
+Each network is built from its config (no hub access), quantized with the stored recipe (which
+attaches the activation and attention quantizers), loaded with the high-precision tensors and
+quantizer state, and given its quantized weights decoded from the stored codes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lpq.config import ConfigError, from_dict
+from lpq.export import layout as L
+from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
+from lpq.export.tensor_io import as_torch_dtype, load_json, read_shards
+from lpq.formats import Packed
+from lpq.quant import quantize_model
+from lpq.quant.recipe import QuantRecipe
+
+
+def _tensor_at(net: nn.Module, key: str) -> Tensor:
+    module_name, _, attr = key.rpartition(".")
+    module = net.get_submodule(module_name) if module_name else net
+    t = getattr(module, attr, None)
+    if not isinstance(t, Tensor):
+        raise L.CheckpointError(f"the checkpoint has {key!r}, which the model built from its config lacks")
+    return t
+
+
+def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
+    dtype = as_torch_dtype(info["dtype"])
+    if info["library"] == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, info["class"], None)
+        if cls is None:
+            raise L.CheckpointError(f"{folder}: diffusers has no model class {info['class']!r}")
+        net = cls.from_config(cls.load_config(folder))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        kwargs = {"attn_implementation": info["attn_implementation"]} if "attn_implementation" in info else {}
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return net.to(dtype).eval()
+
+
+def _packed_of(key: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> Packed:
+    try:
+        return Packed(entry["format"], tuple(entry["shape"]), int(entry["axis"]), tensors[key + L.CODES],
+                      tensors.get(key + L.SCALES), tensors.get(key + L.TENSOR_SCALE))
+    except KeyError as e:
+        raise L.CheckpointError(f"{key}: {e} missing from the packed tensors; the checkpoint is damaged") from None
+
+
+def _parts(key: str, entry: dict[str, Any]) -> list[str]:
+    if entry["storage"] == "dense":
+        return [key]
+    return [key + s for s in (L.CODES, L.SCALES, L.TENSOR_SCALE, L.PRESCALE)]
+
+
+def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    dtype = as_torch_dtype(entry["dtype"])
+    param = qw.parameter()
+    if entry["format"] != qw.fmt or list(param.shape) != list(entry["shape"]):
+        raise L.CheckpointError(f"{key}: stored as {entry['format']} {entry['shape']}, but the recipe gives "
+                                f"{qw.fmt} {list(param.shape)}; the checkpoint does not match its recipe")
+    if entry["storage"] == "dense":
+        w = tensors[key]
+    else:
+        try:
+            w = unpack(_packed_of(key, entry, tensors), tensors.get(key + L.PRESCALE), dtype)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise L.CheckpointError(f"{key}: cannot decode its {entry['format']} codes ({e}); the checkpoint "
+                                    f"is damaged") from None
+    if param.dtype != dtype:
+        param.data = param.data.to(dtype)
+    qw.set(w.to(param.device))
+
+
+def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool) -> nn.Module:
+    index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)")
+    L.check_versions(index, folder / L.INDEX)
+    config = load_json(folder / "config.json", "the model config is missing")
+    L.check_versions(config.get("quantization_config") or {}, folder / "config.json")
+    tensors, metadata = read_shards(folder, index["files"], verify)
+    L.check_versions({k: int(v) for k, v in metadata.items() if k in L.versions()}, folder / next(iter(index["files"])))
+    missing = sorted(set(index["weight_map"]) - set(tensors))
+    if missing:
+        raise L.CheckpointError(f"{folder}: tensors listed in the index are missing from the files "
+                                f"(e.g. {missing[0]}); the checkpoint is damaged")
+    net = _build(folder, index["network"])
+    if device is not None:
+        net.to(device)
+    quantize_model(net, recipe)
+    weights = {qw.key: qw for qw in quantized_weights(net)}
+    entries: dict[str, dict[str, Any]] = index["quantized"]
+    if set(weights) != set(entries):
+        extra = sorted(set(weights) ^ set(entries))
+        raise L.CheckpointError(f"{folder}: the stored quantized weights and those of the recipe differ "
+                                f"(e.g. {extra[0]}); the checkpoint does not match its recipe")
+    packed_parts = {p for key, e in entries.items() for p in _parts(key, e)}
+    dense = {k: v for k, v in tensors.items() if k not in packed_parts}
+    for key, t in dense.items():
+        target = _tensor_at(net, key)
+        if target.shape != t.shape:
+            raise L.CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model built from the config has "
+                                    f"{tuple(target.shape)}")
+        if target.dtype != t.dtype:
+            target.data = target.data.to(t.dtype)
+    result = net.load_state_dict(dense, strict=False)
+    tied: dict[str, str] = index["tied"]
+    absent = sorted(set(result.missing_keys) - set(entries) - set(tied))
+    if result.unexpected_keys or absent:
+        raise L.CheckpointError(f"{folder}: the stored tensors do not fit the model built from its config "
+                                f"(unexpected: {result.unexpected_keys[:3]}, missing: {absent[:3]})")
+    with torch.no_grad():
+        for alias, kept in tied.items():
+            a, k = _tensor_at(net, alias), _tensor_at(net, kept)
+            if a.data_ptr() != k.data_ptr():
+                a.copy_(k)
+        for key, entry in entries.items():
+            _set_weight(weights[key], key, entry, tensors)
+    return net.eval()
+
+
+def load_quantized(path: str | Path, device: str | torch.device | None = None, verify: bool = True) -> Any:
+    """The model (transformers causal LM) or Wan pipeline of a packed export at `path`.
+
+    Outputs equal those of the quantized model that was exported, bit for bit. `device`: where to
+    build it (set here, not with .to() later: moving re-quantizes cached weights). `verify`: check
+    each file's SHA-256 (sizes are always checked). Raises CheckpointError for a damaged export or
+    one written with format/bit-order/export versions this lpq does not read."""
+    root = Path(path)
+    manifest = load_json(root / L.MANIFEST, "not an lpq export (no manifest); is this the right folder?")
+    if manifest.get("kind") == "fake":
+        raise L.CheckpointError(f"{root} is a fake-quantized export: load it with transformers/diffusers "
+                                f"from_pretrained (lpq.load_quantized reads packed exports)")
+    L.check_versions(manifest, root / L.MANIFEST)
+    try:
+        recipe = from_dict(manifest["recipe"], QuantRecipe)
+    except (ConfigError, KeyError) as e:
+        raise L.CheckpointError(f"{root / L.MANIFEST}: its recipe cannot be used: {e}") from None
+    if manifest["model_kind"] != "wan":
+        return _load_network(root, recipe, device, verify)
+    from diffusers import DiffusionPipeline
+
+    networks = {name: _load_network(root / name, recipe, device, verify) for name in manifest["networks"]}
+    dtypes = {name: as_torch_dtype(d) for name, d in manifest["components"].items()}
+    pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtypes, **networks)
+    return pipe.to(device) if device is not None else pipe

@@ -1,0 +1,118 @@
+"""`lpq train` (HiF8 QAT vs BF16 reference) and `lpq prepare-data` (Wan latent cache)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+# Set by every launcher accelerate/torchrun use: when present we already are one of N processes.
+_LAUNCHED_ENV = "WORLD_SIZE"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("prepare-data")(prepare_data)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set train.steps=20` -> {"train.steps": 20} (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. train.steps=20", param_hint="--set")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load(config: Path, overrides: list[str]):
+    from lpq.config import ConfigError
+    from lpq.train.recipe import load_recipe
+
+    try:
+        return load_recipe(config, parse_overrides(overrides))
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(num_processes: int, args: list[str]) -> list[str]:
+    """`accelerate launch` of `lpq train` on N local processes (GPUs, or CPU processes with gloo)."""
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
+    if not torch.cuda.is_available():
+        cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
+    return cmd + ["-m", "lpq.cli", "train"] + args
+
+
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="training recipe (YAML)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.steps=20"),
+    num_processes: int | None = typer.Option(None, "--num-processes", "-n",
+                                             help="processes to launch with accelerate (default: train.num_processes)"),
+    only: str | None = typer.Option(None, "--only", help="train only 'bf16' or 'hif8' (default: both)"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="start over even when checkpoints exist"),
+) -> None:
+    """Fine-tune with HiF8 QAT and a BF16 reference run of the same seed; write train_report.json."""
+    recipe = _load(config, overrides)
+    n = num_processes or recipe.train.num_processes
+    if n > 1 and _LAUNCHED_ENV not in os.environ:
+        args = ["--config", str(config), "--num-processes", str(n)] + [a for o in overrides for a in ("--set", o)]
+        args += (["--only", only] if only else []) + (["--no-resume"] if no_resume else [])
+        raise typer.Exit(subprocess.call(launch_command(n, args)))
+    from lpq.train.compare import describe, run_training
+    from lpq.train.nonfinite import NonFiniteError
+
+    try:
+        report = run_training(recipe, resume=not no_resume, only=only)
+    except NonFiniteError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo(describe(report))
+        typer.echo(f"report: {recipe.train.output_dir / 'train_report.json'}")
+
+
+def prepare_data(
+    config: Path = typer.Option(..., "--config", "-c", help="training recipe (YAML) with data.video and data.cache_dir"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key"),
+) -> None:
+    """Encode captioned video clips into the Wan latent cache (VAE latents + text embeddings)."""
+    recipe = _load(config, overrides)
+    if recipe.data.cache_dir is None:
+        typer.echo("error: data.cache_dir is not set: where should the latents go?", err=True)
+        raise typer.Exit(2)
+    from lpq.models.hub import load_model
+    from lpq.train.latents import prepare_latent_cache
+
+    loaded = load_model(recipe.model)
+    if loaded.kind != "wan":
+        typer.echo(f"error: prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a "
+                   f"{loaded.kind} (text data needs no preparation)", err=True)
+        raise typer.Exit(2)
+    try:
+        manifest = prepare_latent_cache(loaded.model, recipe.data.video, recipe.data.cache_dir, recipe.model.id)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(manifest['samples'])} samples in {recipe.data.cache_dir} "
+               f"({manifest['missing']} clips not found)")

@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lpq.models.hub as hub
+from lpq.train.compare import REPORT, run_training
+from lpq.train.monitor import read_jsonl
+from lpq.train.nonfinite import NonFiniteError
+from tests.train.helpers import make_recipe
+
+
+def test_hif8_and_reference_runs_report(corpus, tmp_path):
+    recipe = make_recipe(corpus, tmp_path, steps=6, bf16_warmup_steps=2)
+    report = run_training(recipe)
+    saved = json.loads((tmp_path / REPORT).read_text())
+    assert saved == report
+    for key in ("steps", "scaling", "eval_loss_bf16", "eval_loss_hif8", "rel_diff_pct", "step_time_ratio"):
+        assert report[key] is not None, key
+    assert report["steps"] == 6 and report["scaling"] == "delayed"
+    assert report["rel_diff_pct"] == pytest.approx(
+        100 * (report["eval_loss_hif8"] - report["eval_loss_bf16"]) / report["eval_loss_bf16"])
+    # Identical until HiF8 turns on after the 2 warm-up steps, different from then on.
+    assert report["first_step_losses_differ"] == 3
+    bf16 = read_jsonl(tmp_path / "bf16" / "metrics.jsonl")
+    hif8 = read_jsonl(tmp_path / "hif8" / "metrics.jsonl")
+    assert [r["step"] for r in hif8] == list(range(1, 7))
+    assert [r["quant_on"] for r in hif8] == [False, False, True, True, True, True]
+    assert bf16[-1]["loss"] < bf16[0]["loss"] and hif8[-1]["loss"] < hif8[0]["loss"]
+    # Quantizer traces: stats at the first quantized step and every 2 steps, all fractions present.
+    stats = read_jsonl(tmp_path / "hif8" / "quant_stats.jsonl")
+    assert [r["step"] for r in stats] == [3, 4, 6]
+    q = stats[-1]["quantizers"]
+    assert any(name.endswith("mlp.down_proj.input_quantizer") for name in q)
+    assert any(name.endswith("lpq_attention.p_quantizer") for name in q)
+    for s in q.values():
+        assert set(s) == {"amax", "scale", "overflow", "flushed", "coarse"}
+        assert 0 <= s["overflow"] <= 1 and 0 <= s["flushed"] <= 1 and s["scale"] > 0
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    assert (tmp_path / "hif8" / "quant_stats.png").stat().st_size > 0
+    assert (tmp_path / "hif8" / "final" / "model.safetensors").is_file()
+
+
+def _interrupt_after(step):
+    def cb(done, loss):
+        if done == step:
+            raise KeyboardInterrupt
+    return cb
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(corpus, tmp_path):
+    common = dict(steps=7, bf16_warmup_steps=2, checkpoint_every=3, grad_accum=2, reference_run=False)
+    full = run_training(make_recipe(corpus, tmp_path / "full", **common))
+    with pytest.raises(KeyboardInterrupt):   # killed after step 5; the last checkpoint is at step 3
+        run_training(make_recipe(corpus, tmp_path / "cut", **common), on_step=_interrupt_after(5))
+    resumed = run_training(make_recipe(corpus, tmp_path / "cut", **common))
+    a = read_jsonl(tmp_path / "full" / "hif8" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "cut" / "hif8" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 8))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]       # bit-identical, not approximately
+    assert resumed["eval_loss_hif8"] == full["eval_loss_hif8"]
+    wa = load_file(str(tmp_path / "full" / "hif8" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "hif8" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert any(k.endswith("input_quantizer.amax_history") for k in wa)   # scaling state is checkpointed
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def _patched_loader(monkeypatch, edit):
+    original = hub.load_model
+
+    def load(cfg):
+        loaded = original(cfg)
+        with torch.no_grad():
+            edit(loaded.model)
+        return loaded
+    monkeypatch.setattr(hub, "load_model", load)
+
+
+def test_nan_parameter_is_named(corpus, tmp_path, monkeypatch):
+    _patched_loader(monkeypatch, lambda m: m.model.layers[1].mlp.down_proj.weight[0, 0].fill_(math.nan))
+    recipe = make_recipe(corpus, tmp_path, steps=3, bf16_warmup_steps=0, reference_run=True)
+    with pytest.raises(NonFiniteError, match=r"step 1; .*parameter model\.layers\.1\.mlp\.down_proj\.weight"):
+        run_training(recipe, only="bf16")
+    assert "down_proj" in (tmp_path / "bf16" / "nonfinite.txt").read_text()
+
+
+def test_hif8_overflow_to_inf_names_the_quantizer(corpus, tmp_path, monkeypatch):
+    # Inputs of down_proj far beyond 40960 with no scaling: HiF8 turns them into Inf.
+    _patched_loader(monkeypatch, lambda m: m.model.layers[0].mlp.up_proj.weight.mul_(1e6))
+    quant = {"input": {"format": "hif8", "scaling": "none"}}
+    recipe = make_recipe(corpus, tmp_path, quant=quant, steps=3, bf16_warmup_steps=0, reference_run=False)
+    where = r"output of model\.layers\.0\.mlp\.down_proj\.input_quantizer \(TensorQuantizer\) holds inf"
+    with pytest.raises(NonFiniteError, match=r"step 1; .*" + where):
+        run_training(recipe)
+
+
+def test_delayed_scaling_is_all_that_keeps_the_overflow_away(corpus, tmp_path, monkeypatch):
+    # The same model trains with delayed scaling: the scale brings the activations below 40960.
+    _patched_loader(monkeypatch, lambda m: m.model.layers[0].mlp.up_proj.weight.mul_(1e6))
+    quant = {"input": {"format": "hif8", "scaling": "delayed", "history_len": 4}}
+    recipe = make_recipe(corpus, tmp_path, quant=quant, steps=2, bf16_warmup_steps=0, reference_run=False,
+                         lr=1e-6)
+    report = run_training(recipe)
+    assert math.isfinite(report["eval_loss_hif8"])
