@@ -8,4 +8,8 @@ def __getattr__(name: str):
         from lpq.quant import quantize_model
 
         return quantize_model
+    if name == "load_quantized":
+        from lpq.export.reader import load_quantized
+
+        return load_quantized
     raise AttributeError(f"module 'lpq' has no attribute {name!r}")

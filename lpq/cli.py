@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "inspect",
     "eval",
     "train",
+    "export",
 ]
 
 for _name in COMMAND_MODULES:

@@ -257,19 +257,19 @@ inline uint8_t encode_block(const float* xs, uint8_t* out, float s) {
 
 // --- loading and storing, and the walk over blocks ----------------------------------------------
 
-// Fixed-size copies for whole blocks (these vectorize); only a row's last block may be partial.
-template <int B, typename T>
-inline void load_block(const T* src, int64_t n, float* xs) {
-  if (n == B) {
-    for (int i = 0; i < B; ++i) xs[i] = static_cast<float>(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) xs[i] = static_cast<float>(src[i]);
-    for (int64_t i = n; i < B; ++i) xs[i] = 0.0f;
-  }
+// T -> float32 (exact) and float32 -> T (round to nearest even). For bfloat16 both are c10's
+// conversions written as plain bit operations (NaN -> 0x7FC0), so that the loops using them
+// vectorize.
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
 }
 
-// float32 -> T, round to nearest even. For bfloat16 this is c10's conversion written without a
-// branch (NaN -> 0x7FC0), so that the store loop vectorizes.
+template <>
+inline float to_float<c10::BFloat16>(c10::BFloat16 v) {
+  return bits_float(static_cast<uint32_t>(v.x) << 16);
+}
+
 template <typename T>
 inline T to_out(float v) {
   return static_cast<T>(v);
@@ -281,6 +281,17 @@ inline c10::BFloat16 to_out<c10::BFloat16>(float v) {
   const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint16_t h = static_cast<uint16_t>((u & kAbsMask) > kInfBits ? 0x7FC0u : rne);
   return c10::BFloat16(h, c10::BFloat16::from_bits());
+}
+
+// Fixed-size copies for whole blocks (these vectorize); only a row's last block may be partial.
+template <int B, typename T>
+inline void load_block(const T* src, int64_t n, float* xs) {
+  if (n == B) {
+    for (int i = 0; i < B; ++i) xs[i] = to_float(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) xs[i] = to_float(src[i]);
+    for (int64_t i = n; i < B; ++i) xs[i] = 0.0f;
+  }
 }
 
 template <int B, typename T>
@@ -314,7 +325,7 @@ uint32_t tensor_amax(const T* x, int64_t n) {
       0, n, 1 << 16, uint32_t{0},
       [&](int64_t begin, int64_t end, uint32_t acc) {
         for (int64_t i = begin; i < end; ++i) {
-          acc = std::max(acc, float_bits(static_cast<float>(x[i])) & kAbsMask);
+          acc = std::max(acc, float_bits(to_float(x[i])) & kAbsMask);
         }
         return acc;
       },

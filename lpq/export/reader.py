@@ -6,6 +6,7 @@ quantizer state, and given its quantized weights decoded from the stored codes.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,19 @@ def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
         net = cls.from_config(cls.load_config(folder))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         kwargs = {"attn_implementation": info["attn_implementation"]} if "attn_implementation" in info else {}
-        net = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    return net.to(dtype).eval()
+        # Every stored tensor is loaded afterwards: random initialization would only cost time.
+        with no_init_weights():
+            net = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        net.tie_weights()
+    # Buffers not in the state dict (rotary tables) keep the dtypes they had at export.
+    for name, buffer_dtype in info.get("buffer_dtypes", {}).items():
+        buffer = _tensor_at(net, name)
+        buffer.data = buffer.data.to(as_torch_dtype(buffer_dtype))
+    return net.eval()
 
 
 def _packed_of(key: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> Packed:
@@ -146,9 +155,37 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None, v
         raise L.CheckpointError(f"{root / L.MANIFEST}: its recipe cannot be used: {e}") from None
     if manifest["model_kind"] != "wan":
         return _load_network(root, recipe, device, verify)
-    from diffusers import DiffusionPipeline
-
     networks = {name: _load_network(root / name, recipe, device, verify) for name in manifest["networks"]}
-    dtypes = {name: as_torch_dtype(d) for name, d in manifest["components"].items()}
-    pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtypes, **networks)
+    pipe = _assemble_pipeline(root, networks, manifest["components"])
     return pipe.to(device) if device is not None else pipe
+
+
+def _assemble_pipeline(root: Path, networks: dict[str, nn.Module], dtypes: dict[str, str]) -> Any:
+    """The diffusers pipeline of model_index.json with the given networks and the other components
+    loaded from their folders (DiffusionPipeline.from_pretrained would reload optional components
+    such as Wan2.2's transformer_2 from disk even when passed in)."""
+    import diffusers
+
+    index = load_json(root / "model_index.json", "the pipeline index is missing")
+    cls = getattr(diffusers, index.get("_class_name", ""), None)
+    if cls is None:
+        raise L.CheckpointError(f"{root / 'model_index.json'}: unknown pipeline class {index.get('_class_name')!r}")
+    kwargs: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if name in networks:
+            kwargs[name] = networks[name]
+        elif isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value):
+            library, class_name = value
+            if library is None:
+                kwargs[name] = None
+                continue
+            component_cls = getattr(importlib.import_module(library), class_name)
+            extra = {}
+            if name in dtypes:
+                extra = {"dtype" if library == "transformers" else "torch_dtype": as_torch_dtype(dtypes[name])}
+            kwargs[name] = component_cls.from_pretrained(root / name, local_files_only=True, **extra)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

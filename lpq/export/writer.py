@@ -105,6 +105,9 @@ def _network_info(net: nn.Module) -> dict[str, Any]:
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     info = {"library": "diffusers" if type(net).__module__.startswith("diffusers") else "transformers",
             "class": type(net).__name__, "dtype": str(dtype).removeprefix("torch.")}
+    persistent = set(net.state_dict())
+    info["buffer_dtypes"] = {n: str(b.dtype).removeprefix("torch.") for n, b in net.named_buffers()
+                             if n not in persistent and b.is_floating_point()}
     config = getattr(net, "config", None)
     attn = getattr(config, "_attn_implementation", None)
     if isinstance(attn, str) and info["library"] == "transformers":

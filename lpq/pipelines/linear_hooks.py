@@ -9,11 +9,12 @@ float rounding) and skip the quantization.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
 
-from lpq.algorithms import grid
+from lpq import formats
 from lpq.algorithms.hadamard import fwht
 
 
@@ -33,7 +34,7 @@ def _pre_hook(module: nn.Module, args: tuple) -> tuple:
     if st.rotation:
         x = fwht(x, st.rotation)
     if st.enabled and st.act_format:
-        x = grid.fake_quant(x, st.act_format)
+        x = formats.fake_quant(x, st.act_format)
     return (x,) + tuple(args[1:])
 
 
@@ -56,12 +57,16 @@ def detach(module: nn.Module) -> None:
 
 
 def linears(block: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
-    """The nn.Linear modules of a block by relative name, minus names containing a `skip` entry."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)}
+    """The nn.Linear modules of a block by relative name, minus names matching a `skip` fnmatch pattern."""
+    return {n: m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not any(fnmatch(n, s) for s in skip)}
 
 
 def set_enabled(block: nn.Module, on: bool) -> None:
+    """Input quantization of the block's linears, and the runtime's fused experts, on or off."""
     for m in block.modules():
         st = state(m)
         if st is not None:
             st.enabled = on
+        elif hasattr(m, "quant_enabled"):
+            m.quant_enabled = on

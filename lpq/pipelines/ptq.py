@@ -299,8 +299,7 @@ def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
             for i in range(meta["next"] - stage.offset, len(stage.blocks)):
                 g = stage.offset + i
                 blk = stage.blocks[i]
-                stats = process_block(blk, g, inputs, cfg, protected=g in protected)
-                inputs = advance(blk, inputs)
+                stats, inputs = process_block(blk, g, inputs, cfg, protected=g in protected)
                 meta["stats"].append(stats.__dict__)
                 meta["next"] = g + 1
                 meta["wall_s"] = prev_wall + time.perf_counter() - t_start

@@ -14,7 +14,7 @@ from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.smoothquant import (fold_into_linear_outputs, fold_into_norm, scale_linear_inputs,
                                         smooth_scales)
 from lpq.pipelines import linear_hooks as lh
-from lpq.pipelines.calibration import BlockInputs, iterate
+from lpq.pipelines.calibration import BlockInputs, advance, iterate
 from lpq.pipelines.ptq_config import PTQConfig
 
 # Llama-family producers a smoothing scale folds into: consumer linears -> producer (norm or linear).
@@ -33,8 +33,23 @@ class BlockStats:
     layer_loss: dict[str, float] = field(default_factory=dict)
 
 
+def _wrap_fused_experts(block: nn.Module, cfg: PTQConfig) -> None:
+    """Fused MoE experts (3-D weights, not nn.Linear) get the runtime's QuantExperts: RTN W4A4."""
+    from lpq.quant.experts import QuantExperts
+
+    for name, mod in list(block.named_modules()):
+        if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and not isinstance(mod, QuantExperts) \
+                and isinstance(getattr(mod, "gate_up_proj"), nn.Parameter):
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            q = QuantExperts(mod, weight_spec=cfg.quant.weight, input_spec=cfg.quant.input)
+            q.quant_enabled = False
+            setattr(parent, attr, q)
+
+
 def prepare_block(block: nn.Module, cfg: PTQConfig) -> dict[str, nn.Linear]:
     """Attach simulation state to the block's linears and apply data-free rotation (once per run)."""
+    _wrap_fused_experts(block, cfg)
     lins = lh.linears(block, tuple(cfg.skip_linears))
     had = cfg.step("hadamard")
     rot = (had.block or grid.BLOCK[cfg.act_format]) if had else None
@@ -48,8 +63,21 @@ def prepare_block(block: nn.Module, cfg: PTQConfig) -> dict[str, nn.Linear]:
     return lins
 
 
+_GROUPS_CACHE: dict[tuple, list[list[str]]] = {}
+
+
 def _shared_input_groups(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
-    """Linears fed by the same tensor (q/k/v, gate/up), found by watching one forward."""
+    """Linears fed by the same tensor (q/k/v, gate/up), found by watching one forward.
+
+    Blocks of one model share their structure, so the answer is kept per (block class, linear names).
+    """
+    key = (type(block).__qualname__, tuple(lins))
+    if key not in _GROUPS_CACHE:
+        _GROUPS_CACHE[key] = _watch_groups(block, lins, inputs)
+    return _GROUPS_CACHE[key]
+
+
+def _watch_groups(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInputs) -> list[list[str]]:
     seen: dict[int, list[str]] = {}
     alive = []   # hold the inputs so a freed tensor's address cannot be reused within the forward
     handles = []
@@ -160,16 +188,19 @@ def needs_hessian(cfg: PTQConfig) -> bool:
 
 
 def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQConfig, protected: bool,
-                  error_batches: int = 2) -> BlockStats:
-    """Quantize one block in place (unless protected); its inputs come from the quantized blocks before it."""
+                  error_batches: int = 1) -> tuple[BlockStats, BlockInputs]:
+    """Quantize one block in place (unless protected) and return its outputs, the next block's inputs.
+
+    The block's inputs come from the already-quantized blocks before it (sequential calibration).
+    """
     t0 = time.perf_counter()
     stats = BlockStats(index, protected)
     lins = prepare_block(block, cfg)
-    if protected or not lins:
-        lh.set_enabled(block, False)
-        stats.seconds = time.perf_counter() - t0
-        return stats
     lh.set_enabled(block, False)
+    if protected or not lins:
+        nxt = advance(block, inputs)
+        stats.seconds = time.perf_counter() - t0
+        return stats, nxt
     sq = cfg.step("smoothquant")
     if sq is not None:
         smooth_block(block, lins, inputs, sq.alpha)
@@ -179,9 +210,9 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
     hessians = capture_hessians(block, lins, inputs, groups) if needs_hessian(cfg) else None
     quantize_weights(lins, groups, hessians, cfg, stats)
     lh.set_enabled(block, True)
-    out = list(iterate(block, few))
-    num = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref))
+    nxt = advance(block, inputs)
+    num = sum(float(((o - r) ** 2).sum()) for o, r in zip(nxt.hidden, ref))
     den = sum(float((r ** 2).sum()) for r in ref)
     stats.rel_output_error = num / max(den, 1e-30)
     stats.seconds = time.perf_counter() - t0
-    return stats
+    return stats, nxt

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from lpq.algorithms.hadamard import block_sizes, fwht, fwht_ref, hadamard_matrix, rotate_weight
+from lpq.formats._build import load_kernel
+
+
+def test_block_sizes_need_no_power_of_two_width():
+    assert block_sizes(576, 64) == [64] * 9
+    assert block_sizes(100, 32) == [32, 32, 32, 4]
+    with pytest.raises(ValueError):
+        block_sizes(64, 48)
+
+
+@pytest.mark.parametrize("n,block", [(576, 64), (1536, 32), (100, 32), (7, 4)])
+def test_kernel_matches_reference_exactly(n, block):
+    if load_kernel("fwht") is None:
+        pytest.skip("C++ toolchain unavailable")
+    x = torch.randn(33, n, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(fwht(x, block), fwht_ref(x, block_sizes(n, block)))
+
+
+def test_orthogonal_symmetric_and_block_diagonal():
+    H = hadamard_matrix(96, 32)
+    assert torch.allclose(H @ H.T, torch.eye(96), atol=1e-6)
+    assert torch.equal(H, H.T)
+    assert torch.all(H[:32, 32:] == 0)
+
+
+def test_rotation_cancels_in_a_linear():
+    x, w = torch.randn(5, 3, 192), torch.randn(10, 192)
+    y = x @ w.T
+    assert torch.allclose(fwht(x, 64) @ rotate_weight(w, 64).T, y, atol=1e-4)
+    assert fwht(x.to(torch.bfloat16), 64).dtype == torch.bfloat16

@@ -1,0 +1,126 @@
+"""The PTQ pipeline end to end on the tiny models (no downloads), resume, and recipe errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lpq.config import ConfigError, from_dict, load_config
+from lpq.models.hub import ModelConfig, load_model
+from lpq.pipelines import ptq
+from lpq.pipelines.ptq_config import PTQConfig
+
+CALIB_WORDS = " ".join(f"w{(i * 7919) % 990 + 4}" for i in range(4000))
+
+
+def _recipe(tmp_path: Path, model: str, algorithms: list[dict], **extra) -> dict:
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_WORDS)
+    d = {"model": {"id": model}, "quant": {"format": "hif4"},
+         "calibration": {"text_file": str(text), "num_sequences": 6, "seq_len": 32, "batch_size": 2},
+         "algorithms": algorithms, "protect": {"auto": 1, "sequences": 2, "seq_len": 16},
+         "evaluation": {"wikitext2": str(text), "windows": 2, "seq_len": 32}}
+    d.update(extra)
+    return d
+
+
+def _run(tmp_path: Path, d: dict, name: str = "out") -> dict:
+    cfg = from_dict(d, PTQConfig)
+    return ptq.run(cfg, tmp_path / name)
+
+
+FULL = [{"name": "smoothquant", "alpha": 0.5}, {"name": "hadamard"}, {"name": "gptq", "act_order": True}]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3", "tiny-pangu", "tiny-qwen3-moe"])
+def test_causal_lms_go_through_the_pipeline(tmp_path, model):
+    report = _run(tmp_path, _recipe(tmp_path, model, FULL))
+    for key in ("format", "model", "protected_blocks", "wall_s", "peak_rss_mb", "baseline", "quantized"):
+        assert key in report
+    assert len(report["protected_blocks"]) == 1
+    q = report["quantized"]
+    assert q["kl_div"] > 0 and 0 <= q["top1_agreement"] <= 1 and q["wikitext2_ppl"] > 1
+    quantized = [b for b in report["blocks"] if not b["protected"]]
+    assert quantized and all(b["rel_output_error"] > 0 for b in quantized)
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["format"] == "hif4"
+    assert (out / "report.md").is_file() and (out / "sensitivity.png").is_file()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["id"] == model
+
+
+def test_quantization_changes_the_model_and_protection_keeps_blocks(tmp_path):
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], protect={"blocks": [1]})
+    cfg = from_dict(d, PTQConfig)
+    report = ptq.run(cfg, tmp_path / "out")
+    assert report["protected_blocks"] == [1]
+    assert report["quantized"]["kl_div"] > 0
+
+
+def test_wan22_both_experts(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3\nw4 w5\n")
+    d = {"model": {"id": "tiny-wan22"}, "quant": {"format": "mxfp4"},
+         "calibration": {"prompts": str(prompts), "num_prompts": 2, "timesteps": 4, "height": 16, "width": 16,
+                         "num_frames": 5},
+         "algorithms": [{"name": "hadamard"}, {"name": "gptq"}], "protect": {"auto": 2}, "evaluation": None}
+    report = _run(tmp_path, d)
+    assert len(report["blocks"]) == 4            # 2 blocks in each expert
+    assert len(report["protected_blocks"]) == 2
+    assert all(b["rel_output_error"] > 0 for b in report["blocks"] if not b["protected"])
+
+
+def _final_state(out: Path) -> dict:
+    return {k: v for i in range(2) for k, v in
+            torch.load(out / "checkpoint" / f"block_{i:04d}.pt", weights_only=False)["state_dict"].items()}
+
+
+def test_resume_after_a_kill_gives_the_identical_model(tmp_path, monkeypatch):
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}, {"name": "gptq"}], evaluation=None,
+                protect={"blocks": []})
+    _run(tmp_path, d, "straight")
+
+    real = ptq.process_block
+    calls = {"n": 0}
+
+    def dies_on_second_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ptq, "process_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, d, "resumed")
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "meta.json").read_text())["next"] == 1
+    monkeypatch.setattr(ptq, "process_block", real)
+    report = _run(tmp_path, d, "resumed")
+    assert report["resumed_from_block"] == 1
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
+    p = tmp_path / "r.yaml"
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "gptq", "alpha": 0.5}])
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"r\.yaml:\d+:.*no setting 'alpha'"):
+        load_config(p, PTQConfig)
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "magic"}])
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="'rtn', 'scale_search'"):
+        load_config(p, PTQConfig)
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "gptq"}], protect={"auto": 3})
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="budget"):
+        load_config(p, PTQConfig)
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}])
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="end with exactly one weight quantizer"):
+        load_config(p, PTQConfig)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")))
+def test_shipped_recipes_load(path):
+    if path.name.startswith(("w4a4_", "ptq_")):
+        load_config(path, PTQConfig)
