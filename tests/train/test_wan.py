@@ -11,37 +11,9 @@ from lpq.train.latents import LatentCache, locate, read_caption_records
 from lpq.train.recipe import FlowMatchConfig, TrainRecipe, VideoPrepConfig
 from lpq.train.video_io import clip_to_vae_input, read_frames
 from lpq.train.wan_objective import shift_sigma, sigma_range, unshift_sigma
+from tests.train.helpers import write_clips
 
 VIDEO = {"num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 16}
-
-
-def write_clips(root, n=6):
-    """Synthetic clips (moving gradients) in two file types, listed OpenS2V-style with absolute paths
-    from another machine, plus one clip that does not exist."""
-    rng = np.random.default_rng(0)
-    (root / "part_1").mkdir(parents=True)
-    records = []
-    for i in range(n):
-        t = np.arange(7)[:, None, None]
-        y, x = np.mgrid[0:24, 0:40]
-        frames = ((x[None] * 4 + t * 20 * (i + 1) + y[None] * i) % 256).astype(np.uint8)
-        clip = np.stack([frames, np.roll(frames, i, axis=2), 255 - frames], axis=-1)
-        clip = (clip + rng.integers(0, 8, clip.shape)).astype(np.uint8)
-        if i % 2:
-            from PIL import Image
-
-            path = root / "part_1" / f"clip{i}.gif"
-            imgs = [Image.fromarray(f) for f in clip]
-            imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=40)
-        else:
-            path = root / "part_1" / f"clip{i}.npy"
-            np.save(path, clip)
-        records.append({"path": f"/home/datasets/OpenS2V-5M/part_1/{path.name}", "cap": f"w{i} w{i + 1} w3",
-                        "num_frames": 7, "fps": 25.0})
-    records.append({"path": "/home/datasets/OpenS2V-5M/part_9/gone.mp4", "cap": "w1", "num_frames": 7})
-    captions = root / "captions.jsonl"
-    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return captions
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,114 @@
+"""Training step time of HiF8 QAT vs BF16 on SmolLM2-135M, and current vs delayed scaling.
+
+All modes run in one process on the same batches, interleaved step by step (BF16, HiF8 delayed, HiF8
+current, BF16, ...), so a machine whose load changes during the benchmark slows every mode alike. BF16
+and HiF8-delayed share one model (quantization switched off / on); HiF8-current is a second copy.
+Every step is a full AdamW step with bfloat16 autocast, as in `lpq train`.
+
+    .venv/bin/python scripts/bench_train.py --steps 8 --out runs/bench_train.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lpq.config import from_dict
+from lpq.models.hub import load_model
+from lpq.quant import QuantRecipe, quantize_model, set_quant_enabled
+from lpq.train.data import text_splits
+from lpq.train.recipe import DataConfig, load_recipe
+
+
+def _recipe_with_scaling(base: QuantRecipe, scaling: str) -> QuantRecipe:
+    """The same roles as `base`, with every activation/gradient/attention role on `scaling`."""
+    from lpq.config import to_dict
+
+    data = to_dict(base)
+    for role in ("input", "grad"):
+        if data.get(role):
+            data[role]["scaling"] = scaling
+    for role in ("q", "k", "v", "p"):
+        if data.get("attention") and data["attention"].get(role):
+            data["attention"][role]["scaling"] = scaling
+    return from_dict(data, QuantRecipe)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/smollm2_hif8.yaml", help="recipe whose model/quant/data are used")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (kernel build, caches)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the recipe's data.seq_len")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args()
+
+    recipe = load_recipe(args.config)
+    if recipe.quant is None:
+        raise SystemExit(f"{args.config} has no quant section")
+    batch_size = args.batch_size or recipe.train.batch_size
+    data_cfg = DataConfig(paths=recipe.data.paths, text_field=recipe.data.text_field,
+                          seq_len=args.seq_len or recipe.data.seq_len, eval_blocks=recipe.data.eval_blocks)
+    loaded = load_model(recipe.model)
+    blocks = text_splits(data_cfg, loaded.tokenizer).train
+    torch.manual_seed(0)
+
+    base = loaded.model.train()
+    current_model = copy.deepcopy(base)
+    quantize_model(base, _recipe_with_scaling(recipe.quant, "delayed"))
+    quantize_model(current_model, _recipe_with_scaling(recipe.quant, "current"))
+    models = {"bf16": base, "hif8_delayed": base, "hif8_current": current_model}
+    optims = {id(m): torch.optim.AdamW(m.parameters(), lr=recipe.train.lr) for m in (base, current_model)}
+    times: dict[str, list[float]] = {k: [] for k in models}
+
+    def step(mode: str, i: int) -> float:
+        model = models[mode]
+        set_quant_enabled(model, mode != "bf16")
+        start = (i * batch_size) % (len(blocks) - batch_size)
+        ids = blocks[start:start + batch_size]
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optims[id(model)].step()
+        optims[id(model)].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    from tqdm import tqdm
+
+    total = (args.warmup + args.steps) * len(models)
+    with tqdm(total=total, desc="bench_train", unit="step") as bar:
+        for i in range(args.warmup + args.steps):
+            for mode in models:
+                dt = step(mode, i)
+                if i >= args.warmup:
+                    times[mode].append(dt)
+                bar.update()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": recipe.model.id, "batch_size": batch_size, "seq_len": data_cfg.seq_len,
+        "threads": torch.get_num_threads(), "timed_steps_per_mode": args.steps,
+        "median_step_s": med, "all_step_s": times,
+        "ratio_hif8_delayed_vs_bf16": med["hif8_delayed"] / med["bf16"],
+        "ratio_hif8_current_vs_bf16": med["hif8_current"] / med["bf16"],
+        "ratio_delayed_vs_current": med["hif8_delayed"] / med["hif8_current"],
+    }
+    for k, v in med.items():
+        print(f"{k:14s} median {v:.3f} s/step")
+    print(f"HiF8 delayed / BF16: {result['ratio_hif8_delayed_vs_bf16']:.2f}x (target <= 1.3x)")
+    print(f"HiF8 current / BF16: {result['ratio_hif8_current_vs_bf16']:.2f}x")
+    print(f"delayed / current:   {result['ratio_delayed_vs_current']:.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
