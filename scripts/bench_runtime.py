@@ -1,6 +1,6 @@
 """Forward time of SmolLM2-135M in eval mode: W4A4 (weight and input) vs unquantized, same run.
 
-    .venv/bin/python scripts/bench_runtime.py [--format hif4] [--batch 4] [--seq 256] [--reps 5]
+    .venv/bin/python scripts/bench_runtime.py [--format hif4] [--batch 1] [--seq 256] [--reps 7] [--threads N]
 
 Unquantized means the same quantized model with quantization disabled (exactly the original
 function); the two are timed alternately so machine load affects both alike. Prints the median
@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)   # on a shared machine, 1 thread avoids OpenMP contention
 
     import lpq
     from lpq.models.hub import ModelConfig, load_model

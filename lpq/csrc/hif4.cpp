@@ -74,15 +74,14 @@ const ScaleTables& tables() {
   return t;
 }
 
-// One block's metadata and per-element micro-exponents (d = e1_8 + e1_16 of the element's groups).
+// One block's scale and, for every element, the maxima of its groups (as |x| bit patterns).
 struct Block {
   bool nan;
   uint8_t code;
   float S;
   float R;
-  alignas(64) int32_t e1_8[kBlock];
-  alignas(64) int32_t e1_16[kBlock];
-  alignas(64) int32_t d[kBlock];
+  alignas(64) uint32_t c4[kBlock];  // max |x| of the element's group of 4 (C_j)
+  alignas(64) uint32_t c8[kBlock];  // max |x| of the element's group of 8 (B_g)
 };
 
 template <typename T>
@@ -96,11 +95,11 @@ inline void load_block(const T* src, int64_t n, float* xs) {
 
 inline uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
-// formats.md §2.2 steps 1-6 for the block in xs.
-inline void block_meta(const float* xs, Block& b) {
+// formats.md §2.2 steps 1-4 for the block in xs.
+inline void block_scale(const float* xs, Block& b) {
   alignas(64) uint32_t ab[kBlock];
-  alignas(64) uint32_t c4[kBlock];  // max |x| of the element's group of 4 (C_j), bit pattern
-  alignas(64) uint32_t c8[kBlock];  // max |x| of the element's group of 8 (B_g), bit pattern
+  uint32_t* c4 = b.c4;
+  uint32_t* c8 = b.c8;
   for (int i = 0; i < kBlock; ++i) ab[i] = float_bits(xs[i]) & kAbsMask;
   for (int j = 0; j < kBlock; j += 4) {
     const uint32_t m = umax(umax(ab[j], ab[j + 1]), umax(ab[j + 2], ab[j + 3]));
@@ -126,15 +125,13 @@ inline void block_meta(const float* xs, Block& b) {
   b.code = static_cast<uint8_t>(((E + 48) << 2) | ((s0 >> 21) & 3u));
   b.S = tables().S[b.code];
   b.R = tables().R[b.code];
-  const float R = b.R;
-  for (int i = 0; i < kBlock; ++i) {
-    const int32_t e8 = bits_float(c8[i]) * R >= 4.0f;
-    const int32_t e16 = (bits_float(c4[i]) * R) / pow2(e8) >= 2.0f;
-    b.e1_8[i] = e8;
-    b.e1_16[i] = e16;
-    b.d[i] = e8 + e16;
-  }
 }
+
+// Steps 5-6 for element i: E1_8 of its group of 8, E1_16 of its group of 4. The spec's test
+// fp32(C * R) / 2^E1_8 >= 2 is written as fp32(C * R) >= 2^(E1_8 + 1): halving is exact for
+// normal numbers, and a subnormal product fails both forms.
+inline int32_t e1_8_of(const Block& b, int i) { return bits_float(b.c8[i]) * b.R >= 4.0f; }
+inline int32_t e1_16_of(const Block& b, int i, int32_t e8) { return bits_float(b.c4[i]) * b.R >= pow2(e8 + 1); }
 
 // Step 7: k = floor(t + 0.5) exactly, saturated to 7. t is clamped to 8 first so Inf gives 7
 // (on the bit pattern: t >= 0, and an integer select vectorizes where a float one does not); the
@@ -176,12 +173,14 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
       const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
       const int64_t n = L - off < kBlock ? L - off : kBlock;
       load_block(x + r * L + off, n, xs);
-      block_meta(xs, b);
+      block_scale(xs, b);
       if (b.nan) {
         for (int i = 0; i < kBlock; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
       } else {
         for (int i = 0; i < kBlock; ++i) {
-          const float v = element_value(element_k(xs[i], b.d[i], b.R), b.d[i], b.S);
+          const int32_t e8 = e1_8_of(b, i);
+          const int32_t d = e8 + e1_16_of(b, i, e8);
+          const float v = element_value(element_k(xs[i], d, b.R), d, b.S);
           ys[i] = bits_float(float_bits(v) | (float_bits(xs[i]) & kSignBit));
         }
       }
@@ -196,12 +195,14 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) float xs[kBlock];
     alignas(64) uint8_t nib[kBlock];
+    alignas(64) int32_t e1_8[kBlock];
+    alignas(64) int32_t e1_16[kBlock];
     Block b;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
       const int64_t n = L - off < kBlock ? L - off : kBlock;
       load_block(x + r * L + off, n, xs);
-      block_meta(xs, b);
+      block_scale(xs, b);
       // blk = r * nblk + block index: the block's codes start at blk * 32, its scales at blk * 4.
       uint8_t* c = codes + blk * (kBlock / 2);
       uint8_t* s = scales + blk * 4;
@@ -212,13 +213,16 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
         continue;
       }
       for (int i = 0; i < kBlock; ++i) {
-        const uint32_t k = static_cast<uint32_t>(element_k(xs[i], b.d[i], b.R));
+        const int32_t e8 = e1_8_of(b, i);
+        e1_8[i] = e8;
+        e1_16[i] = e1_16_of(b, i, e8);
+        const uint32_t k = static_cast<uint32_t>(element_k(xs[i], e8 + e1_16[i], b.R));
         nib[i] = static_cast<uint8_t>(((float_bits(xs[i]) >> 28) & 8u) | k);
       }
       for (int i = 0; i < kBlock / 2; ++i) c[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
       uint32_t e8 = 0, e16 = 0;
-      for (int g = 0; g < 8; ++g) e8 |= static_cast<uint32_t>(b.e1_8[8 * g]) << g;
-      for (int j = 0; j < 16; ++j) e16 |= static_cast<uint32_t>(b.e1_16[4 * j]) << j;
+      for (int g = 0; g < 8; ++g) e8 |= static_cast<uint32_t>(e1_8[8 * g]) << g;
+      for (int j = 0; j < 16; ++j) e16 |= static_cast<uint32_t>(e1_16[4 * j]) << j;
       s[0] = b.code;
       s[1] = static_cast<uint8_t>(e8);
       s[2] = static_cast<uint8_t>(e16 & 0xFF);

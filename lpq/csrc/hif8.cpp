@@ -27,23 +27,27 @@ constexpr uint32_t kUnderflowBits = 0x34000000u;  // 2^-23: below -> +0
 constexpr uint32_t kMinDenormBits = 0x34800000u;  // 2^-22, the smallest nonzero HiF8 value
 constexpr uint32_t kF16MinNormalBits = 0x38800000u;  // 2^-14
 constexpr int64_t kGrain = 1 << 15;
+
+// The element helpers must inline into every copy of the loops (at::parallel_for has a serial and an
+// OpenMP copy); a call left in a loop keeps that copy scalar.
+#define HIF8_INLINE inline __attribute__((always_inline))
 constexpr uint8_t kNanCode = 0x80;
 constexpr uint8_t kPosInfCode = 0x6F;
 
-inline uint32_t float_bits(float f) {
+HIF8_INLINE uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
-inline float bits_float(uint32_t u) {
+HIF8_INLINE float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
 // HiF8 value of the fp32 number with bit pattern u, as an fp32 bit pattern.
-inline uint32_t quant_bits(uint32_t u) {
+HIF8_INLINE uint32_t quant_bits(uint32_t u) {
   const uint32_t mag = u & kAbsMask;
   const uint32_t sign = u & kSignMask;
   // [2^-23, 2^-22) all become 2^-22 (the spec's e = -23 -> -22); lifting them to 2^-22 first
@@ -63,12 +67,12 @@ inline uint32_t quant_bits(uint32_t u) {
 
 // Bitwise select: GCC will not if-convert a ?: whose arms hold float operations (they might trap),
 // so the fp16 loops would not vectorize with ?: there.
-inline uint32_t select(bool c, uint32_t a, uint32_t b) {
+HIF8_INLINE uint32_t select(bool c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return (a & m) | (b & ~m);
 }
 
-inline uint32_t f16_to_f32_bits(uint16_t h) {
+HIF8_INLINE uint32_t f16_to_f32_bits(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;
   const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
@@ -80,7 +84,7 @@ inline uint32_t f16_to_f32_bits(uint16_t h) {
 
 // fp32 -> fp16 for HiF8 results only: every HiF8 value is an fp16 value (3 mantissa bits at
 // most, 2^-22 <= |v| <= 2^15), so this is exact and needs no rounding.
-inline uint16_t hif8_f32_to_f16_bits(uint32_t y) {
+HIF8_INLINE uint16_t hif8_f32_to_f16_bits(uint32_t y) {
   const uint32_t mag = y & kAbsMask;
   const uint32_t sign = (y >> 16) & 0x8000u;
   const uint32_t normal = (mag >> 13) - ((127u - 15u) << 10);
@@ -173,7 +177,7 @@ const EncodeTables& encode_tables() {
   return tables;
 }
 
-inline uint8_t code_of_bits(uint32_t y, const EncodeTables& t) {
+HIF8_INLINE uint8_t code_of_bits(uint32_t y, const EncodeTables& t) {
   const uint32_t field = (y >> 23) & 0xFFu;
   const uint32_t mant = (y & 0x7FFFFFu) >> t.shift[field];
   const uint8_t code = static_cast<uint8_t>(((y >> 24) & 0x80u) | t.base[field] | mant);
@@ -192,24 +196,44 @@ void check_input(const torch::Tensor& x, const char* fn) {
   TORCH_CHECK(x.is_contiguous(), "hif8 ", fn, ": expected a contiguous tensor");
 }
 
-// Calls body(begin, end, load) over all elements in parallel; load(i) gives element i's fp32 bits.
-template <typename Body>
-void for_each_input(const torch::Tensor& x, Body body) {
-  const int64_t n = x.numel();
-  if (x.scalar_type() == at::kFloat) {
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { body(b, e, [p](int64_t i) { return p[i]; }); });
-  } else if (x.scalar_type() == at::kBFloat16) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      body(b, e, [p](int64_t i) { return static_cast<uint32_t>(p[i]) << 16; });
-    });
+// Input dtypes: the storage type, its fp32 bit pattern, and a HiF8 result (fp32 bits) stored back.
+struct F32 {
+  using T = uint32_t;
+  static HIF8_INLINE uint32_t load(T v) { return v; }
+  static HIF8_INLINE T store(uint32_t y) { return y; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static HIF8_INLINE uint32_t load(T v) { return static_cast<uint32_t>(v) << 16; }
+  // every HiF8 value (and Inf, and a NaN that came in as bf16) is a bf16 value: truncation is exact
+  static HIF8_INLINE T store(uint32_t y) { return static_cast<T>(y >> 16); }
+};
+struct F16 {
+  using T = uint16_t;
+  static HIF8_INLINE uint32_t load(T v) { return f16_to_f32_bits(v); }
+  static HIF8_INLINE T store(uint32_t y) { return hif8_f32_to_f16_bits(y); }
+};
+
+template <typename Fn>
+void with_dtype(at::ScalarType t, Fn fn) {
+  if (t == at::kFloat) {
+    fn(F32{});
+  } else if (t == at::kBFloat16) {
+    fn(BF16{});
   } else {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::Half>());
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      body(b, e, [p](int64_t i) { return f16_to_f32_bits(p[i]); });
-    });
+    fn(F16{});
   }
+}
+
+// Block size 1: rows and the tail need no special handling, the data is one flat run.
+template <typename D>
+void fake_quant_range(const typename D::T* __restrict in, typename D::T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = D::store(quant_bits(D::load(in[i])));
+}
+
+template <typename D>
+void encode_range(const typename D::T* __restrict in, uint8_t* __restrict out, int64_t n, const EncodeTables& t) {
+  for (int64_t i = 0; i < n; ++i) out[i] = code_of_bits(quant_bits(D::load(in[i])), t);
 }
 
 torch::Tensor fake_quant(torch::Tensor x, std::string fmt, torch::Tensor out) {
@@ -218,24 +242,12 @@ torch::Tensor fake_quant(torch::Tensor x, std::string fmt, torch::Tensor out) {
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
                   out.device().is_cpu(),
               "hif8 fake_quant: out must be a contiguous CPU tensor with x's shape and dtype");
-  // Block size 1: rows and the tail need no special handling, the data is one flat run.
-  if (x.scalar_type() == at::kFloat) {
-    uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<float>());
-    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
-      for (int64_t i = b; i < e; ++i) o[i] = quant_bits(load(i));
-    });
-  } else if (x.scalar_type() == at::kBFloat16) {
-    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    // every HiF8 value (and Inf, and a NaN that came in as bf16) is a bf16 value: truncation is exact
-    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
-      for (int64_t i = b; i < e; ++i) o[i] = static_cast<uint16_t>(quant_bits(load(i)) >> 16);
-    });
-  } else {
-    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>());
-    for_each_input(x, [o](int64_t b, int64_t e, auto load) {
-      for (int64_t i = b; i < e; ++i) o[i] = hif8_f32_to_f16_bits(quant_bits(load(i)));
-    });
-  }
+  with_dtype(x.scalar_type(), [&](auto d) {
+    using D = decltype(d);
+    const auto* in = static_cast<const typename D::T*>(x.const_data_ptr());
+    auto* o = static_cast<typename D::T*>(out.mutable_data_ptr());
+    at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { fake_quant_range<D>(in + b, o + b, e - b); });
+  });
   return out;
 }
 
@@ -245,8 +257,10 @@ std::vector<torch::Tensor> encode(torch::Tensor x, std::string fmt) {
   torch::Tensor codes = torch::empty(x.sizes(), torch::dtype(torch::kUInt8));
   uint8_t* o = codes.data_ptr<uint8_t>();
   const EncodeTables& t = encode_tables();
-  for_each_input(x, [o, &t](int64_t b, int64_t e, auto load) {
-    for (int64_t i = b; i < e; ++i) o[i] = code_of_bits(quant_bits(load(i)), t);
+  with_dtype(x.scalar_type(), [&](auto d) {
+    using D = decltype(d);
+    const auto* in = static_cast<const typename D::T*>(x.const_data_ptr());
+    at::parallel_for(0, x.numel(), kGrain, [=, &t](int64_t b, int64_t e) { encode_range<D>(in + b, o + b, e - b, t); });
   });
   return {codes, torch::Tensor(), torch::Tensor()};  // hif8 has no scales: Python gets None
 }

@@ -50,10 +50,6 @@ def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
         with no_init_weights():
             net = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
         net.tie_weights()
-    # Buffers not in the state dict (rotary tables) keep the dtypes they had at export.
-    for name, buffer_dtype in info.get("buffer_dtypes", {}).items():
-        buffer = _tensor_at(net, name)
-        buffer.data = buffer.data.to(as_torch_dtype(buffer_dtype))
     return net.eval()
 
 
@@ -105,6 +101,10 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
     if device is not None:
         net.to(device)
     quantize_model(net, recipe)
+    # Buffers not in the state dict (rotary tables) keep the dtypes they had at export.
+    for name, buffer_dtype in index["network"].get("buffer_dtypes", {}).items():
+        buffer = _tensor_at(net, name)
+        buffer.data = buffer.data.to(as_torch_dtype(buffer_dtype))
     weights = {qw.key: qw for qw in quantized_weights(net)}
     entries: dict[str, dict[str, Any]] = index["quantized"]
     if set(weights) != set(entries):

@@ -331,17 +331,24 @@ def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
 
 def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:
     """WikiText-2 perplexity / KL / top-1 and paired MMLU, quantized vs a fresh unquantized copy."""
-    from lpq.pipelines.ptq_eval import compare, eval_windows
+    from lpq.eval import EvalSettings, distribution_shift, run_paired
 
     ev = cfg.evaluation
     res: dict[str, Any] = {"baseline": {}, "quantized": {}}
     baseline = load_model(cfg.model).model
     if ev.wikitext2:
         text = Path(ev.wikitext2).read_text(encoding="utf-8")
-        wins = eval_windows(loaded.tokenizer, text, ev.windows, ev.seq_len)
-        r = compare(baseline, loaded.model, wins, desc="wikitext2")
+        r = distribution_shift(baseline, loaded.model, loaded.tokenizer, text, ev.windows, ev.seq_len)
         res["baseline"]["wikitext2_ppl"] = r["baseline_ppl"]
-        res["quantized"].update(wikitext2_ppl=r["ppl"], kl_div=r["kl_div"], top1_agreement=r["top1_agreement"])
+        res["quantized"].update(wikitext2_ppl=r["candidate_ppl"], kl_div=r["kl_div"],
+                                top1_agreement=r["top1_agreement"])
+    if ev.mmlu:
+        settings = EvalSettings(tasks=["mmlu"], limit=ev.mmlu_questions, seed=ev.seed, kl=False)
+        r = run_paired(baseline, loaded.model, loaded.tokenizer, settings, out_dir / "eval",
+                       model_name=cfg.model.id, recipe=to_dict(cfg))["tasks"]["mmlu"]
+        res["baseline"]["mmlu_acc"] = r["baseline"]
+        res["quantized"]["mmlu_acc"] = r["quantized"]
+        res["mmlu_agreement"] = r["agreement"]
     return res
 
 

@@ -74,7 +74,7 @@ class EvalConfig:
     wikitext2: str | None = "/work/shared/data/wikitext2/test.txt"
     windows: int = 40
     seq_len: int = 512
-    mmlu: str | None = None               # MMLU test JSONL (shared/data/mmlu/test.jsonl); None: skip
+    mmlu: bool = False                    # paired MMLU subset via lpq.eval (data: shared/data/mmlu)
     mmlu_questions: int = 400
     seed: int = 0
 

@@ -157,13 +157,17 @@ def quant_enabled(model: object, enabled: bool, blocks: list[int] | None = None)
 
 
 def set_stats_tracking(model: object, on: bool = True) -> None:
-    """Opt in (or out) of per-call statistics on every quantizer; costs a few reductions per call."""
+    """Opt in (or out) of per-call statistics on every quantizer; costs a few reductions per call.
+
+    Cached quantized weights are dropped so that the next forward records their statistics too."""
     for _, net in _networks(model):
         for m in net.modules():
             if isinstance(m, TensorQuantizer):
                 m.track_stats = on
                 if not on:
                     m.last_stats = None
+            elif isinstance(m, (QuantLinear, QuantExperts)) and on:
+                m.refresh()
 
 
 def collect_stats(model: object) -> dict[str, dict[str, float | None]]:

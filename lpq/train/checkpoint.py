@@ -35,6 +35,7 @@ def save_checkpoint(accelerator, scheduler, run_dir: Path, step: int, state: dic
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()   # save_state has no barrier: every rank's RNG file must be in tmp
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "lr_scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}))

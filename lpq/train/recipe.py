@@ -159,7 +159,10 @@ class DataConfig:
 @dataclass
 class TrainRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantRecipe | None = None       # None: plain fine-tuning, no quantized run
+    # None (section absent): plain fine-tuning, no quantized run. Annotated without `| None` because
+    # lpq.config reports errors inside a union member only as "matches none of"; this way a bad key
+    # in the section is named with its own line.
+    quant: QuantRecipe = None  # type: ignore[assignment]
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: dict[str, Any] | None = None     # passed to lpq.eval when that module is installed

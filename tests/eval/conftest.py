@@ -22,6 +22,17 @@ def _wikitext_lines(rng: random.Random) -> list[str]:
     return lines
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are all small ops: one thread avoids OpenMP spin-waits on a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """mmlu, gsm8k, math500, gpqa (placeholder text, CSV and JSONL) and wikitext2 fixtures."""

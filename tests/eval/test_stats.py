@@ -27,7 +27,9 @@ def test_paired_bootstrap_matches_the_normal_approximation():
     se = math.sqrt((0.07 - 0.03 ** 2) / 1000)
     assert r["diff_ci95_low"] == pytest.approx(-0.03 - 1.96 * se, abs=0.002)
     assert r["diff_ci95_high"] == pytest.approx(-0.03 + 1.96 * se, abs=0.002)
-    # The relative-loss CI brackets the estimate and excludes zero: the loss is real.
+    # The relative CI is that CI in percent of the baseline; it excludes zero: the loss is real.
+    assert r["ci95_low"] == pytest.approx(-100 * r["diff_ci95_high"] / 0.6)
+    assert r["ci95_high"] == pytest.approx(-100 * r["diff_ci95_low"] / 0.6)
     assert 0 < r["ci95_low"] < 5.0 < r["ci95_high"]
     assert r["n"] == 1000
 
@@ -63,6 +65,8 @@ def test_rel_loss_agreement_and_mean():
     assert rel_loss_pct(10.0, 11.0, higher_is_better=False) == pytest.approx(10.0)
     assert rel_loss_pct(0.0, 0.1) is None
     assert paired_compare([0, 0], [0, 1], iters=100)["rel_loss_pct"] is None
+    small = paired_compare([1, 0, 0, 0, 0], [1, 1, 0, 0, 0], iters=2000)   # resamples with baseline 0 exist
+    assert small["ci95_low"] is not None and small["ci95_low"] <= small["rel_loss_pct"] <= small["ci95_high"]
     assert agreement([0, 1, 2, 3], [0, 1, 3, 3]) == 0.75
     assert agreement(["18", "7"], ["18", "7"]) == 1.0
     assert mean_abs_pct_loss([1.0, -3.0, None]) == 2.0

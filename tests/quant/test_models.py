@@ -5,7 +5,8 @@ import lpq
 from lpq.config import from_dict
 from lpq.formats import fake_quant
 from lpq.models.adapters import get_adapter
-from lpq.quant import QuantExperts, QuantLinear, QuantRecipe, quant_enabled, set_quant_enabled
+from lpq.quant import (QuantExperts, QuantLinear, QuantRecipe, collect_stats, quant_enabled, set_quant_enabled,
+                       set_stats_tracking)
 from lpq.quant.attention import AttentionQuantizers
 from tests.quant.tiny import LLMS, MODELS, LinearWeights, build, networks, run
 
@@ -117,6 +118,7 @@ def test_protected_block_out_of_range():
         lpq.quantize_model(model, _recipe(None, format="hif8", protected_blocks=[7]))
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_scaling_state():
     model, _ = build("tiny-qwen3-moe")
     lpq.quantize_model(model, _recipe(None, **_FULL))
@@ -133,3 +135,20 @@ def test_checkpoint_carries_scaling_state():
     model.eval()
     fresh.eval()
     assert torch.equal(run(model, 9), run(fresh, 9))
+
+
+def test_collect_stats_is_opt_in_and_names_each_quantizer():
+    pipe, _ = build("tiny-wan22")
+    lpq.quantize_model(pipe, _recipe(None, **_FULL))
+    run(pipe.transformer)
+    assert collect_stats(pipe) == {}
+    set_stats_tracking(pipe, True)
+    run(pipe.transformer)
+    stats = collect_stats(pipe)
+    assert "transformer.blocks.0.attn1.to_q.input_quantizer" in stats
+    assert "transformer.blocks.1.attn2.lpq_attention.p_quantizer" in stats
+    assert not any(k.startswith("transformer_2.") for k in stats)      # not run yet
+    s = stats["transformer.blocks.0.ffn.net.2.weight_quantizer"]
+    assert set(s) == {"amax", "scale", "overflow", "flushed", "coarse"} and s["scale"] > 0
+    set_stats_tracking(pipe, False)
+    assert collect_stats(pipe) == {}

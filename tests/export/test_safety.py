@@ -1,0 +1,138 @@
+"""Damaged checkpoints give clear errors; interrupted exports leave nothing; --force is needed to replace."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lpq.export import CheckpointError, export_model, load_quantized
+from lpq.export import writer
+from tests.export.helpers import quantized_lm
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, r = quantized_lm("tiny-qwen3-moe", {"format": "hif4"})
+    out = tmp_path_factory.mktemp("ckpt") / "packed"
+    export_model(model, r, out)
+    return model, r, out
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_file(exported, tmp_path):
+    ckpt = _copy(exported[2], tmp_path)
+    f = ckpt / "lpq_packed.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"lpq_packed\.safetensors: the checkpoint is damaged .*truncated"):
+        load_quantized(ckpt)
+
+
+def test_corrupted_bytes(exported, tmp_path):
+    ckpt = _copy(exported[2], tmp_path)
+    f = ckpt / "lpq_packed.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"lpq_packed\.safetensors: the checkpoint is damaged .*SHA-256"):
+        load_quantized(ckpt)
+
+
+def test_corrupted_header_without_checksum(exported, tmp_path):
+    ckpt = _copy(exported[2], tmp_path)
+    f = ckpt / "lpq_packed.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:16] = b"\x00garbage"                       # inside the JSON header
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"damaged \(safetensors cannot read it"):
+        load_quantized(ckpt, verify=False)
+
+
+def test_missing_file(exported, tmp_path):
+    ckpt = _copy(exported[2], tmp_path)
+    (ckpt / "lpq_packed.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing; the checkpoint is incomplete"):
+        load_quantized(ckpt)
+
+
+@pytest.mark.parametrize("key", ["bit_order_version", "format_spec_version", "lpq_export_version"])
+def test_unknown_versions_are_refused(exported, tmp_path, key):
+    ckpt = _copy(exported[2], tmp_path)
+    manifest = json.loads((ckpt / "lpq_export.json").read_text())
+    manifest[key] = 99
+    (ckpt / "lpq_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"{key.replace('_', ' ')} 99, but this lpq reads only version"):
+        load_quantized(ckpt)
+
+
+def test_unknown_bit_order_in_network_config(exported, tmp_path):
+    ckpt = _copy(exported[2], tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"]["bit_order_version"] = 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: written with bit order version 2"):
+        load_quantized(ckpt)
+
+
+def test_not_an_export(tmp_path):
+    with pytest.raises(CheckpointError, match="not an lpq export"):
+        load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, error):
+    model, r, _ = exported
+    real = writer.write_shards
+
+    def write_then_fail(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)          # a real file is on disk when the failure hits
+        raise error
+
+    monkeypatch.setattr(writer, "write_shards", write_then_fail)
+    with pytest.raises(type(error)):
+        export_model(model, r, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_forced_export_keeps_the_old_folder(exported, tmp_path, monkeypatch):
+    model, r, _ = exported
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous export")
+    monkeypatch.setattr(writer, "write_shards", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        export_model(model, r, old, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (old / "keep.txt").read_text() == "previous export"
+
+
+def test_existing_out_needs_force(exported, tmp_path):
+    model, r, _ = exported
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        export_model(model, r, out)
+    export_model(model, r, out, force=True)
+    assert not (out / "stale.txt").exists() and (out / "lpq_export.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_recipe_must_be_the_models(exported, tmp_path):
+    from tests.export.helpers import recipe
+
+    model, _, _ = exported
+    with pytest.raises(ValueError, match="differs from the one the model was quantized with"):
+        export_model(model, recipe({"format": "hif8"}), tmp_path / "out")
+
+
+def test_unquantized_model_is_refused(tmp_path):
+    from lpq.models.tiny import tiny_causal_lm
+
+    with pytest.raises(ValueError, match="not quantized"):
+        export_model(tiny_causal_lm("tiny-llama"), None, tmp_path / "out")
