@@ -117,16 +117,15 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:  # Optional[X]: X's own error is the useful one
+            return _convert(value, choices[0], where, key)
+        for arg in choices:
             try:
                 return _convert(value, arg, where, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise where.error(key, f"'{label}': {value!r} matches none of "
-                               + ", ".join(_type_name(a) for a in args if a is not type(None)))
+            except ConfigError:
+                continue
+        raise where.error(key, f"'{label}': {value!r} matches none of " + ", ".join(map(_type_name, choices)))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

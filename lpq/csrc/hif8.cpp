@@ -55,8 +55,9 @@ HIF8_INLINE uint32_t quant_bits(uint32_t u) {
   const uint32_t lifted = mag > kMinDenormBits ? mag : kMinDenormBits;
   const int32_t e = static_cast<int32_t>(lifted >> 23) - 127;
   const int32_t ae = e < 0 ? -e : e;
-  const int32_t m = 3 - (ae >= 4) - (ae >= 8) - (ae >= 16);  // 0 covers the denormals
-  const uint32_t drop = static_cast<uint32_t>(23 - m);
+  // m = 3, 2, 1, 0 mantissa bits for |e| < 4, < 8, < 16, else (the denormals): one bit less per
+  // doubling of |e| from 4 on, so drop = 23 - m = 19 + floor(log2(|e| | 3)); |e| <= 128 keeps it < 32
+  const uint32_t drop = 19u + (31u - static_cast<uint32_t>(__builtin_clz(static_cast<uint32_t>(ae) | 3u)));
   const uint32_t rounded = (lifted + (1u << (drop - 1))) & (~0u << drop);
   uint32_t res = sign | rounded;
   res = mag < kUnderflowBits ? 0u : res;  // +0 even for negative input: HiF8 has no -0

@@ -32,7 +32,7 @@
 
 namespace {
 
-constexpr int64_t kGrainBlocks = 512;
+constexpr int64_t kGrainBlocks = 512;  // decode
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kSignMask = 0x80000000u;
 constexpr uint32_t kInfBits = 0x7F800000u;
@@ -223,8 +223,7 @@ inline uint32_t block_amax(const float* xs) {
 }
 
 template <Fmt F, int B>
-C10_ALWAYS_INLINE void fq_block(const float* xs, float* ys, float s) {
-  const BlockScale bs = block_scale<F>(block_amax<B>(xs), s);
+inline void fq_block(const float* xs, float* ys, const BlockScale& bs) {
   if (bs.nan) {
     for (int i = 0; i < B; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
     return;
@@ -238,11 +237,10 @@ C10_ALWAYS_INLINE void fq_block(const float* xs, float* ys, float s) {
 }
 
 template <Fmt F, int B>
-inline uint8_t encode_block(const float* xs, uint8_t* out, float s) {
-  const BlockScale bs = block_scale<F>(block_amax<B>(xs), s);
+inline void encode_block(const float* xs, uint8_t* out, const BlockScale& bs) {
   if (bs.nan) {
     std::memset(out, 0, B / 2);
-    return bs.byte;
+    return;
   }
   alignas(64) uint8_t nib[B];
   const int keep = bs.keep != 0.0f;
@@ -252,10 +250,9 @@ inline uint8_t encode_block(const float* xs, uint8_t* out, float s) {
     nib[i] = static_cast<uint8_t>(code | (out_sign<F>(xs[i]) >> 28));
   }
   for (int i = 0; i < B / 2; ++i) out[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
-  return bs.byte;
 }
 
-// --- loading and storing, and the walk over blocks ----------------------------------------------
+// --- loading and storing, and the walk over the tensor ------------------------------------------
 
 // T -> float32 (exact) and float32 -> T (round to nearest even). For bfloat16 both are c10's
 // conversions written as plain bit operations (NaN -> 0x7FC0), so that the loops using them
@@ -283,40 +280,28 @@ inline c10::BFloat16 to_out<c10::BFloat16>(float v) {
   return c10::BFloat16(h, c10::BFloat16::from_bits());
 }
 
-// Fixed-size copies for whole blocks (these vectorize); only a row's last block may be partial.
-template <int B, typename T>
-inline void load_block(const T* src, int64_t n, float* xs) {
-  if (n == B) {
-    for (int i = 0; i < B; ++i) xs[i] = to_float(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) xs[i] = to_float(src[i]);
-    for (int64_t i = n; i < B; ++i) xs[i] = 0.0f;
-  }
-}
+// Rows are processed in chunks of kChunk elements converted into a float32 scratch buffer: first
+// every block's scale (independent scalar work the CPU overlaps), then the element loops.
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kGrainChunks = 32;
 
-template <int B, typename T>
-inline void store_block(const float* ys, int64_t n, T* dst) {
-  if (n == B) {
-    for (int i = 0; i < B; ++i) dst[i] = to_out<T>(ys[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = to_out<T>(ys[i]);
-  }
-}
-
-// Calls fn(row, block, n) for every block of a (rows, L) tensor, in parallel; n = valid elements.
-template <int B, typename Fn>
-void for_each_block(int64_t rows, int64_t L, const Fn& fn) {
-  const int64_t nblk = (L + B - 1) / B;
-  at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    int64_t r = begin / nblk, j = begin % nblk;
+// Calls fn(row, start, n) for every chunk [start, start + n) of every row, in parallel.
+template <typename Fn>
+void for_each_chunk(int64_t rows, int64_t L, const Fn& fn) {
+  const int64_t per_row = (L + kChunk - 1) / kChunk;
+  at::parallel_for(0, rows * per_row, kGrainChunks, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      fn(r, j, std::min<int64_t>(B, L - j * B));
-      if (++j == nblk) {
-        j = 0;
-        ++r;
-      }
+      const int64_t r = k / per_row, start = (k % per_row) * kChunk;
+      fn(r, start, std::min(kChunk, L - start));
     }
   });
+}
+
+// xs[0:n] = src[0:n] as float32, xs[n:padded] = 0 (the zero padding of the last block).
+template <typename T>
+inline void load_chunk(const T* src, int64_t n, int64_t padded, float* xs) {
+  for (int64_t i = 0; i < n; ++i) xs[i] = to_float(src[i]);
+  for (int64_t i = n; i < padded; ++i) xs[i] = 0.0f;
 }
 
 template <typename T>
@@ -332,31 +317,43 @@ uint32_t tensor_amax(const T* x, int64_t n) {
       [](uint32_t a, uint32_t b) { return std::max(a, b); });
 }
 
+template <Fmt F>
+constexpr int kBlock = F == Fmt::kNv ? 16 : 32;
+
 template <Fmt F, typename T>
 void fake_quant_impl(const T* x, T* y, int64_t rows, int64_t L) {
-  constexpr int B = F == Fmt::kNv ? 16 : 32;
+  constexpr int B = kBlock<F>;
   const float s = F == Fmt::kNv ? nv_tensor_scale(tensor_amax(x, rows * L)) : 1.0f;
-  for_each_block<B>(rows, L, [&](int64_t r, int64_t j, int64_t n) {
-    alignas(64) float xs[B];
-    alignas(64) float ys[B];
-    const int64_t off = r * L + j * B;
-    load_block<B>(x + off, n, xs);
-    fq_block<F, B>(xs, ys, s);
-    store_block<B>(ys, n, y + off);
+  for_each_chunk(rows, L, [&](int64_t r, int64_t start, int64_t n) {
+    alignas(64) float xs[kChunk];
+    alignas(64) float ys[kChunk];
+    BlockScale bs[kChunk / B];
+    const int64_t nb = (n + B - 1) / B;
+    load_chunk(x + r * L + start, n, nb * B, xs);
+    for (int64_t b = 0; b < nb; ++b) bs[b] = block_scale<F>(block_amax<B>(xs + b * B), s);
+    for (int64_t b = 0; b < nb; ++b) fq_block<F, B>(xs + b * B, ys + b * B, bs[b]);
+    T* dst = y + r * L + start;
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_out<T>(ys[i]);
   });
 }
 
 template <Fmt F, typename T>
 void encode_impl(const T* x, int64_t rows, int64_t L, uint8_t* codes, uint8_t* scales,
                  float* tensor_scale) {
-  constexpr int B = F == Fmt::kNv ? 16 : 32;
+  constexpr int B = kBlock<F>;
   const int64_t nblk = (L + B - 1) / B;
   const float s = F == Fmt::kNv ? nv_tensor_scale(tensor_amax(x, rows * L)) : 1.0f;
   if (F == Fmt::kNv) *tensor_scale = s;
-  for_each_block<B>(rows, L, [&](int64_t r, int64_t j, int64_t n) {
-    alignas(64) float xs[B];
-    load_block<B>(x + r * L + j * B, n, xs);
-    scales[r * nblk + j] = encode_block<F, B>(xs, codes + (r * nblk + j) * (B / 2), s);
+  for_each_chunk(rows, L, [&](int64_t r, int64_t start, int64_t n) {
+    alignas(64) float xs[kChunk];
+    const int64_t nb = (n + B - 1) / B;
+    const int64_t first = r * nblk + start / B;  // index of the chunk's first block
+    load_chunk(x + r * L + start, n, nb * B, xs);
+    for (int64_t b = 0; b < nb; ++b) {
+      const BlockScale bs = block_scale<F>(block_amax<B>(xs + b * B), s);
+      scales[first + b] = bs.byte;
+      encode_block<F, B>(xs + b * B, codes + (first + b) * (B / 2), bs);
+    }
   });
 }
 
@@ -367,6 +364,17 @@ void with_fmt(Fmt f, const Fn& fn) {
     case Fmt::kRceil: fn(std::integral_constant<Fmt, Fmt::kRceil>{}); break;
     case Fmt::kToolkit: fn(std::integral_constant<Fmt, Fmt::kToolkit>{}); break;
     case Fmt::kNv: fn(std::integral_constant<Fmt, Fmt::kNv>{}); break;
+  }
+}
+
+// Calls fn(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename Fn>
+void with_dtype(at::ScalarType t, const Fn& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "mx kernel: unsupported dtype ", t);
   }
 }
 
@@ -389,9 +397,10 @@ torch::Tensor fake_quant(torch::Tensor x, std::string fmt, torch::Tensor out) {
               "mx fake_quant: out must be a contiguous CPU tensor with x's shape and dtype");
   const int64_t rows = x.size(0), L = x.size(1);
   if (x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mx_fake_quant", [&] {
+  with_dtype(x.scalar_type(), [&](auto t) {
+    using T = decltype(t);
     with_fmt(f, [&](auto F) {
-      fake_quant_impl<decltype(F)::value>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, L);
+      fake_quant_impl<decltype(F)::value>(x.data_ptr<T>(), out.data_ptr<T>(), rows, L);
     });
   });
   return out;
@@ -409,9 +418,10 @@ std::vector<torch::Tensor> encode(torch::Tensor x, std::string fmt) {
   torch::Tensor tscale;
   if (f == Fmt::kNv) tscale = torch::ones({}, torch::TensorOptions().dtype(torch::kFloat));
   if (codes.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mx_encode", [&] {
+    with_dtype(x.scalar_type(), [&](auto t) {
+      using T = decltype(t);
       with_fmt(f, [&](auto F) {
-        encode_impl<decltype(F)::value>(x.data_ptr<scalar_t>(), rows, L, codes.data_ptr<uint8_t>(),
+        encode_impl<decltype(F)::value>(x.data_ptr<T>(), rows, L, codes.data_ptr<uint8_t>(),
                                         scales.data_ptr<uint8_t>(),
                                         tscale.defined() ? tscale.data_ptr<float>() : nullptr);
       });

@@ -14,11 +14,12 @@ import math
 import os
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpq.eval.answers import extract_gsm8k, extract_math
+from lpq.eval.answers import extract_gsm8k, extract_math, gsm8k_target
 from lpq.eval.settings import EvalSettings, resolve_data_dir
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -32,6 +33,8 @@ class TaskSpec:
     builder: str                   # datasets builder for local files: "json", "text" (GPQA: by suffix)
     local: dict[str, str]          # split -> file under the data dir
     how_to_get: str                # what to tell a user whose file is missing
+    extract: Callable[[str], str] | None = None      # generative: response -> final answer
+    reference: Callable[[str], str] | None = None    # generative: target field -> reference answer
 
     @property
     def higher_is_better(self) -> bool:
@@ -44,10 +47,12 @@ TASKS: dict[str, TaskSpec] = {
                      'JSONL rows {"subject","question","choices":[4 strings],"answer":0-3}'),
     "gsm8k": TaskSpec("lpq_gsm8k.yaml", "generative", "exact_match", "json",
                       {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"},
-                      'openai/grade-school-math JSONL rows {"question","answer": "... #### 42"}'),
+                      'openai/grade-school-math JSONL rows {"question","answer": "... #### 42"}',
+                      extract_gsm8k, gsm8k_target),
     "math500": TaskSpec("lpq_math500.yaml", "generative", "exact_match", "json",
                         {"test": "math500/test.jsonl"},
-                        'JSONL rows {"problem","solution","answer",...} (HuggingFaceH4/MATH-500)'),
+                        'JSONL rows {"problem","solution","answer",...} (HuggingFaceH4/MATH-500)',
+                        extract_math, str),
     "gpqa": TaskSpec("lpq_gpqa.yaml", "multiple_choice", "acc", "csv",
                      {"train": "gpqa/gpqa_diamond.csv"},
                      'your own copy of GPQA (gated): CSV or JSONL with "Question", "Correct Answer", '
@@ -114,7 +119,10 @@ def _source_hash(paths: list[Path]) -> str:
 
 def prepare_task(name: str, settings: EvalSettings) -> PreparedTask:
     """Resolve data files, load the task once to count its items, and pick the seeded subset."""
-    from lm_eval import __version__ as lm_eval_version
+    try:
+        from lm_eval import __version__ as lm_eval_version
+    except ImportError:
+        raise ModuleNotFoundError("lpq's text tasks need lm-eval 0.4.13: pip install 'lpq[eval]'") from None
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -148,9 +156,10 @@ def prepare_task(name: str, settings: EvalSettings) -> PreparedTask:
     total = len(task.eval_docs)
     if total == 0:
         raise ValueError(f"task {name!r}: no items in {data_source}")
+    limit = settings.task_limits.get(name, settings.limit)
     indices = None
-    if settings.limit is not None and settings.limit < total:
-        indices = sorted(random.Random(settings.seed).sample(range(total), settings.limit))
+    if limit is not None and limit < total:
+        indices = sorted(random.Random(settings.seed).sample(range(total), limit))
     fp = {
         "task": name, "yaml": (TASK_DIR / spec.yaml).read_text(), "data": data_hash, "indices": indices,
         "num_fewshot": config["num_fewshot"], "generation_kwargs": config.get("generation_kwargs"),
@@ -205,9 +214,7 @@ def _record(spec: TaskSpec, sample: dict) -> dict:
                    correct=int(sample["acc"]))
     elif spec.kind == "generative":
         response = sample["filtered_resps"][0]
-        extract = extract_gsm8k if spec.yaml == "lpq_gsm8k.yaml" else extract_math
-        target = sample["target"]
-        rec.update(target=target, response=response, prediction=extract(response),
+        rec.update(target=spec.reference(sample["target"]), response=response, prediction=spec.extract(response),
                    correct=int(sample["exact_match"]))
     else:
         ll, words = sample["word_perplexity"]

@@ -38,6 +38,7 @@ class EvalSettings:
 
     tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext2"])
     limit: int | None = None               # items per task: a seeded random subset, identical for both models
+    task_limits: dict[str, int] = field(default_factory=dict)   # per-task item counts, overriding `limit`
     seed: int = 0                          # subset selection and bootstrap
     data_dir: str | None = None            # default: $LPQ_DATA_DIR, else ../shared/data next to the repo
     gpqa_file: str | None = None           # your local GPQA CSV/JSONL (see docs/eval.md); default data_dir/gpqa/
@@ -65,6 +66,10 @@ class EvalSettings:
             raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(allowed)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1 (or null for all items)")
+        for task, n in self.task_limits.items():
+            if task not in LM_TASKS or n < 1:
+                raise ValueError(f"task_limits: {task}: {n} is not allowed; use tasks from {', '.join(LM_TASKS)} "
+                                 f"with counts >= 1")
         if self.enable_thinking and not self.chat_template:
             raise ValueError("enable_thinking needs chat_template: true (thinking is a chat-template switch)")
         for name in ("batch_size", "window_batch_size", "max_length", "kl_windows", "kl_seq_len", "bootstrap"):

@@ -46,6 +46,10 @@ class _Sizes:
         self.dense_fallbacks += other.dense_fallbacks
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -99,14 +103,18 @@ def _dense_state(net: nn.Module, skip: set[str], drop_lpq: bool) -> tuple[dict[s
     return tensors, tied
 
 
+def _is_diffusers(net: nn.Module) -> bool:
+    return type(net).__module__.startswith("diffusers")
+
+
 def _network_info(net: nn.Module) -> dict[str, Any]:
     """What load_quantized needs to rebuild the network from its config."""
     floats = [p.dtype for p in net.parameters() if p.is_floating_point()]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    info = {"library": "diffusers" if type(net).__module__.startswith("diffusers") else "transformers",
-            "class": type(net).__name__, "dtype": str(dtype).removeprefix("torch.")}
+    info = {"library": "diffusers" if _is_diffusers(net) else "transformers",
+            "class": type(net).__name__, "dtype": _dtype_name(dtype)}
     persistent = set(net.state_dict())
-    info["buffer_dtypes"] = {n: str(b.dtype).removeprefix("torch.") for n, b in net.named_buffers()
+    info["buffer_dtypes"] = {n: _dtype_name(b.dtype) for n, b in net.named_buffers()
                              if n not in persistent and b.is_floating_point()}
     config = getattr(net, "config", None)
     attn = getattr(config, "_attn_implementation", None)
@@ -116,7 +124,7 @@ def _network_info(net: nn.Module) -> dict[str, Any]:
 
 
 def _write_config(net: nn.Module, folder: Path, quantization_config: dict | None) -> None:
-    if hasattr(net, "save_config"):                      # diffusers
+    if _is_diffusers(net):
         net.save_config(folder)
     else:
         net.config.save_pretrained(folder)
@@ -149,7 +157,7 @@ def _write_packed_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max
     weights = _forward_weights(net)
     for qw, w_q in weights:
         entry = {"format": qw.fmt, "axis": qw.axis % w_q.dim(), "shape": list(w_q.shape),
-                 "dtype": str(w_q.dtype).removeprefix("torch.")}
+                 "dtype": _dtype_name(w_q.dtype)}
         p = pack(qw, w_q)
         if p is None:
             warnings.warn(f"{qw.key}: no {qw.fmt} encoding reproduces this weight exactly; stored unpacked")
@@ -190,7 +198,7 @@ def _write_fake_network(net: nn.Module, folder: Path, max_bytes: int) -> _Sizes:
     quantized = {qw.key for qw, _ in weights}
     sizes.other_params = sum(t.numel() for k, t in dense.items() if k not in quantized)
     sizes.other_bytes = sum(_nbytes(t) for k, t in dense.items() if k not in quantized)
-    if hasattr(net, "save_pretrained") and not hasattr(net, "save_config"):
+    if not _is_diffusers(net):
         # transformers: its save_pretrained drops tied copies and writes the checkpoint's own key
         # layout (e.g. per-expert MoE keys) that from_pretrained expects.
         net.save_pretrained(folder, state_dict=dense, max_shard_size=max_bytes)
@@ -215,7 +223,7 @@ def _write_pipeline_rest(pipe: Any, root: Path, networks: set[str]) -> tuple[_Si
             state, _ = _dense_state(component, skip=set(), drop_lpq=True)
             sizes.other_params += sum(t.numel() for t in state.values())
             sizes.other_bytes += sum(_nbytes(t) for t in state.values())
-            dtypes[name] = str(component.dtype).removeprefix("torch.")
+            dtypes[name] = _dtype_name(component.dtype)
     pipe.save_config(root)
     return sizes, dtypes
 

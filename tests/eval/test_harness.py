@@ -57,6 +57,7 @@ def test_generative_tasks_decode_greedily_and_extract(data_dir, tiny_lm, task):
     assert [r["response"] for r in run.records] == [r["response"] for r in again.records]   # greedy
     for r in run.records:
         assert set(r) >= {"prompt_hash", "response", "prediction", "correct", "target"}
+        assert r["target"].isdigit()                            # "#### 7" -> "7"; MATH answers as they are
     assert run.score == pytest.approx(run.info["lm_eval_score"])
 
 

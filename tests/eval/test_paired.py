@@ -52,7 +52,7 @@ def test_a_model_against_itself_loses_nothing(data_dir, tiny_lm, tmp_path):
     s = _settings(data_dir, tmp_path, use_cache=False)
     res = paired.run_paired(model, model, tok, s, tmp_path / "same")
     for t in res["tasks"].values():
-        assert (t["rel_loss_pct"], t["ci95_low"], t["ci95_high"]) == (0.0, 0.0, 0.0)
+        assert (t["diff"], t["diff_ci95_low"], t["diff_ci95_high"]) == (0.0, 0.0, 0.0)
+    assert (res["tasks"]["wikitext2"]["rel_loss_pct"], res["tasks"]["wikitext2"]["ci95_high"]) == (0.0, 0.0)
     assert res["tasks"]["mmlu"]["agreement"] == 1.0
-    assert res["mean_abs_pct_loss"] == 0.0
     assert res["distribution_shift"]["kl_div"] == pytest.approx(0.0, abs=1e-7)

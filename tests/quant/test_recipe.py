@@ -29,7 +29,7 @@ def test_round_trip_through_to_dict():
 def test_yaml_errors_name_file_and_line(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("format: hif4\nweight:\n  format: hif4\n  scaling: sometimes\n")
-    with pytest.raises(ConfigError, match=r"r.yaml:2: 'weight'"):
+    with pytest.raises(ConfigError, match=r"r.yaml:4: 'weight.scaling': 'sometimes' is not allowed; use one of 'none'"):
         load_config(p, QuantRecipe)
     p.write_text("format: hif4\nprotected_blocks: [0, x]\n")
     with pytest.raises(ConfigError, match=r"r.yaml:2: 'protected_blocks\[1\]' must be int"):
