@@ -5,7 +5,8 @@
 // e gives the mantissa width m, and adding half an ulp at width m to the magnitude bits then
 // clearing the dropped bits rounds half away from zero (a carry moves into the exponent field,
 // which is the right answer: the next binade's first value). Overflow, underflow and NaN are
-// selects, so the loops have no branches and vectorize.
+// selects, so the loops have no branches and vectorize. bf16 is the top half of fp32 and goes
+// through the fp32 path; fp16 is rounded on its own bit pattern the same way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -25,14 +26,13 @@ constexpr uint32_t kInfBits = 0x7F800000u;
 constexpr uint32_t kOverflowBits = 0x47200000u;   // 40960 = 1.25 * 2^15: at or above -> Inf
 constexpr uint32_t kUnderflowBits = 0x34000000u;  // 2^-23: below -> +0
 constexpr uint32_t kMinDenormBits = 0x34800000u;  // 2^-22, the smallest nonzero HiF8 value
-constexpr uint32_t kF16MinNormalBits = 0x38800000u;  // 2^-14
+constexpr uint8_t kNanCode = 0x80;
+constexpr uint8_t kPosInfCode = 0x6F;
 constexpr int64_t kGrain = 1 << 15;
 
 // The element helpers must inline into every copy of the loops (at::parallel_for has a serial and an
 // OpenMP copy); a call left in a loop keeps that copy scalar.
 #define HIF8_INLINE inline __attribute__((always_inline))
-constexpr uint8_t kNanCode = 0x80;
-constexpr uint8_t kPosInfCode = 0x6F;
 
 HIF8_INLINE uint32_t float_bits(float f) {
   uint32_t u;
@@ -67,7 +67,7 @@ HIF8_INLINE uint32_t quant_bits(uint32_t u) {
 }
 
 // Bitwise select: GCC will not if-convert a ?: whose arms hold float operations (they might trap),
-// so the fp16 loops would not vectorize with ?: there.
+// so a loop with such a ?: would not vectorize.
 HIF8_INLINE uint32_t select(bool c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return (a & m) | (b & ~m);
@@ -83,17 +83,28 @@ HIF8_INLINE uint32_t f16_to_f32_bits(uint16_t h) {
   return sign | select(em >= 0x7C00u, special, select(em < 0x400u, subnormal, normal));
 }
 
-// fp32 -> fp16 for HiF8 results only: every HiF8 value is an fp16 value (3 mantissa bits at
-// most, 2^-22 <= |v| <= 2^15), so this is exact and needs no rounding.
-HIF8_INLINE uint16_t hif8_f32_to_f16_bits(uint32_t y) {
-  const uint32_t mag = y & kAbsMask;
-  const uint32_t sign = (y >> 16) & 0x8000u;
-  const uint32_t normal = (mag >> 13) - ((127u - 15u) << 10);
-  // below 2^-14 the fp16 field is the integer |v| * 2^24 < 1024; adding 2^23 puts it in the low bits
-  const uint32_t subnormal = float_bits(bits_float(mag) * 0x1p24f + 0x1p23f) & 0x3FFu;
-  const uint32_t special = 0x7C00u | (mag > kInfBits ? 0x200u : 0u);
-  const uint32_t r = select(mag >= kInfBits, special, select(mag < kF16MinNormalBits, subnormal, normal));
-  return static_cast<uint16_t>(sign | r);
+// HiF8 value of the fp16 number with bit pattern h, as an fp16 bit pattern: quant_bits done on the
+// fp16 pattern, which saves two conversions. Every HiF8 value is an fp16 value (subnormal below
+// 2^-14), and fp16 patterns stay ordered and evenly spaced across the subnormal boundary, so adding
+// half an ulp and masking works there too; a subnormal's ulp is set by the position of its leading 1.
+HIF8_INLINE uint16_t quant_f16_bits(uint16_t h) {
+  const uint32_t em = h & 0x7FFFu;
+  const uint32_t sign = h & 0x8000u;
+  const uint32_t lifted = em > 4u ? em : 4u;  // [2^-23, 2^-22) = patterns 2, 3 become 2^-22 = 4
+  const uint32_t field = lifted >> 10;
+  const uint32_t lead = 31u - static_cast<uint32_t>(__builtin_clz(lifted));  // leading 1 of a subnormal
+  const uint32_t fraction_bits = field != 0 ? 10u : lead;  // bits below the leading 1
+  const int32_t e = static_cast<int32_t>(field != 0 ? field + 9u : lead) - 24;
+  const int32_t ae = e < 0 ? -e : e;
+  // as in quant_bits: drop = fraction_bits - m
+  const uint32_t drop =
+      fraction_bits - 4u + (31u - static_cast<uint32_t>(__builtin_clz(static_cast<uint32_t>(ae) | 3u)));
+  const uint32_t rounded = (lifted + (1u << (drop - 1))) & (~0u << drop);
+  uint32_t res = sign | rounded;
+  res = em < 2u ? 0u : res;                              // below 2^-23: +0
+  res = em >= 0x7900u ? (sign | 0x7C00u) : res;          // 40960 and above: Inf
+  res = em > 0x7C00u ? static_cast<uint32_t>(h) : res;   // NaN passes through
+  return static_cast<uint16_t>(res);
 }
 
 // One code read with the bit rules of formats.md §1.1: S | dot | exponent | mantissa.
@@ -197,22 +208,22 @@ void check_input(const torch::Tensor& x, const char* fn) {
   TORCH_CHECK(x.is_contiguous(), "hif8 ", fn, ": expected a contiguous tensor");
 }
 
-// Input dtypes: the storage type, its fp32 bit pattern, and a HiF8 result (fp32 bits) stored back.
+// Input dtypes: the storage type, its fp32 bit pattern, and its HiF8 value in the same type.
 struct F32 {
   using T = uint32_t;
   static HIF8_INLINE uint32_t load(T v) { return v; }
-  static HIF8_INLINE T store(uint32_t y) { return y; }
+  static HIF8_INLINE T quant(T v) { return quant_bits(v); }
 };
 struct BF16 {
   using T = uint16_t;
   static HIF8_INLINE uint32_t load(T v) { return static_cast<uint32_t>(v) << 16; }
   // every HiF8 value (and Inf, and a NaN that came in as bf16) is a bf16 value: truncation is exact
-  static HIF8_INLINE T store(uint32_t y) { return static_cast<T>(y >> 16); }
+  static HIF8_INLINE T quant(T v) { return static_cast<T>(quant_bits(load(v)) >> 16); }
 };
 struct F16 {
   using T = uint16_t;
   static HIF8_INLINE uint32_t load(T v) { return f16_to_f32_bits(v); }
-  static HIF8_INLINE T store(uint32_t y) { return hif8_f32_to_f16_bits(y); }
+  static HIF8_INLINE T quant(T v) { return quant_f16_bits(v); }
 };
 
 template <typename Fn>
@@ -229,7 +240,7 @@ void with_dtype(at::ScalarType t, Fn fn) {
 // Block size 1: rows and the tail need no special handling, the data is one flat run.
 template <typename D>
 void fake_quant_range(const typename D::T* __restrict in, typename D::T* __restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = D::store(quant_bits(D::load(in[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = D::quant(in[i]);
 }
 
 template <typename D>

@@ -111,17 +111,16 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 def pack(qw: QuantizedWeight, w_q: Tensor) -> Packed | None:
     """The bits of the forward weight `w_q`, or None when no encoding reproduces it exactly.
 
-    First the format's own encoder on the (scaled) parameter, which is what RTN quantized; then,
-    for on-grid weights whose re-encoding differs (GPTQ with scale search), a search for codes
-    that decode to exactly those values."""
+    Tried in order: the format's encoder on the (scaled) parameter, which is what RTN quantized;
+    on w_q itself (on-grid weights, e.g. from GPTQ, in formats whose re-encoding is exact); a
+    search for codes that decode to exactly w_q (HiF4 weights with searched block scales)."""
     s = qw.prescale()
     param = qw.parameter().detach().cpu()
     scaled = lambda t: t.float() * _per_group(s, t) if s is not None else t.float()
-    candidates = [lambda: encode(scaled(param), qw.fmt, qw.axis)]
-    if not _same_bits(param, w_q):
-        candidates.append(lambda: encode(scaled(w_q), qw.fmt, qw.axis))
-    candidates.append(lambda: encode_on_grid(scaled(w_q), qw.fmt, qw.axis))
-    for make in candidates:
+    candidates = (lambda: encode(scaled(param), qw.fmt, qw.axis),
+                  lambda: encode(scaled(w_q), qw.fmt, qw.axis),
+                  lambda: encode_on_grid(scaled(w_q), qw.fmt, qw.axis))
+    for make in candidates:     # in order, until one reproduces w_q: usually the first
         p = make()
         if p is not None and _same_bits(unpack(p, s, w_q.dtype), w_q):
             return p

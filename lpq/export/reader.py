@@ -24,7 +24,10 @@ from lpq.quant.recipe import QuantRecipe
 
 def _tensor_at(net: nn.Module, key: str) -> Tensor:
     module_name, _, attr = key.rpartition(".")
-    module = net.get_submodule(module_name) if module_name else net
+    try:
+        module = net.get_submodule(module_name) if module_name else net
+    except AttributeError:
+        module = None
     t = getattr(module, attr, None)
     if not isinstance(t, Tensor):
         raise L.CheckpointError(f"the checkpoint has {key!r}, which the model built from its config lacks")
@@ -32,7 +35,6 @@ def _tensor_at(net: nn.Module, key: str) -> Tensor:
 
 
 def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
-    dtype = as_torch_dtype(info["dtype"])
     if info["library"] == "diffusers":
         import diffusers
 
@@ -48,7 +50,7 @@ def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
         kwargs = {"attn_implementation": info["attn_implementation"]} if "attn_implementation" in info else {}
         # Every stored tensor is loaded afterwards: random initialization would only cost time.
         with no_init_weights():
-            net = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+            net = AutoModelForCausalLM.from_config(config, dtype=as_torch_dtype(info["dtype"]), **kwargs)
         net.tie_weights()
     return net.eval()
 
@@ -86,17 +88,25 @@ def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: d
     qw.set(w.to(param.device))
 
 
-def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool) -> nn.Module:
-    index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)")
+def _read(folder: Path, verify: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A packed network's index and tensors, after checking versions, sizes and checksums."""
+    index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)",
+                      ("network", "files", "quantized", "tied", "weight_map"))
     L.check_versions(index, folder / L.INDEX)
     config = load_json(folder / "config.json", "the model config is missing")
     L.check_versions(config.get("quantization_config") or {}, folder / "config.json")
     tensors, metadata = read_shards(folder, index["files"], verify)
-    L.check_versions({k: int(v) for k, v in metadata.items() if k in L.versions()}, folder / next(iter(index["files"])))
+    stamped = {k: int(v) if v.isdigit() else v for k, v in metadata.items() if k in L.versions()}
+    L.check_versions(stamped, folder / next(iter(index["files"])))
     missing = sorted(set(index["weight_map"]) - set(tensors))
     if missing:
         raise L.CheckpointError(f"{folder}: tensors listed in the index are missing from the files "
                                 f"(e.g. {missing[0]}); the checkpoint is damaged")
+    return index, tensors
+
+
+def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool) -> nn.Module:
+    index, tensors = _read(folder, verify)
     net = _build(folder, index["network"])
     if device is not None:
         net.to(device)
@@ -144,14 +154,15 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None, v
     each file's SHA-256 (sizes are always checked). Raises CheckpointError for a damaged export or
     one written with format/bit-order/export versions this lpq does not read."""
     root = Path(path)
-    manifest = load_json(root / L.MANIFEST, "not an lpq export (no manifest); is this the right folder?")
+    manifest = load_json(root / L.MANIFEST, "not an lpq export (no manifest); is this the right folder?",
+                         ("kind", "model_kind", "networks", "components", "recipe"))
     if manifest.get("kind") == "fake":
         raise L.CheckpointError(f"{root} is a fake-quantized export: load it with transformers/diffusers "
                                 f"from_pretrained (lpq.load_quantized reads packed exports)")
     L.check_versions(manifest, root / L.MANIFEST)
     try:
         recipe = from_dict(manifest["recipe"], QuantRecipe)
-    except (ConfigError, KeyError) as e:
+    except ConfigError as e:
         raise L.CheckpointError(f"{root / L.MANIFEST}: its recipe cannot be used: {e}") from None
     if manifest["model_kind"] != "wan":
         return _load_network(root, recipe, device, verify)

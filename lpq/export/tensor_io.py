@@ -88,7 +88,8 @@ def read_shards(folder: Path, files: dict[str, dict], verify: bool = True) -> tu
     return tensors, metadata
 
 
-def load_json(path: Path, what: str) -> dict:
+def load_json(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object from `path`; `what` says what its absence means, `required` lists its keys."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {what}")
     try:
@@ -97,6 +98,9 @@ def load_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path}: the checkpoint is damaged (not valid JSON: {e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the checkpoint is damaged (expected a JSON object)")
+    absent = [k for k in required if k not in data]
+    if absent:
+        raise CheckpointError(f"{path}: the checkpoint is damaged (no {absent[0]!r})")
     return data
 
 

@@ -16,11 +16,13 @@ toolkit variant reproduces its own float32 log2 (see below).
 
 "mxfp4-rceil" (formats.md 3.4, RCEIL): X = ceil(log2(d)) with d = fp32(amax * fp32(1/6)), computed
   exactly from d's bits (the E8M0 round-up conversion, NVIDIA `cvt.rp.satfinite.ue8m0x2.f32`),
-  clamped to [-127, 127]; elements and specials as "mxfp4". Two deliberate differences from
-  torchao 0.18's eager CPU fallback (which matches this rule on every vector case): torchao takes
+  clamped to [-127, 127]; elements and specials as "mxfp4". torchao 0.18 computes d as amax / 6,
+  which gives the same exponent for every amax (tested). Two deliberate differences from its eager
+  CPU fallback (which matches this rule on every vector case): torchao takes
   ceil(torch.log2(d)) in float32, which rounds d a few ulps above 2^k down to k; and for E8M0 byte 0
   it quantizes x itself instead of x * 2^127, flushing blocks with amax <= 6 * 2^-127 to zero. It
-  also returns Inf-and-zeros for an Inf block, where this rule gives a NaN block.
+  also returns Inf-and-zeros for an Inf block, where this rule gives a NaN block. X can reach 126
+  here, so a block with amax > 3.5 * 2^126 may dequantize to 4 * 2^126 = 2^128: +-Inf in float32.
 
 "mxfp4-toolkit" (formats.md 3.5): the HiFloat4 toolkit's QType('mxfp4') PyTorch path, float32:
   * X = floor(log2(fp32(amax + fp32(9.6e-7)))) - 2, clipped to <= 125 (the toolkit's lower clip,
@@ -136,8 +138,8 @@ def _pack(nibbles: Tensor) -> Tensor:
 
 
 def _unpack(codes: Tensor) -> Tensor:
-    rows = codes.shape[0]
-    return torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(rows, -1)
+    rows, half = codes.shape
+    return torch.stack((codes & 0xF, codes >> 4), dim=2).reshape(rows, 2 * half)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
-import torch
 from torch import Tensor, nn
 
 from lpq import formats

@@ -26,12 +26,11 @@ from tqdm import tqdm
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
 from lpq.config import ConfigError, dump_yaml, load_config, to_dict
-from lpq.data.calibration import calibration_tokens, read_prompts, token_windows
+from lpq.data.calibration import calibration_tokens, read_prompts
 from lpq.models.hub import LoadedModel, load_model
 from lpq.pipelines import linear_hooks as lh
-from lpq.pipelines.calibration import (BlockInputs, advance, capture, decoder_blocks, feed_causal_lm,
-                                       iterate)
-from lpq.pipelines.ptq_blocks import BlockStats, prepare_block, process_block
+from lpq.pipelines.calibration import BlockInputs, advance, capture, decoder_blocks, feed_causal_lm
+from lpq.pipelines.ptq_blocks import prepare_block, process_block
 from lpq.pipelines.ptq_config import PTQConfig
 
 CHECKPOINT_VERSION = 1
@@ -233,7 +232,7 @@ def _truncate_kwargs(kwargs: dict, seq_len: int) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
+def run(cfg: PTQConfig, out_dir: Path) -> dict:
     """Run the whole PTQ recipe into out_dir; returns the report dict."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +282,7 @@ def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
         for i, blk in enumerate(stage.blocks):
             if stage.offset + i < meta["next"]:
                 ckpt.restore_block(f"block_{stage.offset + i:04d}", blk)
+                lh.set_enabled(blk, stage.offset + i not in protected)
 
     t_blocks = time.perf_counter()
     with tqdm(total=n_blocks, initial=meta["next"], desc="ptq blocks", unit="block") as bar:
@@ -306,7 +306,8 @@ def run(cfg: PTQConfig, out_dir: Path, config_path: str | None = None) -> dict:
                 ckpt.save_block(f"block_{g:04d}", blk, inputs, meta)
                 bar.set_postfix(block=g, err=f"{stats.rel_output_error or 0:.2e}", prot=stats.protected)
                 bar.update(1)
-            stage_inputs = None if si + 1 < len(stages) else stage_inputs
+            if stage_inputs is not None:
+                stage_inputs[si] = BlockInputs()   # this stage's calibration inputs are no longer needed
     timings["blocks_s"] = time.perf_counter() - t_blocks
 
     report = {
@@ -403,5 +404,5 @@ def register(app: typer.Typer) -> None:
         except ConfigError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-        report = run(cfg, out or Path(cfg.output_dir), str(config))
+        report = run(cfg, out or Path(cfg.output_dir))
         typer.echo(summary(report))

@@ -85,9 +85,9 @@ def train(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    from accelerate.state import PartialState
+    from lpq.train.loop import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         typer.echo(describe(report))
         typer.echo(f"report: {recipe.train.output_dir / 'train_report.json'}")
 

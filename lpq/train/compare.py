@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lpq.config import dump_yaml
-from lpq.train.loop import RunResult, StepCallback, train_run
+from lpq.train.loop import RunResult, StepCallback, process_state, train_run
 from lpq.train.monitor import median, plot_loss_curves, plot_quant_stats, read_jsonl
 from lpq.train.recipe import TrainRecipe
 
@@ -54,11 +54,10 @@ def step_time_ratio(quant: RunResult, ref: RunResult, first_step: int) -> tuple[
 def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None = None,
                  on_step: StepCallback | None = None) -> dict:
     """Train the runs the recipe asks for (`only`: "bf16" or "hif8" to train just one) and report."""
-    from accelerate.state import PartialState
-
     cfg = recipe.train
     out = cfg.output_dir
-    main = PartialState().is_main_process
+    state = process_state()
+    main = state.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe, out / "recipe.yaml")
@@ -71,7 +70,7 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
         raise ValueError(f"--only {only}: the recipe has no such run (runs: {', '.join(labels) or 'none'})")
     runs = {label: train_run(recipe, out / label, quantized=label == "hif8", label=label, resume=resume,
                              on_step=on_step) for label in labels}
-    report = build_report(recipe, runs, PartialState().num_processes)
+    report = build_report(recipe, runs, state.num_processes)
     if main:
         _plots(recipe, runs, out)
         (out / REPORT).write_text(json.dumps(report, indent=1))

@@ -52,17 +52,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+def process_state():
+    """accelerate's process state; on a machine without CUDA it must be created with cpu=True, or the
+    processes of `accelerate launch` each believe they are a lone rank 0 (no gloo group)."""
     from accelerate.state import PartialState
 
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
     kwargs = {}
-    if cfg.distributed is Distributed.FSDP and PartialState().num_processes > 1:
+    if cfg.distributed is Distributed.FSDP and process_state().num_processes > 1:
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                                                state_dict_type="SHARDED_STATE_DICT")
-    return Accelerator(mixed_precision=cfg.mixed_precision.value, **kwargs)
+    process_state()
+    return Accelerator(mixed_precision=cfg.mixed_precision.value, cpu=not torch.cuda.is_available(), **kwargs)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -33,9 +33,11 @@ def _run(tmp_path: Path, d: dict, name: str = "out") -> dict:
 FULL = [{"name": "smoothquant", "alpha": 0.5}, {"name": "hadamard"}, {"name": "gptq", "act_order": True}]
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3", "tiny-pangu", "tiny-qwen3-moe"])
-def test_causal_lms_go_through_the_pipeline(tmp_path, model):
-    report = _run(tmp_path, _recipe(tmp_path, model, FULL))
+@pytest.mark.parametrize("model,protect", [("tiny-llama", {"auto": 1, "sequences": 2, "seq_len": 16}),
+                                           ("tiny-qwen3", {"blocks": [0]}), ("tiny-pangu", {"blocks": [1]}),
+                                           ("tiny-qwen3-moe", {"auto": 1, "sequences": 2, "seq_len": 16})])
+def test_causal_lms_go_through_the_pipeline(tmp_path, model, protect):
+    report = _run(tmp_path, _recipe(tmp_path, model, FULL, protect=protect))
     for key in ("format", "model", "protected_blocks", "wall_s", "peak_rss_mb", "baseline", "quantized"):
         assert key in report
     assert len(report["protected_blocks"]) == 1
@@ -45,7 +47,7 @@ def test_causal_lms_go_through_the_pipeline(tmp_path, model):
     assert quantized and all(b["rel_output_error"] > 0 for b in quantized)
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text())["format"] == "hif4"
-    assert (out / "report.md").is_file() and (out / "sensitivity.png").is_file()
+    assert (out / "report.md").is_file() and (out / "sensitivity.png").is_file() == ("auto" in protect)
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["id"] == model
 
 
