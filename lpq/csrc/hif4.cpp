@@ -69,10 +69,7 @@ struct ScaleTables {
   }
 };
 
-const ScaleTables& tables() {
-  static const ScaleTables t;
-  return t;
-}
+const ScaleTables kTables;
 
 // One block's scale and, for every element, the maxima of its groups (as |x| bit patterns).
 struct Block {
@@ -106,11 +103,10 @@ inline void block_scale(const float* xs, Block& b) {
     c4[j] = c4[j + 1] = c4[j + 2] = c4[j + 3] = m;
   }
   for (int g = 0; g < kBlock; g += 8) {
-    const uint32_t m = umax(c4[g], c4[g + 4]);
-    for (int i = g; i < g + 8; ++i) c8[i] = m;
+    for (int q = 0; q < 4; ++q) c8[g + q] = c8[g + 4 + q] = umax(c4[g + q], c4[g + 4 + q]);
   }
   uint32_t A = 0;
-  for (int i = 0; i < kBlock; ++i) A = umax(A, c8[i]);
+  for (int i = 0; i < kBlock; ++i) A = umax(A, ab[i]);
   b.nan = A > kInfBits;
   if (b.nan) {
     b.code = kNanCode;
@@ -123,8 +119,8 @@ inline void block_scale(const float* xs, Block& b) {
   s0 = (s0 + 0xFFFFFu + ((s0 >> 21) & 1u)) & ~0x1FFFFFu;
   const int E = static_cast<int>(s0 >> 23) - 127;
   b.code = static_cast<uint8_t>(((E + 48) << 2) | ((s0 >> 21) & 3u));
-  b.S = tables().S[b.code];
-  b.R = tables().R[b.code];
+  b.S = kTables.S[b.code];
+  b.R = kTables.R[b.code];
 }
 
 // Steps 5-6 for element i: E1_8 of its group of 8, E1_16 of its group of 4. The spec's test
@@ -165,12 +161,18 @@ inline void store_block<c10::BFloat16>(const float* ys, int64_t n, c10::BFloat16
 template <typename T>
 void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
+  if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) float xs[kBlock];
     alignas(64) float ys[kBlock];
     Block b;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
+    int64_t r = begin / nblk, bi = begin % nblk;  // row and block of blk, stepped without dividing
+    for (int64_t blk = begin; blk < end; ++blk, ++bi) {
+      if (bi == nblk) {
+        bi = 0;
+        ++r;
+      }
+      const int64_t off = bi * kBlock;
       const int64_t n = L - off < kBlock ? L - off : kBlock;
       load_block(x + r * L + off, n, xs);
       block_scale(xs, b);
@@ -192,14 +194,20 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
 template <typename T>
 void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
+  if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) float xs[kBlock];
     alignas(64) uint8_t nib[kBlock];
     alignas(64) int32_t e1_8[kBlock];
     alignas(64) int32_t e1_16[kBlock];
     Block b;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r = blk / nblk, off = (blk % nblk) * kBlock;
+    int64_t r = begin / nblk, bi = begin % nblk;  // row and block of blk, stepped without dividing
+    for (int64_t blk = begin; blk < end; ++blk, ++bi) {
+      if (bi == nblk) {
+        bi = 0;
+        ++r;
+      }
+      const int64_t off = bi * kBlock;
       const int64_t n = L - off < kBlock ? L - off : kBlock;
       load_block(x + r * L + off, n, xs);
       block_scale(xs, b);
@@ -320,7 +328,7 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
         for (int i = 0; i < kBlock; ++i) y[i] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      const float S = tables().S[s[0]];
+      const float S = kTables.S[s[0]];
       const uint32_t e8 = s[1], e16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
       for (int i = 0; i < kBlock / 2; ++i) {
         nib[2 * i] = c[i] & 0xF;

@@ -166,54 +166,41 @@ inline float nv_tensor_scale(uint32_t amax) {
   return s == 0.0f ? 1.0f : s;
 }
 
-// e4m3fn block scale, round to nearest even, saturating at 448 (c10's conversion is torch's cast).
-inline c10::Float8_e4m3fn nv_block_scale(uint32_t amax, float s) {
-  return c10::Float8_e4m3fn(std::min((bits_float(amax) / 6.0f) / s, kE4m3Max));
+// v in [0, 448] rounded to nearest even onto the float8_e4m3fn grid: adding 2^(E+20), whose ulp
+// is the e4m3 quantum 2^(E-3) of v's binade E (2^-9 below 2^-6, the subnormals), rounds v in the
+// float32 add, and subtracting it again is exact. The same as torch's cast (tested); written
+// without branches so that the loop over a chunk's blocks vectorizes.
+inline float e4m3_round(float v) {
+  const uint32_t field = std::max(float_bits(v) >> 23, 127u - 6u);
+  const float big = bits_float((field + 20u) << 23);
+  return (v + big) - big;
+}
+
+// float8_e4m3fn bit pattern of a value on that grid, in [0, 448].
+inline uint8_t e4m3_bits(float r) {
+  const uint32_t u = float_bits(r);
+  const uint32_t field = u >> 23;
+  return static_cast<uint8_t>(field < 127u - 6u ? static_cast<uint32_t>(r * 512.0f)
+                                                : ((field - 120u) << 3) | ((u >> 20) & 7u));
 }
 
 // --- per-block decisions ------------------------------------------------------------------------
 
-// What the element loop of one block needs: q = |x| * mul / div, value = ((m * a) * c) | sign.
-// E8M0 formats: mul = 2^-X, div = 1, a = 2^X, c = 1 (exact). nvfp4: mul = 1, div = b * s,
-// a = b, c = s (the float32 operations of the spec).
-struct BlockScale {
-  bool nan;
-  uint8_t byte;  // E8M0 byte or e4m3fn bits
-  float mul, div, a, c;
-  float keep;    // 0 when every element is a signed zero (nvfp4 with b * s == 0)
-};
+// Rows are processed in chunks of kChunk elements converted into a float32 scratch buffer: first
+// every block's scale (independent work the CPU overlaps), then the element loops.
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kGrainChunks = 32;
 
-template <Fmt F>
-inline BlockScale block_scale(uint32_t amax, float s) {
-  BlockScale bs{false, 0, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
-  if (F == Fmt::kNv) {
-    if (std::isnan(s)) {
-      bs.nan = true;
-      bs.byte = kE4m3Nan;
-      return bs;
-    }
-    const c10::Float8_e4m3fn b8 = nv_block_scale(amax, s);
-    const float b = static_cast<float>(b8);
-    const float prod = b * s;
-    bs.byte = b8.x;
-    bs.a = b;
-    bs.c = s;
-    bs.div = prod == 0.0f ? 1.0f : prod;
-    bs.keep = prod == 0.0f ? 0.0f : 1.0f;
-    return bs;
-  }
-  const int exp = F == Fmt::kOcp ? ocp_exponent(amax)
-                  : F == Fmt::kRceil ? rceil_exponent(amax) : toolkit_exponent(amax);
-  if (exp == kNanExp) {
-    bs.nan = true;
-    bs.byte = kE8m0Nan;
-    return bs;
-  }
-  bs.byte = static_cast<uint8_t>(exp + 127);
-  bs.mul = pow2(-exp);
-  bs.a = pow2(exp);
-  return bs;
-}
+// The block parameters of one chunk, as arrays so that the nvfp4 loop over blocks vectorizes.
+// E8M0 formats: q = |x| * mul, value = m * a, with mul = 2^-X and a = 2^X (exact). nvfp4:
+// q = |x| / div, value = (m * a) * s, with a = b and div = fp32(b * s) -- the float32 operations
+// of the spec; where b * s is 0, div = 1 and keep = 0 make every element a signed zero.
+struct ChunkScales {
+  static constexpr int64_t kMax = kChunk / 16;
+  bool nan[kMax];
+  uint8_t byte[kMax];  // E8M0 byte or e4m3fn bits
+  float mul[kMax], div[kMax], a[kMax], keep[kMax];
+};
 
 template <int B>
 inline uint32_t block_amax(const float* xs) {
@@ -223,29 +210,66 @@ inline uint32_t block_amax(const float* xs) {
 }
 
 template <Fmt F, int B>
-inline void fq_block(const float* xs, float* ys, const BlockScale& bs) {
-  if (bs.nan) {
+void chunk_scales(const float* xs, int64_t nb, float s, ChunkScales& cs) {
+  if constexpr (F == Fmt::kNv) {
+    float amax[ChunkScales::kMax];
+    for (int64_t b = 0; b < nb; ++b) amax[b] = bits_float(block_amax<B>(xs + b * B));
+    for (int64_t b = 0; b < nb; ++b) {
+      const float r = e4m3_round(std::min((amax[b] / 6.0f) / s, kE4m3Max));
+      const float prod = r * s;
+      cs.nan[b] = false;
+      cs.byte[b] = e4m3_bits(r);
+      cs.mul[b] = 1.0f;
+      cs.a[b] = r;
+      cs.div[b] = prod == 0.0f ? 1.0f : prod;
+      cs.keep[b] = prod == 0.0f ? 0.0f : 1.0f;
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint32_t amax = block_amax<B>(xs + b * B);
+      const int exp = F == Fmt::kOcp     ? ocp_exponent(amax)
+                      : F == Fmt::kRceil ? rceil_exponent(amax)
+                                         : toolkit_exponent(amax);
+      const bool nan = exp == kNanExp;
+      cs.nan[b] = nan;
+      cs.byte[b] = nan ? kE8m0Nan : static_cast<uint8_t>(exp + 127);
+      cs.mul[b] = nan ? 1.0f : pow2(-exp);
+      cs.a[b] = nan ? 1.0f : pow2(exp);
+      cs.div[b] = 1.0f;
+      cs.keep[b] = 1.0f;
+    }
+  }
+}
+
+template <Fmt F, int B>
+inline void fq_block(const float* xs, float* ys, const ChunkScales& cs, int64_t b, float s) {
+  if (cs.nan[b]) {
     for (int i = 0; i < B; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
+  const float mul = cs.mul[b], div = cs.div[b], a = cs.a[b], keep = cs.keep[b];
   for (int i = 0; i < B; ++i) {
-    const float q = F == Fmt::kNv ? std::fabs(xs[i]) / bs.div : std::fabs(xs[i]) * bs.mul;
-    const float m = e2m1_mag<F == Fmt::kToolkit>(q) * bs.keep;
-    const float v = F == Fmt::kNv ? (m * bs.a) * bs.c : m * bs.a;
+    float v;
+    if constexpr (F == Fmt::kNv) {
+      v = ((e2m1_mag<false>(std::fabs(xs[i]) / div) * keep) * a) * s;
+    } else {
+      v = e2m1_mag<F == Fmt::kToolkit>(std::fabs(xs[i]) * mul) * a;
+    }
     ys[i] = bits_float(float_bits(v) | out_sign<F>(xs[i]));
   }
 }
 
 template <Fmt F, int B>
-inline void encode_block(const float* xs, uint8_t* out, const BlockScale& bs) {
-  if (bs.nan) {
+inline void encode_block(const float* xs, uint8_t* out, const ChunkScales& cs, int64_t b) {
+  if (cs.nan[b]) {
     std::memset(out, 0, B / 2);
     return;
   }
+  const float mul = cs.mul[b], div = cs.div[b];
+  const int keep = cs.keep[b] != 0.0f;
   alignas(64) uint8_t nib[B];
-  const int keep = bs.keep != 0.0f;
   for (int i = 0; i < B; ++i) {
-    const float q = F == Fmt::kNv ? std::fabs(xs[i]) / bs.div : std::fabs(xs[i]) * bs.mul;
+    const float q = F == Fmt::kNv ? std::fabs(xs[i]) / div : std::fabs(xs[i]) * mul;
     const int code = e2m1_code<F == Fmt::kToolkit>(q) * keep;
     nib[i] = static_cast<uint8_t>(code | (out_sign<F>(xs[i]) >> 28));
   }
@@ -279,11 +303,6 @@ inline c10::BFloat16 to_out<c10::BFloat16>(float v) {
   const uint16_t h = static_cast<uint16_t>((u & kAbsMask) > kInfBits ? 0x7FC0u : rne);
   return c10::BFloat16(h, c10::BFloat16::from_bits());
 }
-
-// Rows are processed in chunks of kChunk elements converted into a float32 scratch buffer: first
-// every block's scale (independent scalar work the CPU overlaps), then the element loops.
-constexpr int64_t kChunk = 1024;
-constexpr int64_t kGrainChunks = 32;
 
 // Calls fn(row, start, n) for every chunk [start, start + n) of every row, in parallel.
 template <typename Fn>
@@ -324,14 +343,21 @@ template <Fmt F, typename T>
 void fake_quant_impl(const T* x, T* y, int64_t rows, int64_t L) {
   constexpr int B = kBlock<F>;
   const float s = F == Fmt::kNv ? nv_tensor_scale(tensor_amax(x, rows * L)) : 1.0f;
+  if (std::isnan(s)) {  // nvfp4: a non-finite tensor amax makes the whole tensor NaN
+    const T nan = to_out<T>(std::numeric_limits<float>::quiet_NaN());
+    at::parallel_for(0, rows * L, 1 << 16, [&](int64_t begin, int64_t end) {
+      std::fill(y + begin, y + end, nan);
+    });
+    return;
+  }
   for_each_chunk(rows, L, [&](int64_t r, int64_t start, int64_t n) {
     alignas(64) float xs[kChunk];
     alignas(64) float ys[kChunk];
-    BlockScale bs[kChunk / B];
+    ChunkScales cs;
     const int64_t nb = (n + B - 1) / B;
     load_chunk(x + r * L + start, n, nb * B, xs);
-    for (int64_t b = 0; b < nb; ++b) bs[b] = block_scale<F>(block_amax<B>(xs + b * B), s);
-    for (int64_t b = 0; b < nb; ++b) fq_block<F, B>(xs + b * B, ys + b * B, bs[b]);
+    chunk_scales<F, B>(xs, nb, s, cs);
+    for (int64_t b = 0; b < nb; ++b) fq_block<F, B>(xs + b * B, ys + b * B, cs, b, s);
     T* dst = y + r * L + start;
     for (int64_t i = 0; i < n; ++i) dst[i] = to_out<T>(ys[i]);
   });
@@ -344,15 +370,21 @@ void encode_impl(const T* x, int64_t rows, int64_t L, uint8_t* codes, uint8_t* s
   const int64_t nblk = (L + B - 1) / B;
   const float s = F == Fmt::kNv ? nv_tensor_scale(tensor_amax(x, rows * L)) : 1.0f;
   if (F == Fmt::kNv) *tensor_scale = s;
+  if (std::isnan(s)) {  // nvfp4 NaN tensor: NaN block scales, zero nibbles
+    std::memset(scales, kE4m3Nan, rows * nblk);
+    std::memset(codes, 0, rows * nblk * (B / 2));
+    return;
+  }
   for_each_chunk(rows, L, [&](int64_t r, int64_t start, int64_t n) {
     alignas(64) float xs[kChunk];
+    ChunkScales cs;
     const int64_t nb = (n + B - 1) / B;
     const int64_t first = r * nblk + start / B;  // index of the chunk's first block
     load_chunk(x + r * L + start, n, nb * B, xs);
+    chunk_scales<F, B>(xs, nb, s, cs);
     for (int64_t b = 0; b < nb; ++b) {
-      const BlockScale bs = block_scale<F>(block_amax<B>(xs + b * B), s);
-      scales[first + b] = bs.byte;
-      encode_block<F, B>(xs + b * B, codes + (first + b) * (B / 2), bs);
+      scales[first + b] = cs.byte[b];
+      encode_block<F, B>(xs + b * B, codes + (first + b) * (B / 2), cs, b);
     }
   });
 }

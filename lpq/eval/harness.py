@@ -179,8 +179,16 @@ def make_lm(model, tokenizer, settings: EvalSettings, batch_size: int):
         kwargs["enable_thinking"] = settings.enable_thinking
         if settings.enable_thinking:
             kwargs["think_end_token"] = settings.think_end_token
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=settings.max_length,
-                **kwargs)
+    # HFLM parses config.quantization_config even for a ready model object and rejects methods
+    # transformers does not know, such as an lpq export's own; it does not need it for a ready model.
+    config = getattr(model, "config", None)
+    hidden = config.__dict__.pop("quantization_config", None) if config is not None else None
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=settings.max_length,
+                    **kwargs)
+    finally:
+        if hidden is not None:
+            config.quantization_config = hidden
 
 
 def run_task(model, tokenizer, prepared: PreparedTask, settings: EvalSettings) -> TaskRun:

@@ -38,8 +38,7 @@ def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
 
         candidate = quantize_model(copy.deepcopy(base.model), recipe.quant)
     else:
-        candidate = load_model(ModelConfig(id=candidate_id, dtype=recipe.model.dtype,
-                                           trust_remote_code=recipe.model.trust_remote_code)).model
+        candidate = _load_candidate(candidate_id, recipe.model)
     provenance = {**to_dict(recipe), "candidate": candidate_id or "quant section"}
     if base.kind == "wan":
         from lpq.eval.video import run_paired_video
@@ -51,6 +50,22 @@ def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
 
     return run_paired(base.model, candidate, base.tokenizer, recipe.eval, out, model_name=base.name,
                       recipe=provenance)
+
+
+def _load_candidate(candidate_id: str, base_cfg):
+    """A packed lpq export (lpq_export.json) through lpq.export, anything else like the baseline."""
+    import json
+
+    from lpq.models.hub import ModelConfig, load_model
+
+    manifest = Path(candidate_id) / "lpq_export.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("kind") != "fake":
+        from lpq.export import load_quantized
+
+        return load_quantized(candidate_id)
+    # Fake-quantized exports are plain transformers/diffusers folders.
+    return load_model(ModelConfig(id=candidate_id, dtype=base_cfg.dtype,
+                                  trust_remote_code=base_cfg.trust_remote_code)).model
 
 
 def register(app: typer.Typer) -> None:

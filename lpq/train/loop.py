@@ -65,6 +65,9 @@ def make_accelerator(cfg: TrainConfig):
 
     kwargs = {}
     if cfg.distributed is Distributed.FSDP and process_state().num_processes > 1:
+        if not torch.cuda.is_available():
+            raise ValueError("train.distributed 'fsdp' needs GPUs (accelerate shards with FSDP only on "
+                             "accelerators); use 'ddp' on CPU")
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,

@@ -1,6 +1,7 @@
 """`lpq eval` end to end on built-in tiny models: on-the-fly quantization, a second checkpoint, Wan2.2."""
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lpq.cli import app
@@ -13,6 +14,7 @@ def _run(args):
     return result, result.output + (repr(result.exception) if result.exception else "")
 
 
+@pytest.mark.slow   # quantize_model may build the C++ format kernels first (~20 s once)
 def test_quantize_on_the_fly_from_a_recipe(data_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  id: tiny-llama\nquant:\n  format: hif4\n"
@@ -41,3 +43,23 @@ def test_wan22_video_from_a_recipe(data_dir, tmp_path):
     assert result.exit_code == 0, out
     res = json.loads((tmp_path / "v" / "results.json").read_text())
     assert res["tasks"]["video_flicker"]["n"] == 2 and res["video"]["latent_mse"] > 0
+
+
+@pytest.mark.slow   # quantize + export + reload
+def test_packed_lpq_export_as_candidate(data_dir, tmp_path):
+    from lpq.export import export_model
+    from lpq.models.tiny import build_tiny
+    from lpq.quant import QuantRecipe, quantize_model
+
+    tiny = build_tiny("tiny-llama")
+    recipe = QuantRecipe(format="hif8")
+    export_model(quantize_model(tiny.model, recipe), recipe, tmp_path / "export", tokenizer=tiny.tokenizer)
+    args = ["--model", "tiny-llama", "--tasks", "wikitext2", "--data-dir", data_dir, "--no-cache",
+            "--kl", "--out", tmp_path / "o"]
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("eval:\n  kl_windows: 2\n  kl_seq_len: 64\n  bootstrap: 200\n")
+    result, out = _run(["--config", recipe_file, "--candidate", tmp_path / "export", *args])
+    assert result.exit_code == 0, out
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["recipe"]["candidate"] == str(tmp_path / "export")
+    assert res["distribution_shift"]["kl_div"] > 0              # the packed HiF8 weights differ from float

@@ -235,6 +235,28 @@ def test_nvfp4_against_ml_dtypes(backend, seed):
     assert p.tensor_scale.item() == (s if s != 0 else 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nvfp4_block_scale_is_torch_e4m3_cast(backend):
+    # s = 1 (tensor max 2688), one 16-block per row with max a: b = e4m3fn(fp32(a / 6)); a runs
+    # over every float within 100 ulps of 6 * (each e4m3fn value and each midpoint between two)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    centres = torch.cat([grid, (grid[1:] + grid[:-1]) / 2]) * 6
+    bits = (centres.view(torch.int32)[:, None] + torch.arange(-100, 101)[None, :]).flatten()
+    amax = bits[bits > 0].view(torch.float32)
+    amax = amax[amax <= 2688]
+    x = torch.zeros(len(amax) + 1, 16)
+    x[0, 0] = 2688.0
+    x[1:, 0] = amax
+    x[1:, 1] = -amax / 7
+    p = encode(x, "nvfp4", backend=backend)
+    assert p.tensor_scale.item() == 1.0
+    v = ((amax / 6) / 1.0).clamp(max=448)
+    want = v.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(p.scales[1:, 0], want)
+    assert_same_bits(fake_quant(x, "nvfp4", backend=backend), torch.from_numpy(_nv_oracle(x.numpy())))
+
+
 def test_toolkit_log2_equals_torch_float32_log2():
     # Every v = fp32(amax + eps) whose correctly rounded float32 log2 may round up to the next
     # integer lies within 256 ulps below a power of two; there toolkit_floor_log2 uses float64.
