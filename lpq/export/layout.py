@@ -6,7 +6,10 @@ from typing import Any
 
 from lpq.formats.api import BIT_ORDER_VERSION, SPEC_VERSION
 
-EXPORT_VERSION = 1                 # layout of the folder, index and tensor names; bump on any change
+EXPORT_VERSION = 2                 # layout of the folder, index and tensor names; bump on any change
+# 2 added input transforms (index "input_transforms"); a version-1 reader would load a model with
+# rotated weights but no online rotation, so it must refuse version 2. Version 1 is still read.
+READABLE_EXPORT_VERSIONS = (1, 2)
 MANIFEST = "lpq_export.json"       # root: kind, versions, recipe, networks, size report
 RECIPE_FILE = "recipe.yaml"
 README = "README.md"
@@ -29,10 +32,12 @@ def versions() -> dict[str, int]:
 
 def check_versions(meta: dict[str, Any], where: Path | str) -> None:
     """Refuse metadata written with versions this lpq does not read."""
-    for key, known in versions().items():
+    readable = {**{k: (v,) for k, v in versions().items()}, "lpq_export_version": READABLE_EXPORT_VERSIONS}
+    for key, known in readable.items():
         if key not in meta:
             raise CheckpointError(f"{where}: no {key!r}; this is not an lpq packed export, or it is damaged")
-        if meta[key] != known:
+        if meta[key] not in known:
+            which = f"version {known[0]}" if len(known) == 1 else f"versions {', '.join(map(str, known))}"
             raise CheckpointError(
-                f"{where}: written with {key.replace('_', ' ')} {meta[key]!r}, but this lpq reads only version "
-                f"{known}; load it with the lpq release that wrote it, or export the model again")
+                f"{where}: written with {key.replace('_', ' ')} {meta[key]!r}, but this lpq reads only {which}; "
+                f"load it with the lpq release that wrote it, or export the model again")

@@ -20,6 +20,7 @@ from lpq.quant.experts import QuantExperts
 from lpq.quant.linear import QuantLinear
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import Scaling
+from lpq.quant.transforms import InputTransform
 
 
 @dataclass
@@ -53,38 +54,55 @@ class QuantizedWeight:
         s = self.quantizer.scale.detach().float().cpu()
         return torch.where(s > 0, s, torch.ones_like(s))   # 0: the quantizer never ran
 
-    @torch.no_grad()
     def set(self, w_q: Tensor) -> None:
         """Make `w_q` (on the format grid) the weight an eval forward uses, without re-quantizing it."""
-        if isinstance(self.module, QuantLinear):
+        if isinstance(self.module, QuantExperts):
+            self.module.set_quantized_weight(self.attr, w_q)
+        else:
             self.module.set_quantized_weight(w_q)
-            return
-        # QuantExperts has no set_quantized_weight yet: the same thing through its weight cache.
-        p = self.parameter()
-        p.copy_(w_q)
-        self.module._caches[self.attr].put(p, p.detach().clone())
 
 
 def quantized_weights(net: nn.Module) -> list[QuantizedWeight]:
     """Every weight of `net` with a weight quantizer; refuses states an export cannot reproduce."""
     out: list[QuantizedWeight] = []
     disabled = [n for n, m in net.named_modules()
-                if isinstance(m, (QuantLinear, QuantExperts, AttentionQuantizers)) and not m.quant_enabled]
+                if isinstance(m, (QuantLinear, QuantExperts, AttentionQuantizers)) and not m.quant_enabled
+                and not _without_quantizers(m)]
     if disabled:
         raise ValueError(f"quantization is disabled on {len(disabled)} modules (e.g. {disabled[0]}); an export "
-                         f"stores the recipe's model, so enable them (set_quant_enabled) or protect their blocks")
+                         f"stores the recipe's model, so enable them (set_quant_enabled) or list their blocks in "
+                         f"the recipe's protected_blocks")
     for name, m in net.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(m, QuantLinear):
-            if m.input_transform is not None:
-                raise NotImplementedError(f"{name} has an online input transform; exporting it is not supported, "
-                                          f"so the reloaded model would compute something else")
             if m.weight_quantizer is not None:
                 out.append(QuantizedWeight(prefix + "weight", m, "weight", m.weight_quantizer))
         elif isinstance(m, QuantExperts):
             for attr, q in (("gate_up_proj", m.gate_up_weight_quantizer), ("down_proj", m.down_weight_quantizer)):
                 if q is not None:
                     out.append(QuantizedWeight(prefix + attr, m, attr, q))
+    return out
+
+
+def _without_quantizers(m: nn.Module) -> bool:
+    """A QuantLinear that only carries an input transform: quant_enabled does not change what it computes."""
+    return isinstance(m, QuantLinear) and m.weight_quantizer is None and m.input_quantizer is None
+
+
+def input_transforms(net: nn.Module) -> dict[str, dict]:
+    """The index entry of every QuantLinear input transform: {module name: {"hadamard_block": int | None,
+    "input_scale": state-dict key of the scale | None}}; refuses transforms that are not InputTransform."""
+    out: dict[str, dict] = {}
+    for name, m in net.named_modules():
+        if not isinstance(m, QuantLinear) or m.input_transform is None:
+            continue
+        t = m.input_transform
+        if not isinstance(t, InputTransform):
+            raise TypeError(f"{name}.input_transform is a {type(t).__name__}, which cannot be exported; use "
+                            f"lpq.quant.InputTransform(hadamard_block, input_scale) (a plain callable only works "
+                            f"in memory)")
+        out[name] = {"hadamard_block": t.hadamard_block,
+                     "input_scale": f"{name}.input_transform.input_scale" if t.input_scale is not None else None}
     return out
 
 

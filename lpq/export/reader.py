@@ -1,8 +1,9 @@
 """load_quantized: rebuild a model (or Wan pipeline) from a packed export, bit-exactly.
 
 Each network is built from its config (no hub access), quantized with the stored recipe (which
-attaches the activation and attention quantizers), loaded with the high-precision tensors and
-quantizer state, and given its quantized weights decoded from the stored codes.
+attaches the activation and attention quantizers), given its input transforms, loaded with the
+high-precision tensors and quantizer state, and given its quantized weights decoded from the stored
+codes (as pre-quantized weights: never quantized again).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lpq.export import layout as L
 from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
 from lpq.export.tensor_io import as_torch_dtype, load_json, read_shards
 from lpq.formats import Packed
-from lpq.quant import quantize_model
+from lpq.quant import InputTransform, quantize_model, set_input_transform
 from lpq.quant.recipe import QuantRecipe
 
 
@@ -88,6 +89,22 @@ def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: d
     qw.set(w.to(param.device))
 
 
+def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]], tensors: dict[str, Tensor]) -> None:
+    """The input transforms of the index, before the state dict is loaded (their scales are in it)."""
+    for name, entry in entries.items():
+        key = entry["input_scale"]
+        if key is not None and key not in tensors:
+            raise L.CheckpointError(f"{name}: its input transform's scale {key!r} is missing; the checkpoint is "
+                                    f"damaged")
+        try:
+            weight = _tensor_at(net, f"{name}.weight")
+            transform = InputTransform(entry["hadamard_block"], tensors[key] if key is not None else None)
+            set_input_transform(net, name, transform.to(weight.device))
+        except (TypeError, ValueError) as e:
+            raise L.CheckpointError(f"{name}: cannot attach its input transform ({e}); the checkpoint does not "
+                                    f"match the model built from its config") from None
+
+
 def _read(folder: Path, verify: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A packed network's index and tensors, after checking versions, sizes and checksums."""
     index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)",
@@ -115,6 +132,7 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
     for name, buffer_dtype in index["network"].get("buffer_dtypes", {}).items():
         buffer = _tensor_at(net, name)
         buffer.data = buffer.data.to(as_torch_dtype(buffer_dtype))
+    _attach_transforms(net, index.get("input_transforms", {}), tensors)     # export version 1 has none
     weights = {qw.key: qw for qw in quantized_weights(net)}
     entries: dict[str, dict[str, Any]] = index["quantized"]
     if set(weights) != set(entries):
@@ -150,7 +168,8 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None, v
     """The model (transformers causal LM) or Wan pipeline of a packed export at `path`.
 
     Outputs equal those of the quantized model that was exported, bit for bit. `device`: where to
-    build it (set here, not with .to() later: moving re-quantizes cached weights). `verify`: check
+    build it (quantized weights are marked pre-quantized, so a later dtype-preserving `.to()` keeps
+    them too). `verify`: check
     each file's SHA-256 (sizes are always checked). Raises CheckpointError for a damaged export or
     one written with format/bit-order/export versions this lpq does not read."""
     root = Path(path)

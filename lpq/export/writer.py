@@ -19,7 +19,7 @@ import lpq
 from lpq.config import dump_yaml, to_dict
 from lpq.export import layout as L
 from lpq.export.atomic import staged_dir
-from lpq.export.packing import QuantizedWeight, pack, quantized_weights
+from lpq.export.packing import QuantizedWeight, input_transforms, pack, quantized_weights
 from lpq.export.settings import KINDS
 from lpq.export.size import SizeReport, folder_bytes
 from lpq.export.tensor_io import write_hf_index, write_json, write_shards
@@ -154,6 +154,7 @@ def _write_packed_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max
     sizes = _Sizes()
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
+    transforms = input_transforms(net)    # their scales are ordinary state-dict entries, stored dense below
     weights = _forward_weights(net)
     for qw, w_q in weights:
         entry = {"format": qw.fmt, "axis": qw.axis % w_q.dim(), "shape": list(w_q.shape),
@@ -181,12 +182,18 @@ def _write_packed_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max
     metadata = {k: str(v) for k, v in L.versions().items()}
     weight_map, files = write_shards(folder, L.PACKED_STEM, tensors, metadata, max_bytes)
     write_json(folder / L.INDEX, {**L.versions(), "network": _network_info(net), "files": files,
-                                  "quantized": entries, "tied": tied, "weight_map": weight_map})
+                                  "quantized": entries, "input_transforms": transforms, "tied": tied,
+                                  "weight_map": weight_map})
     _write_config(net, folder, _quantization_config(recipe))
     return sizes
 
 
 def _write_fake_network(net: nn.Module, folder: Path, max_bytes: int) -> _Sizes:
+    transforms = input_transforms(net)
+    if transforms:
+        raise ValueError(f"{next(iter(transforms))} has an input transform (Hadamard / SmoothQuant scale), which "
+                         f"stock transformers/diffusers models cannot run, so a fake export would compute something "
+                         f"else; use kind='packed'")
     sizes = _Sizes()
     weights = _forward_weights(net)
     dense, _ = _dense_state(net, skip=set(), drop_lpq=True)

@@ -252,17 +252,16 @@ def _toolkit_elements(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return fp, se, nan
 
 
-def _nv_elements(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-    """E2M1 magnitudes (rows, nb, 16) float32, b (rows, nb, 1) float32, the zero-guard mask
-    (rows, nb, 1), s (float32 0-d) and whether the tensor amax is non-finite."""
+def _nv_elements(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """E2M1 magnitudes (rows, nb, 16) float32 (0 where b * s == 0), b (rows, nb, 1) float32,
+    s (float32 0-d) and whether the tensor amax is non-finite (then s and b are NaN)."""
     rows, lp = x2d.shape
     nb = lp // 16
     bits = _abs_bits(x2d)
     amax_t = int(bits.max()) if bits.numel() else 0
     if amax_t >= _INF_BITS:
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=x2d.device)
-        zeros = x2d.new_zeros(rows, nb, 16)
-        return zeros, x2d.new_full((rows, nb, 1), float("nan")), x2d.new_zeros(rows, nb, 1, dtype=torch.bool), nan, True
+        return x2d.new_zeros(rows, nb, 16), x2d.new_full((rows, nb, 1), float("nan")), nan, True
     s = _bits_to_float(torch.tensor(amax_t, dtype=torch.int32, device=x2d.device)) / NV_TENSOR_DIV
     if float(s) == 0.0:
         s = torch.ones((), dtype=torch.float32, device=x2d.device)
@@ -273,7 +272,7 @@ def _nv_elements(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
     zero = bs == 0
     q = x2d.view(rows, nb, 16).abs() / torch.where(zero, 1.0, bs)
     mag = torch.where(zero, 0.0, _e2m1_rne(q))
-    return mag, b, zero, s, False
+    return mag, b, s, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def fake_quant_ref(x2d: Tensor, fmt: str) -> Tensor:
         xb = x2d.view(fp.shape)
         y = torch.sign(xb) * _pow2(se, torch.float32) * fp
         return torch.where(nan.unsqueeze(2), float("nan"), y).view_as(x2d)
-    mag, b, _, s, all_nan = _nv_elements(x2d)
+    mag, b, s, all_nan = _nv_elements(x2d)
     if all_nan:
         return torch.full_like(x2d, float("nan"))
     y = torch.copysign((mag * b) * s, x2d.view(mag.shape))
@@ -313,7 +312,7 @@ def encode_ref(x2d: Tensor, fmt: str) -> tuple[Tensor, Tensor | None, Tensor | N
         sign_bit = x2d < 0
         scales = torch.where(nan, E8M0_NAN, se.squeeze(2) + 127)
     else:
-        mag, b, _, s, all_nan = _nv_elements(x2d)
+        mag, b, s, all_nan = _nv_elements(x2d)
         nan = torch.full((rows, lp // 16), all_nan, dtype=torch.bool, device=x2d.device)
         if all_nan:
             scales = torch.full((rows, lp // 16), E4M3_NAN, dtype=torch.uint8, device=x2d.device)

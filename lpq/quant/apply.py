@@ -4,9 +4,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from lpq.models.adapters import Adapter, get_adapter
 from lpq.quant.attention import (AttentionQuantizers, QuantWanAttnProcessor, register_transformers_attention)
@@ -101,6 +101,24 @@ def quantize_model(model: object, recipe: QuantRecipe) -> object:
         if any(isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED for m in net.modules()):
             net.register_forward_pre_hook(lambda mod, args: update_delayed_scales(mod))
     return model
+
+
+def set_input_transform(net: nn.Module, name: str,
+                        transform: nn.Module | Callable[[Tensor], Tensor] | None) -> QuantLinear:
+    """Give the linear `name` of `net` an input transform (None removes it) and return it.
+
+    A plain nn.Linear (in a protected block, or excluded) becomes a QuantLinear without quantizers
+    sharing its parameters: it computes `F.linear(transform(x), weight, bias)` and keeps its
+    state-dict keys. Call after `quantize_model` (which refuses already-quantized models).
+    """
+    module = net.get_submodule(name)
+    if not isinstance(module, QuantLinear):
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}; input transforms go on linears")
+        module = QuantLinear.from_linear(module, weight_spec=None, input_spec=None)
+        _replace(net, name, module)
+    module.input_transform = transform
+    return module
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

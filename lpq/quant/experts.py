@@ -5,7 +5,8 @@ The experts are one module holding `gate_up_proj` (E, 2I, H) and `down_proj` (E,
 those parameters (same state-dict keys) and runs the per-expert loop with each expert's weight and
 input quantized along the reduction dim; weight scales are per expert. The experts' input is one
 tensor for all experts (rows are routed after quantization, which is row-wise along H); each
-expert's down_proj input has its own scaling group.
+expert's down_proj input has its own scaling group. `set_quantized_weight` and
+`weight_prequantized` work as QuantLinear's, per weight name.
 """
 from __future__ import annotations
 
@@ -45,20 +46,43 @@ class QuantExperts(nn.Module):
         self.grad_quantizer = TensorQuantizer(grad_spec, "grad") if grad_spec else None
         self.quant_enabled = True
         self._caches = {"gate_up_proj": CachedWeight(), "down_proj": CachedWeight()}
+        self.weight_prequantized = {"gate_up_proj": False, "down_proj": False}
         self.train(experts.training)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, quant_enabled={self.quant_enabled}"
+        prequantized = [n for n, on in self.weight_prequantized.items() if on]
+        return f"num_experts={self.num_experts}, quant_enabled={self.quant_enabled}, weight_prequantized={prequantized}"
+
+    def _weight_name(self, name: str) -> str:
+        if name not in self._caches:
+            raise ValueError(f"QuantExperts weights are 'gate_up_proj' and 'down_proj', got {name!r}")
+        return name
 
     def quantized_weight(self, name: str) -> Tensor:
         """`gate_up_proj` or `down_proj`, quantized (cached in eval mode)."""
-        w = getattr(self, name)
+        w = getattr(self, self._weight_name(name))
         quantizer = self.gate_up_weight_quantizer if name == "gate_up_proj" else self.down_weight_quantizer
         if quantizer is None:
             return w
         if self.training:
+            if torch.is_grad_enabled() and w.requires_grad:
+                # The weight is being trained and will leave the grid: later eval forwards quantize it.
+                self.weight_prequantized[name] = False
             return quantizer(w)
+        if self.weight_prequantized[name]:
+            return w.detach()
         return self._caches[name].get(w, quantizer)
+
+    @torch.no_grad()
+    def set_quantized_weight(self, name: str, w_q: Tensor) -> None:
+        """Use `w_q` (E, out, in), already on the format grid, as weight `name`, bit-exactly; eval
+        forwards never re-quantize it (see QuantLinear.set_quantized_weight)."""
+        w = getattr(self, self._weight_name(name))
+        if w_q.shape != w.shape:
+            raise ValueError(f"quantized {name} has shape {tuple(w_q.shape)}, expected {tuple(w.shape)}")
+        w.copy_(w_q)
+        self.weight_prequantized[name] = True
+        self._caches[name].invalidate()
 
     def refresh(self) -> None:
         for c in self._caches.values():

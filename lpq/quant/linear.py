@@ -46,10 +46,6 @@ class CachedWeight:
             self.key = self.key_of(w)
         return self.value
 
-    def put(self, w: Tensor, value: Tensor) -> None:
-        self.value = value
-        self.key = self.key_of(w)
-
     def invalidate(self) -> None:
         self.value = None
         self.key = None
@@ -61,10 +57,12 @@ class QuantLinear(nn.Module):
     * eval mode: the quantized weight is computed once and cached; activations are quantized per call;
     * training mode: weight and input are quantized every call with straight-through gradients, and
       the gradient at the output is quantized when a `grad` quantizer is set;
-    * `input_transform`: an optional callable (e.g. an online Hadamard rotation) applied to the input
-      before input quantization; it is part of the model's function, so it runs even with
-      quantization disabled;
-    * `quant_enabled = False` gives exactly `F.linear(x, weight, bias)`.
+    * `input_transform`: applied to the input before input quantization; it is part of the model's
+      function, so it runs even with quantization disabled. An `InputTransform` (Hadamard block +
+      SmoothQuant scale) is exported; any other callable works in memory only;
+    * `weight_prequantized` (set by `set_quantized_weight`): `weight` is already on the format grid
+      and eval forwards use it as it is, so device moves and copies cannot re-quantize it;
+    * `quant_enabled = False` gives exactly `F.linear(input_transform(x), weight, bias)`.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, weight_spec: QuantizerSpec | None,
@@ -79,6 +77,7 @@ class QuantLinear(nn.Module):
         self.grad_quantizer = TensorQuantizer(grad_spec, "grad") if grad_spec else None
         self.input_transform: Callable[[Tensor], Tensor] | None = None
         self.quant_enabled = True
+        self.weight_prequantized = False
         self._cache = CachedWeight()
 
     @classmethod
@@ -98,14 +97,19 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_enabled={self.quant_enabled}")
+                f"quant_enabled={self.quant_enabled}, weight_prequantized={self.weight_prequantized}")
 
     def quantized_weight(self) -> Tensor:
         """The weight used in forward: cached in eval mode, recomputed (with STE) in training mode."""
         if self.weight_quantizer is None:
             return self.weight
         if self.training:
+            if torch.is_grad_enabled() and self.weight.requires_grad:
+                # The weight is being trained and will leave the grid: later eval forwards quantize it.
+                self.weight_prequantized = False
             return self.weight_quantizer(self.weight)
+        if self.weight_prequantized:
+            return self.weight.detach()
         return self._cache.get(self.weight, self.weight_quantizer)
 
     def refresh(self) -> None:
@@ -116,14 +120,16 @@ class QuantLinear(nn.Module):
     def set_quantized_weight(self, w_q: Tensor) -> None:
         """Use `w_q`, already on the format grid (e.g. from GPTQ), as the weight, bit-exactly.
 
-        `weight` becomes `w_q` and the cache holds `w_q` itself, so eval forwards never
-        re-quantize it (fake quantization is not idempotent for every format). Training mode
-        quantizes `weight` again as usual.
+        `weight` becomes `w_q` (in the weight's dtype) and `weight_prequantized` is set, so eval
+        forwards never re-quantize it (fake quantization is not idempotent for every format), also
+        after `.to()` or `copy.deepcopy`. A training forward that can train the weight quantizes it
+        as usual and clears the flag.
         """
         if w_q.shape != self.weight.shape:
             raise ValueError(f"quantized weight has shape {tuple(w_q.shape)}, expected {tuple(self.weight.shape)}")
         self.weight.copy_(w_q)
-        self._cache.put(self.weight, self.weight.detach().clone())
+        self.weight_prequantized = True
+        self._cache.invalidate()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_transform is not None:

@@ -250,6 +250,8 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     bar.close()
     eval_loss = evaluate(model, objective, accelerator, cfg.batch_size)
     _save_final(accelerator, model, raw, loaded, run_dir)
+    if quantized and recipe.export is not None and accelerator.is_main_process:
+        _export(raw, loaded, recipe, run_dir)
     result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss, initial_eval)
     result.extra["quant_on"] = state["quant_on"]
     if accelerator.num_processes > 1:
@@ -286,6 +288,18 @@ def _check_ranks_identical(accelerator, raw: nn.Module, run_dir: Path) -> bool:
     (run_dir / f"rank{accelerator.process_index}_fingerprint.json").write_text(json.dumps(mine))
     every = gather_object([mine["sha256"]])
     return len(set(every)) == 1
+
+
+def _export(raw: nn.Module, loaded, recipe: TrainRecipe, run_dir: Path) -> None:
+    """The trained HiF8 model as a quantized checkpoint (lpq.export), by default in run_dir/export."""
+    from lpq.export import export_model
+
+    settings = recipe.export
+    out = Path(settings.out) if settings.out else run_dir / "export"
+    raw.eval()
+    export_model(raw, recipe.quant, out, kind=settings.kind, force=settings.force, tokenizer=loaded.tokenizer,
+                 max_shard_gb=settings.max_shard_gb)
+    raw.train()
 
 
 def _save_final(accelerator, model: nn.Module, raw: nn.Module, loaded, run_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `lpq train` recipe: YAML sections `model`, `quant`, `train`, `data`, optional `eval` / `export`.
+"""The `lpq train` recipe: YAML sections `model`, `quant`, `train`, `data` and optional `export`.
 
 `quant` is the runtime's `QuantRecipe` (roles, scaling, protected blocks); `train` and `data` are defined
 here. Everything is validated by `lpq.config`, so a bad key or value is reported with file and line.
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lpq.config import load_config
+from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
 
@@ -165,8 +166,8 @@ class TrainRecipe:
     quant: QuantRecipe = None  # type: ignore[assignment]
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    eval: dict[str, Any] | None = None     # passed to lpq.eval when that module is installed
-    export: dict[str, Any] | None = None   # passed to lpq.export at the end when present
+    # The HiF8 model is exported after training when present (None: no export); not `| None`, as quant.
+    export: ExportSettings = None  # type: ignore[assignment]
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:

@@ -556,6 +556,21 @@ def test_cpp_equals_ref(fmt, shape, data, seed, dtype, specials):
     assert_same_bits(decode(p_ref, backend="ref"), want)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_equals_ref_large(fmt, dtype):
+    # many rows, rows spanning several 1024-element chunks with a partial last block, one long row
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)   # at::parallel_for splits the work even on a 1-core runner
+    try:
+        for i, shape in enumerate([(300, 1000), (3, 5000), (1, 70001)]):
+            x = _sample(1000 + i, shape, dtype, specials=fmt != "nvfp4")
+            assert_same_bits(fake_quant(x, fmt, backend="cpp"), fake_quant(x, fmt, backend="ref"))
+            assert_same_packed(encode(x, fmt, backend="cpp"), encode(x, fmt, backend="ref"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- scale-search helpers
 
 @pytest.mark.parametrize("backend", BACKENDS)

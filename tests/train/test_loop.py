@@ -106,3 +106,23 @@ def test_delayed_scaling_is_all_that_keeps_the_overflow_away(corpus, tmp_path, m
                          lr=1e-6)
     report = run_training(recipe)
     assert math.isfinite(report["eval_loss_hif8"])
+
+
+def test_trained_hif8_model_is_exported_and_reloads_bit_exactly(corpus, tmp_path):
+    from lpq.config import from_dict, to_dict
+    from lpq.export import load_quantized
+    from lpq.quant import QuantRecipe, quantize_model
+    from lpq.train.recipe import TrainRecipe
+
+    data = to_dict(make_recipe(corpus, tmp_path, steps=3, bf16_warmup_steps=1, reference_run=False))
+    data["export"] = {"kind": "packed"}
+    run_training(from_dict(data, TrainRecipe))
+    reloaded = load_quantized(tmp_path / "hif8" / "export")
+    trained = hub.load_model(hub.ModelConfig(id=str(tmp_path / "hif8" / "final")))
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        # The reloaded export computes what the trained weights compute under the same recipe.
+        quantize_model(trained.model, from_dict(data["quant"], QuantRecipe))
+        expected = trained.model(input_ids=ids).logits
+        assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-4)
