@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -74,7 +75,7 @@ def _as_rows(x: Tensor, axis: int) -> Tensor:
     """View x as (rows, L) with `axis` last; contiguous (copies only when it must)."""
     xm = x.reshape(1) if x.dim() == 0 else x
     xm = xm.movedim(axis, -1)
-    return xm.reshape(-1, xm.shape[-1]).contiguous()
+    return xm.reshape(math.prod(xm.shape[:-1]), xm.shape[-1]).contiguous()
 
 
 def _pad(x2d: Tensor, block: int) -> Tensor:
@@ -112,8 +113,10 @@ def encode(x: Tensor, fmt: str, axis: int = -1, *, backend: str | None = None) -
     spec = get_format(fmt)
     axis = _check(x, axis)
     x2d = _as_rows(x, axis)
+    if x2d.numel() == 0:  # nothing to encode; keep the row count so the layout stays (rows, ...)
+        return Packed(fmt, tuple(x.shape), axis, torch.empty(x2d.shape[0], 0, dtype=torch.uint8), None, None)
     ext = _kernel(spec, x2d, backend)
-    if ext is not None and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2d.numel():
+    if ext is not None and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16):
         codes, scales, tscale = ext.encode(x2d, fmt)
     else:
         codes, scales, tscale = _family(spec).encode_ref(_pad(x2d.float(), spec.block), fmt)
@@ -124,6 +127,8 @@ def decode(p: Packed, *, backend: str | None = None) -> Tensor:
     """float32 values of a Packed tensor, in its original shape."""
     spec = get_format(p.fmt)
     shape = p.shape
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=torch.float32)
     L = 1 if len(shape) == 0 else shape[p.axis]
     Lp = -(-L // spec.block) * spec.block
     ext = _kernel(spec, p.codes, backend)

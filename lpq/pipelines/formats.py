@@ -51,7 +51,7 @@ def show(fmt: str = typer.Argument(..., help="format name, e.g. hif8")) -> None:
         rows = []
         for code in range(256):
             f = code_fields(code)
-            rows.append([f"0x{code:02X}", str(f["sign"]), str(f["dot"]), str(f["D"]), str(f["exponent"]),
+            rows.append([f"0x{code:02X}", str(f["sign"]), str(f["dot"]), str(f["D"]), "-" if f["exponent"] is None else str(f["exponent"]),
                          str(f["mantissa_bits"]), str(f["mantissa"]), repr(f["value"])])
         typer.echo(_table(rows, ["code", "S", "dot", "D", "exp", "m bits", "m", "value"]))
         return

@@ -14,7 +14,7 @@ from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.smoothquant import (fold_into_linear_outputs, fold_into_norm, scale_linear_inputs,
                                         smooth_scales)
 from lpq.pipelines import linear_hooks as lh
-from lpq.pipelines.calibration import BlockInputs, advance, iterate
+from lpq.pipelines.calibration import BlockInputs, advance, iterate, run_block
 from lpq.pipelines.ptq_config import PTQConfig
 
 # Llama-family producers a smoothing scale folds into: consumer linears -> producer (norm or linear).
@@ -91,7 +91,10 @@ def _watch_groups(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInp
     finally:
         for h in handles:
             h.remove()
-    return list(seen.values())
+    groups = list(seen.values())
+    # Linears the watched batch did not reach (unrouted experts) are quantized last, one by one.
+    groups += [[n] for n in lins if not any(n in g for g in groups)]
+    return groups
 
 
 def _input_absmax(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInputs) -> dict[str, Tensor]:
@@ -140,47 +143,56 @@ def smooth_block(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInpu
             fold_into_norm(modules[fold], s)
 
 
-def capture_hessians(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInputs,
-                     groups: list[list[str]]) -> dict[str, Tensor]:
-    """Mean input Gram matrix per shared-input group leader, of the inputs as quantized at inference."""
-    hess = {g[0]: Hessian(lins[g[0]].in_features) for g in groups}
-    handles = []
-    for leader in hess:
-        def post(module, args, out, leader=leader):
-            hess[leader].add(args[0].detach())
-        handles.append(lins[leader].register_forward_hook(post))
+class _Reached(Exception):
+    """Raised by the Hessian hook: the rest of the block's forward is not needed."""
+
+
+def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs) -> Tensor | None:
+    """Mean input Gram matrix of `lin`, of its input as quantized at inference.
+
+    The block runs with its current weights (earlier linears already quantized) and input
+    quantization on, and stops once `lin` has seen its input.
+    """
+    hess = Hessian(lin.in_features)
+
+    def pre(module, args):
+        hess.add(args[0].detach())   # registered after the simulation hook: the transformed input
+        raise _Reached
+
+    handle = lin.register_forward_pre_hook(pre)
     lh.set_enabled(block, True)
     try:
-        for _ in iterate(block, inputs):
-            pass
+        for i in range(len(inputs)):
+            try:
+                run_block(block, inputs, i)
+            except _Reached:
+                pass
     finally:
-        for h in handles:
-            h.remove()
-    return {k: h.mean() for k, h in hess.items()}
+        handle.remove()
+    return hess.mean() if hess.count else None   # None: no calibration input reached it (unrouted expert)
 
 
-def quantize_weights(lins: dict[str, nn.Linear], groups: list[list[str]], hessians: dict[str, Tensor] | None,
-                     cfg: PTQConfig, stats: BlockStats) -> None:
-    """Replace each linear's weight by its quantized value, with the recipe's weight algorithm."""
+def quantize_group(lins: dict[str, nn.Linear], group: list[str], hessian: Tensor | None, cfg: PTQConfig,
+                   stats: BlockStats) -> None:
+    """Replace the weights of linears sharing one input by their quantized values (recipe's weight step)."""
     fmt = cfg.weight_format
     gptq = cfg.step("gptq")
-    for group in groups:
-        ws = [lins[n].weight for n in group]
-        W = torch.cat([w.detach().float() for w in ws])
-        t0 = time.perf_counter()
-        if gptq is not None:
-            settings = GPTQSettings(damp=gptq.damp, act_order=gptq.act_order, scale_search=gptq.scale_search,
-                                    lazy_batch=gptq.lazy_batch)
-            Q, loss = gptq_quantize(W, hessians[group[0]], fmt, settings)
-            stats.layer_loss["+".join(group)] = loss
-            stats.gptq_seconds += time.perf_counter() - t0
-        elif cfg.step("scale_search") is not None:
-            Q = rtn_quantize(W, fmt, scale_search=True, importance=hessians[group[0]].diagonal())
-        else:
-            Q = rtn_quantize(W, fmt)
-        with torch.no_grad():
-            for w, q in zip(ws, Q.split([w.shape[0] for w in ws])):
-                w.copy_(q.to(w.dtype))
+    ws = [lins[n].weight for n in group]
+    W = torch.cat([w.detach().float() for w in ws])
+    t0 = time.perf_counter()
+    if hessian is None:
+        Q = rtn_quantize(W, fmt)
+    elif gptq is not None:
+        settings = GPTQSettings(damp=gptq.damp, act_order=gptq.act_order, scale_search=gptq.scale_search,
+                                lazy_batch=gptq.lazy_batch)
+        Q, loss = gptq_quantize(W, hessian, fmt, settings)
+        stats.layer_loss["+".join(group)] = loss
+        stats.gptq_seconds += time.perf_counter() - t0
+    elif cfg.step("scale_search") is not None:
+        Q = rtn_quantize(W, fmt, scale_search=True, importance=hessian.diagonal())
+    with torch.no_grad():
+        for w, q in zip(ws, Q.split([w.shape[0] for w in ws])):
+            w.copy_(q.to(w.dtype))
 
 
 def needs_hessian(cfg: PTQConfig) -> bool:
@@ -206,9 +218,11 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
         smooth_block(block, lins, inputs, sq.alpha)
     few = BlockInputs(inputs.hidden[:error_batches], inputs.args[:error_batches], inputs.kwargs[:error_batches])
     ref = list(iterate(block, few))
-    groups = _shared_input_groups(block, lins, inputs)
-    hessians = capture_hessians(block, lins, inputs, groups) if needs_hessian(cfg) else None
-    quantize_weights(lins, groups, hessians, cfg, stats)
+    # Groups in forward order; each one's Hessian sees the inputs produced by the already-quantized
+    # groups before it (sequential within the block, as across blocks).
+    for group in _shared_input_groups(block, lins, inputs):
+        hessian = capture_hessian(block, lins[group[0]], inputs) if needs_hessian(cfg) else None
+        quantize_group(lins, group, hessian, cfg, stats)
     lh.set_enabled(block, True)
     nxt = advance(block, inputs)
     num = sum(float(((o - r) ** 2).sum()) for o, r in zip(nxt.hidden, ref))
