@@ -137,7 +137,7 @@ def decode(p: Packed, *, backend: str | None = None) -> Tensor:
     else:
         y2d = _family(spec).decode_ref(p.codes, p.scales, p.tensor_scale, p.fmt, Lp)
     template = torch.empty(shape, dtype=torch.float32, device="meta")
-    return _from_rows(y2d[:, :L].contiguous(), template, p.axis) if len(shape) else y2d.reshape(())
+    return _from_rows(y2d[:, :L].contiguous(), template, p.axis)
 
 
 class FakeQuantSTE(torch.autograd.Function):

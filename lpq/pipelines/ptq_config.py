@@ -71,7 +71,7 @@ class ProtectConfig:
 class EvalConfig:
     """Evaluation at the end, quantized vs the unquantized model (LLMs)."""
 
-    wikitext2: str | None = "/work/shared/data/wikitext2/test.txt"
+    wikitext2: str | None = "../shared/data/wikitext2/test.txt"
     windows: int = 40
     seq_len: int = 512
     mmlu: bool = False                    # paired MMLU subset via lpq.eval (data: shared/data/mmlu)
