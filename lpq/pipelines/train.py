@@ -93,7 +93,7 @@ def train(
 
 
 def prepare_data(
-    config: Path = typer.Option(..., "--config", "-c", help="training recipe (YAML) with data.video and data.cache_dir"),
+    config: Path = typer.Option(..., "--config", "-c", help="recipe (YAML) with data.video and data.cache_dir"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key"),
 ) -> None:
     """Encode captioned video clips into the Wan latent cache (VAE latents + text embeddings)."""

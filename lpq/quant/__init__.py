@@ -10,6 +10,6 @@ from lpq.quant.scaling import compute_scale
 from lpq.quant.transforms import InputTransform
 
 __all__ = ["AttentionQuantizers", "AttentionRecipe", "InputTransform", "PlanEntry", "QuantExperts", "QuantLinear",
-           "QuantRecipe", "QuantWanAttnProcessor", "QuantizerSpec", "Reduction", "ScaleTarget", "Scaling", "TensorQuantizer",
-           "collect_stats", "compute_scale", "plan_quantization", "quant_enabled", "quantize_model",
+           "QuantRecipe", "QuantWanAttnProcessor", "QuantizerSpec", "Reduction", "ScaleTarget", "Scaling",
+           "TensorQuantizer", "collect_stats", "compute_scale", "plan_quantization", "quant_enabled", "quantize_model",
            "set_input_transform", "set_quant_enabled", "set_stats_tracking", "update_delayed_scales"]

@@ -149,6 +149,11 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     loaded = load_model(recipe.model)
+    if quantized and recipe.export is not None and loaded.kind != "causal_lm":
+        # Fail before training, not after: the exporter writes whole Wan pipelines, and training drops
+        # the text encoder and VAE.
+        raise ValueError("export: after Wan training is not supported; export the trained transformer "
+                         "(hif8/final) with `lpq export`")
     objective = build_objective(loaded, recipe)
     model = objective.module
     if cfg.gradient_checkpointing:

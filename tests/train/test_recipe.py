@@ -28,7 +28,12 @@ def write(tmp_path, text):
 
 def test_unknown_key_is_named_with_file_and_line(tmp_path):
     p = write(tmp_path, "model:\n  id: tiny-llama\ntrain:\n  steps: 10\n  warmup: 3\n")
-    with pytest.raises(ConfigError, match=r"r\.yaml:5: unknown key 'train\.warmup'; allowed in 'train': .*bf16_warmup_steps"):
+    msg = r"r\.yaml:5: unknown key 'train\.warmup'; allowed in 'train': .*bf16_warmup_steps"
+    with pytest.raises(ConfigError, match=msg):
+        load_recipe(p)
+    # Inside the runtime's quant section too.
+    p = write(tmp_path, "quant:\n  input:\n    format: hif8\n    scalng: delayed\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:4: unknown key 'quant\.input\.scalng'"):
         load_recipe(p)
 
 
