@@ -2,12 +2,13 @@
 // semantics of §2.3; lpq/formats/hif4.py is the reference these must match bit for bit, and its
 // docstring documents the packed layout and the NaN / Inf conventions).
 //
-// One 64-block at a time, in a float32 scratch copy (zero-padded past the row end). Every loop
-// runs over the 64 elements with no branches so it vectorizes: the group maxima are written
-// replicated to each element of their group (max of 4, then of 8), so the micro-exponent tests and
-// the element rounding are plain per-element loops. Maxima are taken on |x| bit patterns: for
-// non-negative floats unsigned order is float order and a NaN sorts above Inf, so the block
-// maximum also tells whether the block holds a NaN. Only the block scale is scalar code.
+// One 64-block at a time, held as four 16-lane vectors (GCC/Clang vector extensions: one AVX-512
+// register each here, and correct on any target, which the compiler lowers them to). The group
+// maxima are formed with in-register shuffles and kept replicated on every lane of their group,
+// so the micro-exponent tests and the element rounding are plain lane-wise operations. Maxima
+// are taken on |x| bit patterns: for non-negative floats unsigned order is float order and a NaN
+// sorts above Inf, so the block maximum also tells whether the block holds a NaN. Only the block
+// scale is scalar code.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -23,6 +24,8 @@
 namespace {
 
 constexpr int kBlock = 64;
+constexpr int kLanes = 16;
+constexpr int kVecs = kBlock / kLanes;
 constexpr int64_t kGrainBlocks = 256;
 constexpr float kInv7 = 0.142578125f;     // bf16(1/7), the toolkit's constant
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
@@ -32,6 +35,11 @@ constexpr uint32_t kScaleMinBits = 0x27800000u;  // 2^-48
 constexpr uint32_t kScaleMaxBits = 0x47400000u;  // 49152 = 1.5 * 2^15
 constexpr uint32_t kEightBits = 0x41000000u;     // 8.0f
 constexpr uint8_t kNanCode = 0xFF;
+
+typedef float VecF __attribute__((vector_size(64)));
+typedef uint32_t VecU __attribute__((vector_size(64)));
+typedef int32_t VecI __attribute__((vector_size(64)));      // also the type of comparison masks
+typedef uint16_t VecU16 __attribute__((vector_size(32)));
 
 inline uint32_t float_bits(float f) {
   uint32_t u;
@@ -45,9 +53,6 @@ inline float bits_float(uint32_t u) {
   return f;
 }
 
-// 2^e for -126 <= e <= 127, built from the exponent field.
-inline float pow2(int32_t e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
-
 // Round a non-NaN float32 to bfloat16 bits, nearest even (a quiet NaN stays a quiet NaN).
 inline uint16_t bf16_bits(float f) {
   const uint32_t u = float_bits(f);
@@ -55,6 +60,14 @@ inline uint16_t bf16_bits(float f) {
 }
 
 inline float bf16_round(float f) { return bits_float(static_cast<uint32_t>(bf16_bits(f)) << 16); }
+
+// Lane-wise 2^e for -126 <= e <= 127, built from the exponent field (vector casts are bit casts).
+inline VecF pow2(VecI e) { return (VecF)((VecU)(e + 127) << 23); }
+
+inline VecU umax(VecU a, VecU b) { return a > b ? a : b; }
+
+template <typename V, typename S>
+inline V splat(S v) { return V{} + v; }
 
 // S and R = bf16(fp32(1/S)) for every E6M2 code; code 0xFF is NaN.
 struct ScaleTables {
@@ -71,45 +84,67 @@ struct ScaleTables {
 
 const ScaleTables kTables;
 
-// One block's scale and, for every element, the maxima of its groups (as |x| bit patterns).
+// One block: its values, the maxima of every element's groups, and its scale.
 struct Block {
+  VecF x[kVecs];
+  VecU c4[kVecs];  // max |x| of the element's group of 4 (C_j), as a bit pattern
+  VecU c8[kVecs];  // max |x| of the element's group of 8 (B_g), as a bit pattern
   bool nan;
   uint8_t code;
   float S;
   float R;
-  alignas(64) uint32_t c4[kBlock];  // max |x| of the element's group of 4 (C_j)
-  alignas(64) uint32_t c8[kBlock];  // max |x| of the element's group of 8 (B_g)
 };
 
+// Loads the 64 values at src (n < 64: zero-padded past n) as float32.
 template <typename T>
-inline void load_block(const T* src, int64_t n, float* xs) {
-  if (n == kBlock) {
-    for (int i = 0; i < kBlock; ++i) xs[i] = static_cast<float>(src[i]);
+inline void load_block(const T* src, int64_t n, Block& b) {
+  alignas(64) float buf[kBlock];
+  for (int i = 0; i < kBlock; ++i) buf[i] = i < n ? static_cast<float>(src[i]) : 0.0f;
+  std::memcpy(b.x, buf, sizeof buf);
+}
+
+template <>
+inline void load_block<float>(const float* src, int64_t n, Block& b) {
+  if (n < kBlock) {
+    std::memset(b.x, 0, sizeof b.x);
+    std::memcpy(b.x, src, n * sizeof(float));
   } else {
-    for (int i = 0; i < kBlock; ++i) xs[i] = i < n ? static_cast<float>(src[i]) : 0.0f;
+    std::memcpy(b.x, src, sizeof b.x);
   }
 }
 
-inline uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+template <>
+inline void load_block<c10::BFloat16>(const c10::BFloat16* src, int64_t n, Block& b) {
+  alignas(64) uint16_t buf[kBlock];
+  const void* from = src;
+  if (n < kBlock) {
+    std::memset(buf, 0, sizeof buf);
+    std::memcpy(buf, src, n * sizeof(uint16_t));
+    from = buf;
+  }
+  for (int q = 0; q < kVecs; ++q) {
+    VecU16 h;
+    std::memcpy(&h, static_cast<const uint16_t*>(from) + q * kLanes, sizeof h);
+    b.x[q] = (VecF)(__builtin_convertvector(h, VecU) << 16);
+  }
+}
 
-// formats.md §2.2 steps 1-4 for the block in xs.
-inline void block_scale(const float* xs, Block& b) {
-  alignas(64) uint32_t ab[kBlock];
-  uint32_t* c4 = b.c4;
-  uint32_t* c8 = b.c8;
-  for (int i = 0; i < kBlock; ++i) ab[i] = float_bits(xs[i]) & kAbsMask;
-  for (int j = 0; j < kBlock; j += 4) {
-    const uint32_t m = umax(umax(ab[j], ab[j + 1]), umax(ab[j + 2], ab[j + 3]));
-    c4[j] = c4[j + 1] = c4[j + 2] = c4[j + 3] = m;
+// formats.md §2.2 steps 1-4 for the block in b.x.
+inline void block_scale(Block& b) {
+  VecU all = {};
+  for (int q = 0; q < kVecs; ++q) {
+    const VecU a = (VecU)b.x[q] & kAbsMask;
+    VecU m = umax(a, __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    m = umax(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    b.c4[q] = m;
+    b.c8[q] = umax(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    all = umax(all, b.c8[q]);
   }
-  for (int g = 0; g < kBlock; g += 8) {
-    for (int q = 0; q < 4; ++q) c8[g + q] = c8[g + 4 + q] = umax(c4[g + q], c4[g + 4 + q]);
-  }
-  uint32_t A = 0;
-  for (int i = 0; i < kBlock; ++i) A = umax(A, ab[i]);
+  const uint32_t A = all[0] > all[8] ? all[0] : all[8];
   b.nan = A > kInfBits;
   if (b.nan) {
     b.code = kNanCode;
+    b.S = b.R = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   // S0 = bf16(fp32(A * c)) clamped to [2^-48, 49152]; on bit patterns since it is positive.
@@ -123,39 +158,73 @@ inline void block_scale(const float* xs, Block& b) {
   b.R = kTables.R[b.code];
 }
 
-// Steps 5-6 for element i: E1_8 of its group of 8, E1_16 of its group of 4. The spec's test
-// fp32(C * R) / 2^E1_8 >= 2 is written as fp32(C * R) >= 2^(E1_8 + 1): halving is exact for
-// normal numbers, and a subnormal product fails both forms.
-inline int32_t e1_8_of(const Block& b, int i) { return bits_float(b.c8[i]) * b.R >= 4.0f; }
-inline int32_t e1_16_of(const Block& b, int i, int32_t e8) { return bits_float(b.c4[i]) * b.R >= pow2(e8 + 1); }
-
-// Step 7: k = floor(t + 0.5) exactly, saturated to 7. t is clamped to 8 first so Inf gives 7
-// (on the bit pattern: t >= 0, and an integer select vectorizes where a float one does not); the
-// fraction t - trunc(t) is exact in float32, so comparing it with 0.5 is the exact rounding.
-// |x| * 2^-d equals fp32(|x| / 2^d): both are the correctly rounded value of the same number.
-inline int32_t element_k(float x, int32_t d, float R) {
-  const uint32_t tb = float_bits(((std::fabs(x) * pow2(-d)) * R) * 4.0f);
-  const float t = bits_float(tb < kEightBits ? tb : kEightBits);
-  int32_t k = static_cast<int32_t>(t);
-  k += (t - static_cast<float>(k)) >= 0.5f;
-  return k < 7 ? k : 7;
+// Steps 5-7 for the 16 lanes of vector q: E1_8 and E1_16 of each lane's groups (as 0/1) and k.
+// The spec's test fp32(C * R) / 2^E1_8 >= 2 is written fp32(C * R) >= 2^(E1_8 + 1): halving is
+// exact for normal numbers, and a subnormal product fails both forms. |x| * 2^-d equals
+// fp32(|x| / 2^d): both are the correctly rounded value of the same number. k = floor(t + 0.5)
+// exactly: t is clamped to 8 first (on its bit pattern, t >= 0) so Inf gives 7, and the fraction
+// t - trunc(t) is exact in float32, so comparing it with 0.5 is the exact rounding.
+inline VecI quantize_lanes(const Block& b, int q, VecI& e8, VecI& e16) {
+  e8 = -((VecF)b.c8[q] * b.R >= 4.0f);  // comparisons give -1 / 0
+  e16 = -((VecF)b.c4[q] * b.R >= pow2(e8 + 1));
+  const VecI d = e8 + e16;
+  const VecU tb = (VecU)((((VecF)((VecU)b.x[q] & kAbsMask) * pow2(-d)) * b.R) * 4.0f);
+  const VecF t = (VecF)(tb < kEightBits ? tb : splat<VecU>(kEightBits));
+  VecI k = __builtin_convertvector(t, VecI);
+  k -= (t - __builtin_convertvector(k, VecF)) >= 0.5f;
+  return k < 7 ? k : splat<VecI>(7);
 }
 
-// Value of k with micro-exponent d under scale S: (k/4) * 2^d * S, exact in float32.
-inline float element_value(int32_t k, int32_t d, float S) {
-  return static_cast<float>(k) * (S * pow2(d - 2));
+// (k/4) * 2^d * S with the sign of x: exact in float32.
+inline VecF element_value(VecI k, VecI d, float S, VecF x) {
+  const VecF v = __builtin_convertvector(k, VecF) * (S * pow2(d - 2));
+  return (VecF)((VecU)v | ((VecU)x & kSignBit));
 }
 
 template <typename T>
-inline void store_block(const float* ys, int64_t n, T* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(ys[i]);
+inline void store_block(const VecF* y, int64_t n, T* dst) {
+  alignas(64) float buf[kBlock];
+  std::memcpy(buf, y, sizeof buf);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(buf[i]);
 }
 
-// c10's float -> bfloat16 conversion checks for NaN with a branch; this one is branch-free and
-// gives the same bits for every value fake_quant produces (our only NaN is the quiet NaN).
 template <>
-inline void store_block<c10::BFloat16>(const float* ys, int64_t n, c10::BFloat16* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(bf16_bits(ys[i]), c10::BFloat16::from_bits());
+inline void store_block<float>(const VecF* y, int64_t n, float* dst) {
+  if (n == kBlock) {
+    std::memcpy(dst, y, kBlock * sizeof(float));  // a constant size: inlined as vector stores
+  } else {
+    std::memcpy(dst, y, n * sizeof(float));
+  }
+}
+
+// Round to nearest even on the bit pattern; fake_quant's only NaN is the quiet NaN, which this
+// keeps quiet, so the bits equal c10's conversion.
+template <>
+inline void store_block<c10::BFloat16>(const VecF* y, int64_t n, c10::BFloat16* dst) {
+  alignas(64) uint16_t buf[kBlock];
+  for (int q = 0; q < kVecs; ++q) {
+    const VecU u = (VecU)y[q];
+    const VecU16 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, VecU16);
+    std::memcpy(buf + q * kLanes, &h, sizeof h);
+  }
+  if (n == kBlock) {
+    std::memcpy(dst, buf, sizeof buf);
+  } else {
+    std::memcpy(dst, buf, n * sizeof(uint16_t));
+  }
+}
+
+// Calls f(r, bi, blk) for the blocks [begin, end) of a (rows, nblk) grid, blk = r * nblk + bi.
+template <typename F>
+inline void for_blocks(int64_t nblk, int64_t begin, int64_t end, F f) {
+  int64_t r = begin / nblk, bi = begin % nblk;  // stepped, not divided, per block
+  for (int64_t blk = begin; blk < end; ++blk, ++bi) {
+    if (bi == nblk) {
+      bi = 0;
+      ++r;
+    }
+    f(r, bi, blk);
+  }
 }
 
 template <typename T>
@@ -163,31 +232,23 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
   if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    alignas(64) float xs[kBlock];
-    alignas(64) float ys[kBlock];
     Block b;
-    int64_t r = begin / nblk, bi = begin % nblk;  // row and block of blk, stepped without dividing
-    for (int64_t blk = begin; blk < end; ++blk, ++bi) {
-      if (bi == nblk) {
-        bi = 0;
-        ++r;
-      }
-      const int64_t off = bi * kBlock;
-      const int64_t n = L - off < kBlock ? L - off : kBlock;
-      load_block(x + r * L + off, n, xs);
-      block_scale(xs, b);
-      if (b.nan) {
-        for (int i = 0; i < kBlock; ++i) ys[i] = std::numeric_limits<float>::quiet_NaN();
-      } else {
-        for (int i = 0; i < kBlock; ++i) {
-          const int32_t e8 = e1_8_of(b, i);
-          const int32_t d = e8 + e1_16_of(b, i, e8);
-          const float v = element_value(element_k(xs[i], d, b.R), d, b.S);
-          ys[i] = bits_float(float_bits(v) | (float_bits(xs[i]) & kSignBit));
+    VecF out[kVecs];
+    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t) {
+      const int64_t off = bi * kBlock, n = L - off < kBlock ? L - off : kBlock;
+      load_block(x + r * L + off, n, b);
+      block_scale(b);
+      for (int q = 0; q < kVecs; ++q) {
+        if (b.nan) {
+          out[q] = splat<VecF>(std::numeric_limits<float>::quiet_NaN());
+        } else {
+          VecI e8, e16;
+          const VecI k = quantize_lanes(b, q, e8, e16);
+          out[q] = element_value(k, e8 + e16, b.S, b.x[q]);
         }
       }
-      store_block(ys, n, y + r * L + off);
-    }
+      store_block(out, n, y + r * L + off);
+    });
   });
 }
 
@@ -196,46 +257,32 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
   const int64_t nblk = (L + kBlock - 1) / kBlock;
   if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    alignas(64) float xs[kBlock];
-    alignas(64) uint8_t nib[kBlock];
-    alignas(64) int32_t e1_8[kBlock];
-    alignas(64) int32_t e1_16[kBlock];
     Block b;
-    int64_t r = begin / nblk, bi = begin % nblk;  // row and block of blk, stepped without dividing
-    for (int64_t blk = begin; blk < end; ++blk, ++bi) {
-      if (bi == nblk) {
-        bi = 0;
-        ++r;
-      }
+    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t blk) {
       const int64_t off = bi * kBlock;
-      const int64_t n = L - off < kBlock ? L - off : kBlock;
-      load_block(x + r * L + off, n, xs);
-      block_scale(xs, b);
-      // blk = r * nblk + block index: the block's codes start at blk * 32, its scales at blk * 4.
+      load_block(x + r * L + off, L - off < kBlock ? L - off : kBlock, b);
+      block_scale(b);
       uint8_t* c = codes + blk * (kBlock / 2);
       uint8_t* s = scales + blk * 4;
       if (b.nan) {  // canonical NaN block: scale 0xFF, E1 bits and nibbles 0
         std::memset(c, 0, kBlock / 2);
         s[0] = kNanCode;
         s[1] = s[2] = s[3] = 0;
-        continue;
+        return;
       }
-      for (int i = 0; i < kBlock; ++i) {
-        const int32_t e8 = e1_8_of(b, i);
-        e1_8[i] = e8;
-        e1_16[i] = e1_16_of(b, i, e8);
-        const uint32_t k = static_cast<uint32_t>(element_k(xs[i], e8 + e1_16[i], b.R));
-        nib[i] = static_cast<uint8_t>(((float_bits(xs[i]) >> 28) & 8u) | k);
+      uint32_t e1_8 = 0, e1_16 = 0;
+      for (int q = 0; q < kVecs; ++q) {
+        VecI e8, e16;
+        const VecI nib = quantize_lanes(b, q, e8, e16) | (VecI)(((VecU)b.x[q] >> 28) & 8u);
+        for (int i = 0; i < kLanes / 2; ++i) c[q * kLanes / 2 + i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
+        e1_8 |= static_cast<uint32_t>(e8[0] | (e8[8] << 1)) << (2 * q);
+        e1_16 |= static_cast<uint32_t>(e16[0] | (e16[4] << 1) | (e16[8] << 2) | (e16[12] << 3)) << (4 * q);
       }
-      for (int i = 0; i < kBlock / 2; ++i) c[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
-      uint32_t e8 = 0, e16 = 0;
-      for (int g = 0; g < 8; ++g) e8 |= static_cast<uint32_t>(e1_8[8 * g]) << g;
-      for (int j = 0; j < 16; ++j) e16 |= static_cast<uint32_t>(e1_16[4 * j]) << j;
       s[0] = b.code;
-      s[1] = static_cast<uint8_t>(e8);
-      s[2] = static_cast<uint8_t>(e16 & 0xFF);
-      s[3] = static_cast<uint8_t>(e16 >> 8);
-    }
+      s[1] = static_cast<uint8_t>(e1_8);
+      s[2] = static_cast<uint8_t>(e1_16 & 0xFF);
+      s[3] = static_cast<uint8_t>(e1_16 >> 8);
+    });
   });
 }
 
@@ -318,27 +365,24 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
   const uint8_t* sp = sc.data_ptr<uint8_t>();
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t nib[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       // blk = r * nblk + block index: codes start at blk * 32, scales at blk * 4, values at blk * 64.
       const uint8_t* s = sp + blk * 4;
       const uint8_t* c = cp + blk * (kBlock / 2);
-      float* y = yp + blk * kBlock;
-      if (s[0] == kNanCode) {
-        for (int i = 0; i < kBlock; ++i) y[i] = std::numeric_limits<float>::quiet_NaN();
-        continue;
+      const float S = kTables.S[s[0]];  // NaN for 0xFF: the whole block decodes to NaN
+      const uint32_t e1_8 = s[1], e1_16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
+      VecF out[kVecs];
+      for (int q = 0; q < kVecs; ++q) {
+        VecI nib, d;
+        for (int i = 0; i < kLanes; ++i) {
+          const int e = q * kLanes + i;  // element index in the block
+          nib[i] = (c[e / 2] >> (4 * (e & 1))) & 0xF;
+          d[i] = static_cast<int32_t>(((e1_8 >> (e / 8)) & 1u) + ((e1_16 >> (e / 4)) & 1u));
+        }
+        const VecF v = __builtin_convertvector(nib & 7, VecF) * (S * pow2(d - 2));
+        out[q] = (VecF)((VecU)v | ((VecU)(nib & 8) << 28));
       }
-      const float S = kTables.S[s[0]];
-      const uint32_t e8 = s[1], e16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
-      for (int i = 0; i < kBlock / 2; ++i) {
-        nib[2 * i] = c[i] & 0xF;
-        nib[2 * i + 1] = c[i] >> 4;
-      }
-      for (int i = 0; i < kBlock; ++i) {
-        const int32_t d = static_cast<int32_t>(((e8 >> (i >> 3)) & 1u) + ((e16 >> (i >> 2)) & 1u));
-        const float v = element_value(nib[i] & 7, d, S);
-        y[i] = bits_float(float_bits(v) | (static_cast<uint32_t>(nib[i] & 8) << 28));
-      }
+      std::memcpy(yp + blk * kBlock, out, sizeof out);
     }
   });
   return out;

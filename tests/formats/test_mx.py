@@ -507,8 +507,6 @@ def test_roundtrip_and_shapes(backend, fmt):
     assert fake_quant(torch.tensor(-2.5), fmt, backend=backend).shape == ()
 
 
-@pytest.mark.xfail(strict=True, reason="api.decode reshapes the padded (1, Lp) row of a 0-d tensor "
-                                       "to () without slicing it to L = 1 first")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_roundtrip_zero_dim(fmt):
     x = torch.tensor(-2.5)

@@ -14,6 +14,16 @@ from lpq.pipelines.ptq_config import PTQConfig
 CALIB_WORDS = " ".join(f"w{(i * 7919) % 990 + 4}" for i in range(600))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run thousands of small ops; on shared, busy cores a second OpenMP thread only
+    adds synchronization (several times slower measured), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _recipe(tmp_path: Path, model: str, algorithms: list[dict], **extra) -> dict:
     """The smallest settings that still exercise every step: 2 calibration sequences of 16 tokens,
     explicit protection (sensitivity runs only where a test asks for protect.auto), 1 eval window."""
