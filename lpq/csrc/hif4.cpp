@@ -33,7 +33,7 @@ constexpr uint32_t kSignBit = 0x80000000u;
 constexpr uint32_t kInfBits = 0x7F800000u;
 constexpr uint32_t kScaleMinBits = 0x27800000u;  // 2^-48
 constexpr uint32_t kScaleMaxBits = 0x47400000u;  // 49152 = 1.5 * 2^15
-constexpr uint32_t kEightBits = 0x41000000u;     // 8.0f
+constexpr uint32_t kSevenBits = 0x40E00000u;     // 7.0f
 constexpr uint8_t kNanCode = 0xFF;
 
 typedef float VecF __attribute__((vector_size(64)));
@@ -159,20 +159,25 @@ inline void block_scale(Block& b) {
 }
 
 // Steps 5-7 for the 16 lanes of vector q: E1_8 and E1_16 of each lane's groups (as 0/1) and k.
-// The spec's test fp32(C * R) / 2^E1_8 >= 2 is written fp32(C * R) >= 2^(E1_8 + 1): halving is
-// exact for normal numbers, and a subnormal product fails both forms. |x| * 2^-d equals
-// fp32(|x| / 2^d): both are the correctly rounded value of the same number. k = floor(t + 0.5)
-// exactly: t is clamped to 8 first (on its bit pattern, t >= 0) so Inf gives 7, and the fraction
-// t - trunc(t) is exact in float32, so comparing it with 0.5 is the exact rounding.
+//
+// * The spec's test fp32(C * R) / 2^E1_8 >= 2 is written fp32(C * R) >= 2^(E1_8 + 1): halving
+//   is exact for normal numbers, and a subnormal product fails both forms.
+// * |x| * 2^-d equals fp32(|x| / 2^d): both are the correctly rounded value of the same number.
+// * k = min(floor(t + 0.5), 7) exactly. Clamping t to 7 first (on its bit pattern; t >= 0, and
+//   Inf clamps too) gives the saturation. For t < 0.5 the answer is 0. For 0.5 <= t <= 7 the
+//   float32 sum s = t + 0.5 may be rounded, but never across an integer: s is a multiple of
+//   ulp(t) and ulp(s) <= 2 ulp(t), so a rounding that reached an integer n > s would need
+//   s = n - ulp(t) with s one binade above t, i.e. n within ulp(t) of that binade's start 2^e
+//   (e >= 0, an integer) while s < 2^e + 0.5: impossible. So trunc(fp32(t + 0.5)) is exact there;
+//   only t < 0.5 (the "fp32 trap", t = 0.5 - 2^-25 rounds up to 1) needs the select.
 inline VecI quantize_lanes(const Block& b, int q, VecI& e8, VecI& e16) {
   e8 = -((VecF)b.c8[q] * b.R >= 4.0f);  // comparisons give -1 / 0
   e16 = -((VecF)b.c4[q] * b.R >= pow2(e8 + 1));
   const VecI d = e8 + e16;
   const VecU tb = (VecU)((((VecF)((VecU)b.x[q] & kAbsMask) * pow2(-d)) * b.R) * 4.0f);
-  const VecF t = (VecF)(tb < kEightBits ? tb : splat<VecU>(kEightBits));
-  VecI k = __builtin_convertvector(t, VecI);
-  k -= (t - __builtin_convertvector(k, VecF)) >= 0.5f;
-  return k < 7 ? k : splat<VecI>(7);
+  const VecF t = (VecF)(tb < kSevenBits ? tb : splat<VecU>(kSevenBits));
+  const VecI k = __builtin_convertvector(t + 0.5f, VecI);
+  return t < 0.5f ? VecI{} : k;
 }
 
 // (k/4) * 2^d * S with the sign of x: exact in float32.

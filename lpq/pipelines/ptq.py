@@ -10,6 +10,7 @@ killed run restarts at block i+1 and ends with the same model as an uninterrupte
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import resource
@@ -32,6 +33,7 @@ from lpq.pipelines import linear_hooks as lh
 from lpq.pipelines.calibration import BlockInputs, advance, capture, decoder_blocks, feed_causal_lm
 from lpq.pipelines.ptq_blocks import prepare_block, process_block
 from lpq.pipelines.ptq_config import PTQConfig
+from lpq.quant.recipe import QuantRecipe
 
 CHECKPOINT_VERSION = 1
 
@@ -269,6 +271,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         bad = [b for b in protected if b >= n_blocks]
         if bad:
             raise ValueError(f"protected block(s) {bad} out of range: the model has {n_blocks} blocks")
+        _local_protected(stages, set(protected))   # fail now, not after the last block, if the runtime cannot hold it
         meta["protected"] = protected
         meta["timings"] = timings
         ckpt.save_meta(meta)
@@ -322,12 +325,90 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         "baseline": {},
         "quantized": {},
     }
+    t0 = time.perf_counter()
+    recipe = to_runtime(loaded, cfg, stages, protected)
+    report["timings"]["convert_s"] = time.perf_counter() - t0
     if cfg.evaluation is not None and loaded.kind != "wan":
         report.update(evaluate(loaded, cfg, out_dir))
+    if cfg.export is not None:
+        t0 = time.perf_counter()
+        report["export"] = export(loaded, cfg, recipe, out_dir)
+        report["timings"]["export_s"] = time.perf_counter() - t0
     report["wall_s"] = prev_wall + time.perf_counter() - t_start
     report["peak_rss_mb"] = peak_rss_mb()
     write_report(report, out_dir)
     return report
+
+
+# ---------------------------------------------------------------- runtime modules and export
+
+def _local_protected(stages: list[Stage], protected: set[int]) -> list[int]:
+    """The protected blocks as the runtime recipe numbers them: per network (Wan: per expert).
+
+    A runtime recipe holds one list for every network, so the experts of a Wan pipeline must have
+    the same local protected indices."""
+    per_stage = [sorted(g - st.offset for g in protected if st.offset <= g < st.offset + len(st.blocks))
+                 for st in stages]
+    if any(p != per_stage[0] for p in per_stage[1:]):
+        raise ValueError("the runtime recipe protects the same block indices in every network; the protected "
+                         f"blocks per network differ: {dict((st.name, p) for st, p in zip(stages, per_stage))}. "
+                         "List protect.blocks so that each expert protects the same local indices")
+    return per_stage[0]
+
+
+def to_runtime(loaded: LoadedModel, cfg: PTQConfig, stages: list[Stage], protected: set[int]) -> QuantRecipe:
+    """Turn the simulated model into runtime modules, in place, and return their recipe.
+
+    `quantize_model` makes the linears of unprotected blocks QuantLinear; each linear the pipeline
+    rotated or smoothed gets the same online part as an `InputTransform` (protected blocks keep their
+    rotation too), and each quantized weight is stored as it is (`set_quantized_weight`: GPTQ output
+    is on the grid and must not be re-quantized). The model computes exactly what the simulation
+    did; `export_model` can write it.
+    """
+    from lpq.quant import InputTransform, QuantLinear, quantize_model, set_input_transform
+    from lpq.quant.experts import QuantExperts
+
+    recipe = dataclasses.replace(cfg.quant, protected_blocks=_local_protected(stages, protected))
+    transforms: dict[tuple[int, str], InputTransform] = {}
+    for si, stage in enumerate(stages):
+        prefix = decoder_prefix(stage.root)
+        for i, blk in enumerate(stage.blocks):
+            for name, mod in list(blk.named_modules()):
+                st = lh.state(mod)
+                if st is not None:
+                    if st.rotation or st.input_scale is not None:
+                        transforms[si, f"{prefix}.{i}.{name}"] = InputTransform(st.rotation, st.input_scale)
+                    lh.detach(mod)
+                elif isinstance(mod, QuantExperts):
+                    # The runtime wraps fused experts itself (same parameters, same RTN W4A4).
+                    parent, _, attr = name.rpartition(".")
+                    setattr(blk.get_submodule(parent) if parent else blk, attr, mod._float_experts[0])
+    quantize_model(loaded.model, recipe)
+    for (si, name), transform in transforms.items():
+        set_input_transform(stages[si].root, name, transform)
+    for stage in stages:
+        for mod in stage.root.modules():
+            if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
+                mod.set_quantized_weight(mod.weight.detach().clone())
+    return recipe
+
+
+def decoder_prefix(root: nn.Module) -> str:
+    """Module name of the block list inside `root` (`model.layers` for a causal LM, `blocks` for Wan)."""
+    blocks = decoder_blocks(root)
+    return next(n for n, m in root.named_modules() if m is blocks)
+
+
+def export(loaded: LoadedModel, cfg: PTQConfig, recipe: QuantRecipe, out_dir: Path) -> dict:
+    """The packed (or fake) checkpoint of the runtime model; returns where it went and its sizes."""
+    from lpq.export import export_model
+
+    ex = cfg.export
+    # The default folder belongs to this run, so a rerun replaces it; an explicit `out` needs `force`.
+    path = Path(ex.out) if ex.out else out_dir / "quantized"
+    size = export_model(loaded.model, recipe, path, kind=ex.kind, force=ex.force or ex.out is None,
+                        tokenizer=loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
+    return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}
 
 
 def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:

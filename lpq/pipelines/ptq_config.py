@@ -6,6 +6,7 @@ from typing import Literal
 
 from lpq.algorithms import grid
 from lpq.data.calibration import CalibrationConfig
+from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
 
@@ -80,12 +81,6 @@ class EvalConfig:
 
 
 @dataclass
-class ExportConfig:
-    enabled: bool = True
-    format: str = "packed"
-
-
-@dataclass
 class PTQConfig:
     quant: QuantRecipe
     calibration: CalibrationConfig
@@ -93,7 +88,7 @@ class PTQConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    export: ExportSettings | None = field(default_factory=ExportSettings)   # None: no checkpoint
     output_dir: str = "runs/ptq"
     skip_linears: list[str] = field(default_factory=list)   # relative names inside a block kept high precision
 
