@@ -27,6 +27,7 @@ constexpr int kBlock = 64;
 constexpr int kLanes = 16;
 constexpr int kVecs = kBlock / kLanes;
 constexpr int64_t kGrainBlocks = 256;
+constexpr int kBatch = 8;
 constexpr float kInv7 = 0.142578125f;     // bf16(1/7), the toolkit's constant
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kSignBit = 0x80000000u;
@@ -237,23 +238,36 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
   if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    Block b;
-    VecF out[kVecs];
-    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t) {
-      const int64_t off = bi * kBlock, n = L - off < kBlock ? L - off : kBlock;
-      load_block(x + r * L + off, n, b);
-      block_scale(b);
-      for (int q = 0; q < kVecs; ++q) {
-        if (b.nan) {
-          out[q] = splat<VecF>(std::numeric_limits<float>::quiet_NaN());
-        } else {
-          VecI e8, e16;
-          const VecI k = quantize_lanes(b, q, e8, e16);
-          out[q] = element_value(k, e8 + e16, b.S, b.x[q]);
+    // Blocks go in batches: the scales of a batch are independent scalar dependency chains that
+    // the CPU overlaps, where one block at a time would wait for each chain in turn.
+    Block b[kBatch];
+    int64_t pos[kBatch], len[kBatch];  // offset of each block in x / y, and its valid length
+    int cnt = 0;
+    auto quantize_batch = [&]() {
+      for (int j = 0; j < cnt; ++j) {
+        VecF out[kVecs];
+        for (int q = 0; q < kVecs; ++q) {
+          if (b[j].nan) {
+            out[q] = splat<VecF>(std::numeric_limits<float>::quiet_NaN());
+          } else {
+            VecI e8, e16;
+            const VecI k = quantize_lanes(b[j], q, e8, e16);
+            out[q] = element_value(k, e8 + e16, b[j].S, b[j].x[q]);
+          }
         }
+        store_block(out, len[j], y + pos[j]);
       }
-      store_block(out, n, y + r * L + off);
+      cnt = 0;
+    };
+    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t) {
+      const int64_t off = bi * kBlock;
+      pos[cnt] = r * L + off;
+      len[cnt] = L - off < kBlock ? L - off : kBlock;
+      load_block(x + pos[cnt], len[cnt], b[cnt]);
+      block_scale(b[cnt]);
+      if (++cnt == kBatch) quantize_batch();
     });
+    quantize_batch();
   });
 }
 

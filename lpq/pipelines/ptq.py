@@ -1,6 +1,6 @@
 """`lpq ptq`: W4A4 post-training quantization, block by block, resumable.
 
-Flow: load the model -> calibration inputs of block 0 (hooks) -> data-free rotation of every block
+Flow: load the model (-> residual-stream rotation, `rotate_residual`) -> calibration inputs of block 0 (hooks) -> data-free rotation of every block
 -> sensitivity ranking and protected blocks (`protect.auto`) -> for each block in order: smoothing,
 Hessians of its (quantized) inputs, GPTQ / scale search / RTN, outputs for the next block, a
 checkpoint -> evaluation vs the unquantized model -> report.md, report.json, the resolved recipe.
@@ -24,6 +24,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
+from lpq.algorithms.rotation import rotate_residual
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
 from lpq.config import ConfigError, dump_yaml, load_config, to_dict
@@ -247,6 +248,12 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         print(f"lpq ptq: resuming after {resumed_from} finished blocks", file=sys.stderr)
 
     loaded = load_model(cfg.model)
+    rot = cfg.step("rotate_residual")
+    if rot is not None:
+        if loaded.kind == "wan":
+            raise ValueError("rotate_residual supports causal LMs, not Wan")
+        # Data-free and seeded: a resumed run rebuilds the same rotated model, then loads its finished blocks.
+        rotate_residual(loaded.model, rot.seed)
     stages = stages_of(loaded)
     n_blocks = sum(len(s.blocks) for s in stages)
     for stage in stages:
@@ -440,7 +447,11 @@ def write_report(report: dict, out_dir: Path) -> None:
     lines = [f"# lpq ptq report: {report['model']} in {report['format']}", "",
              f"* protected blocks: {report['protected_blocks']}",
              f"* wall time: {report['wall_s']:.1f} s; peak RSS: {report['peak_rss_mb']:.0f} MB",
-             f"* algorithms: {', '.join(a['name'] for a in report['algorithms'])}", ""]
+             f"* algorithms: {', '.join(a['name'] for a in report['algorithms'])}"]
+    if "export" in report:
+        ex = report["export"]
+        lines.append(f"* export ({ex['kind']}): {ex['path']}, {ex['bits_per_param']:.2f} bits per quantized weight")
+    lines.append("")
     if "wikitext2_ppl" in q:
         inc = 100 * (q["wikitext2_ppl"] / b["wikitext2_ppl"] - 1)
         lines += ["| metric | baseline | quantized |", "|---|---|---|",

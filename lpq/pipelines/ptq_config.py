@@ -12,6 +12,7 @@ from lpq.quant.recipe import QuantRecipe
 
 # Settings each algorithm accepts; anything else in its YAML entry is an error.
 STEP_SETTINGS = {
+    "rotate_residual": {"seed"},
     "rtn": set(),
     "scale_search": set(),
     "smoothquant": {"alpha"},
@@ -19,14 +20,15 @@ STEP_SETTINGS = {
     "gptq": {"damp", "act_order", "scale_search", "lazy_batch"},
 }
 WEIGHT_STEPS = ("rtn", "scale_search", "gptq")
-_DEFAULTS = {"alpha": 0.5, "block": None, "damp": 0.01, "act_order": False, "scale_search": True, "lazy_batch": 128}
+_DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "damp": 0.01, "act_order": False, "scale_search": True, "lazy_batch": 128}
 
 
 @dataclass
 class StepConfig:
     """One algorithm. `name` picks it; only that algorithm's settings may be given."""
 
-    name: Literal["rtn", "scale_search", "smoothquant", "hadamard", "gptq"]
+    name: Literal["rotate_residual", "rtn", "scale_search", "smoothquant", "hadamard", "gptq"]
+    seed: int | None = None              # rotate_residual: seed of the random orthogonal matrix
     alpha: float | None = None           # smoothquant: migration strength
     block: int | None = None             # hadamard: block size (default: the format's block)
     damp: float | None = None            # gptq: dampening, fraction of mean(diag H)
@@ -112,6 +114,8 @@ class PTQConfig:
                              f"({', '.join(WEIGHT_STEPS)}); got {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"each algorithm may appear once; got {names}")
+        if "rotate_residual" in names and names[0] != "rotate_residual":
+            raise ValueError("rotate_residual rewrites the whole model before calibration; list it first")
 
     @property
     def weight_format(self) -> str:

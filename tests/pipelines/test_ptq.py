@@ -82,7 +82,7 @@ def test_runtime_modules_and_export_reproduce_the_simulation(tmp_path, monkeypat
         return recipe
 
     monkeypatch.setattr(ptq, "to_runtime", spy)
-    report = _run(tmp_path, _recipe(tmp_path, "tiny-llama", FULL, evaluation=None))
+    report = _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual"}] + FULL, evaluation=None))
     reloaded = load_quantized(report["export"]["path"])
     with torch.no_grad():
         logits["reloaded"] = reloaded(ids).logits
@@ -94,6 +94,28 @@ def test_runtime_modules_and_export_reproduce_the_simulation(tmp_path, monkeypat
     assert q_proj.input_transform.hadamard_block == 64 and q_proj.input_transform.input_scale is None
     assert reloaded.model.layers[0].self_attn.o_proj.input_transform.input_scale is not None
     assert reloaded.model.layers[1].self_attn.q_proj.weight_quantizer is None      # protected block
+
+
+def test_hessians_are_taken_after_the_earlier_linears_of_the_block_are_quantized(tmp_path, monkeypatch):
+    """Sequential within a block: o_proj's Hessian sees the output of the quantized q/k/v, and so on."""
+    from lpq.pipelines import ptq_blocks
+
+    events = []
+    real_h, real_q = ptq_blocks.capture_hessian, ptq_blocks.quantize_group
+
+    def capture(block, lin, inputs):
+        events.append(("H", next(n for n, m in block.named_modules() if m is lin)))
+        return real_h(block, lin, inputs)
+
+    def quantize(lins, group, *args):
+        events.append(("Q", group[0]))
+        return real_q(lins, group, *args)
+
+    monkeypatch.setattr(ptq_blocks, "capture_hessian", capture)
+    monkeypatch.setattr(ptq_blocks, "quantize_group", quantize)
+    _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "gptq"}], evaluation=None, export=None))
+    leaders = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]   # block 1 is protected
+    assert events == [(kind, n) for n in leaders for kind in ("H", "Q")]
 
 
 def test_quantization_changes_the_model_and_protection_keeps_blocks(tmp_path):
@@ -123,8 +145,8 @@ def _final_state(out: Path) -> dict:
 
 
 def test_resume_after_a_kill_gives_the_identical_model(tmp_path, monkeypatch):
-    d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}, {"name": "gptq"}], evaluation=None,
-                protect={"blocks": []})
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual", "seed": 1}, {"name": "hadamard"}, {"name": "gptq"}],
+                evaluation=None, export=None, protect={"blocks": []})
     _run(tmp_path, d, "straight")
 
     real = ptq.process_block
@@ -164,6 +186,10 @@ def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
     d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}])
     p.write_text(yaml.safe_dump(d))
     with pytest.raises(ConfigError, match="end with exactly one weight quantizer"):
+        load_config(p, PTQConfig)
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}, {"name": "rotate_residual"}, {"name": "gptq"}])
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="list it first"):
         load_config(p, PTQConfig)
 
 
