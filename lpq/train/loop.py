@@ -36,7 +36,7 @@ class RunResult:
     losses: list[float]
     step_times: list[float]
     eval_loss: float
-    eval_loss_initial: float | None = None      # before training (None when resumed past step 0)
+    eval_loss_initial: float | None = None      # before training (None for checkpoints older than this field)
     extra: dict = field(default_factory=dict)
 
 
@@ -170,8 +170,8 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
-    state: dict = {"losses": [], "step_times": [], "quant_on": []}
-    start, initial_eval = 0, None
+    state: dict = {"losses": [], "step_times": [], "quant_on": [], "eval_loss_initial": None}
+    start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(accelerator, scheduler, ckpt)
@@ -179,7 +179,7 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
         if main:
             print(f"lpq train [{label}]: resumed from {ckpt} at step {start}")
     else:
-        initial_eval = evaluate(model, objective, accelerator, cfg.batch_size)
+        state["eval_loss_initial"] = evaluate(model, objective, accelerator, cfg.batch_size)
     metrics = JsonlLog(run_dir / "metrics.jsonl", start) if main else None
     qlog = JsonlLog(run_dir / "quant_stats.jsonl", start) if main and quantized else None
 
@@ -257,7 +257,8 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     _save_final(accelerator, model, raw, loaded, run_dir)
     if quantized and recipe.export is not None and accelerator.is_main_process:
         _export(raw, loaded, recipe, run_dir)
-    result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss, initial_eval)
+    result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss,
+                       state.get("eval_loss_initial"))
     result.extra["quant_on"] = state["quant_on"]
     if accelerator.num_processes > 1:
         result.extra["ranks_identical"] = _check_ranks_identical(accelerator, raw, run_dir)

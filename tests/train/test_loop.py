@@ -20,6 +20,8 @@ def test_hif8_and_reference_runs_report(corpus, tmp_path):
     for key in ("steps", "scaling", "eval_loss_bf16", "eval_loss_hif8", "rel_diff_pct", "step_time_ratio"):
         assert report[key] is not None, key
     assert report["steps"] == 6 and report["scaling"] == "delayed"
+    assert report["eval_loss_bf16"] < report["eval_loss_bf16_before_training"]
+    assert report["within_0.5pct"] == (report["rel_diff_pct"] < 0.5)
     assert report["rel_diff_pct"] == pytest.approx(
         100 * (report["eval_loss_hif8"] - report["eval_loss_bf16"]) / report["eval_loss_bf16"])
     # Identical until HiF8 turns on after the 2 warm-up steps, different from then on.
@@ -61,6 +63,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(corpus, tmp_pat
     assert [r["step"] for r in b] == list(range(1, 8))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]       # bit-identical, not approximately
     assert resumed["eval_loss_hif8"] == full["eval_loss_hif8"]
+    assert resumed["eval_loss_hif8_before_training"] == full["eval_loss_hif8_before_training"]
     wa = load_file(str(tmp_path / "full" / "hif8" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "cut" / "hif8" / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
