@@ -27,7 +27,7 @@ constexpr int kBlock = 64;
 constexpr int kLanes = 16;
 constexpr int kVecs = kBlock / kLanes;
 constexpr int64_t kGrainBlocks = 256;
-constexpr int kBatch = 8;
+constexpr int kBatch = 4;
 constexpr float kInv7 = 0.142578125f;     // bf16(1/7), the toolkit's constant
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kSignBit = 0x80000000u;
@@ -40,7 +40,10 @@ constexpr uint8_t kNanCode = 0xFF;
 typedef float VecF __attribute__((vector_size(64)));
 typedef uint32_t VecU __attribute__((vector_size(64)));
 typedef int32_t VecI __attribute__((vector_size(64)));      // also the type of comparison masks
-typedef uint16_t VecU16 __attribute__((vector_size(32)));
+typedef uint16_t VecU16 __attribute__((vector_size(32)));  // 16 lanes of 16 bits
+typedef uint32_t VecU8 __attribute__((vector_size(32)));   // 8 lanes of 32 bits
+typedef uint8_t VecB8 __attribute__((vector_size(8)));     // 8 bytes
+typedef uint8_t VecB16 __attribute__((vector_size(16)));   // 16 bytes
 
 inline uint32_t float_bits(float f) {
   uint32_t u;
@@ -84,6 +87,11 @@ struct ScaleTables {
 };
 
 const ScaleTables kTables;
+
+// Per lane of a 16-lane vector: nibble position in its code byte, group of 8 and group of 4.
+const VecU kNibbleShift = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+const VecU kGroupOf8 = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+const VecU kGroupOf4 = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
 
 // One block: its values, the maxima of every element's groups, and its scale.
 struct Block {
@@ -220,16 +228,32 @@ inline void store_block<c10::BFloat16>(const VecF* y, int64_t n, c10::BFloat16* 
   }
 }
 
-// Calls f(r, bi, blk) for the blocks [begin, end) of a (rows, nblk) grid, blk = r * nblk + bi.
-template <typename F>
-inline void for_blocks(int64_t nblk, int64_t begin, int64_t end, F f) {
+// Calls f(block, blk, pos, n) for the blocks [begin, end) of a (rows, L) tensor x split into
+// nblk blocks per row: blk = row * nblk + block index, pos = offset of the block in x, n = its
+// valid length (< 64 for a row's tail). The blocks are loaded and scaled in batches first: their
+// scales are independent scalar dependency chains that the CPU overlaps, where one block at a
+// time would wait for each chain in turn.
+template <typename T, typename F>
+inline void for_scaled_blocks(const T* x, int64_t L, int64_t nblk, int64_t begin, int64_t end, F f) {
+  Block b[kBatch];
+  int64_t blks[kBatch], pos[kBatch], len[kBatch];
+  int cnt = 0;
   int64_t r = begin / nblk, bi = begin % nblk;  // stepped, not divided, per block
   for (int64_t blk = begin; blk < end; ++blk, ++bi) {
     if (bi == nblk) {
       bi = 0;
       ++r;
     }
-    f(r, bi, blk);
+    const int64_t off = bi * kBlock;
+    blks[cnt] = blk;
+    pos[cnt] = r * L + off;
+    len[cnt] = L - off < kBlock ? L - off : kBlock;
+    load_block(x + pos[cnt], len[cnt], b[cnt]);
+    block_scale(b[cnt]);
+    if (++cnt == kBatch || blk + 1 == end) {
+      for (int j = 0; j < cnt; ++j) f(b[j], blks[j], pos[j], len[j]);
+      cnt = 0;
+    }
   }
 }
 
@@ -238,36 +262,19 @@ void fake_quant_rows(const T* x, T* y, int64_t rows, int64_t L) {
   const int64_t nblk = (L + kBlock - 1) / kBlock;
   if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    // Blocks go in batches: the scales of a batch are independent scalar dependency chains that
-    // the CPU overlaps, where one block at a time would wait for each chain in turn.
-    Block b[kBatch];
-    int64_t pos[kBatch], len[kBatch];  // offset of each block in x / y, and its valid length
-    int cnt = 0;
-    auto quantize_batch = [&]() {
-      for (int j = 0; j < cnt; ++j) {
-        VecF out[kVecs];
-        for (int q = 0; q < kVecs; ++q) {
-          if (b[j].nan) {
-            out[q] = splat<VecF>(std::numeric_limits<float>::quiet_NaN());
-          } else {
-            VecI e8, e16;
-            const VecI k = quantize_lanes(b[j], q, e8, e16);
-            out[q] = element_value(k, e8 + e16, b[j].S, b[j].x[q]);
-          }
+    for_scaled_blocks(x, L, nblk, begin, end, [&](const Block& b, int64_t, int64_t pos, int64_t n) {
+      VecF out[kVecs];
+      for (int q = 0; q < kVecs; ++q) {
+        if (b.nan) {
+          out[q] = splat<VecF>(std::numeric_limits<float>::quiet_NaN());
+        } else {
+          VecI e8, e16;
+          const VecI k = quantize_lanes(b, q, e8, e16);
+          out[q] = element_value(k, e8 + e16, b.S, b.x[q]);
         }
-        store_block(out, len[j], y + pos[j]);
       }
-      cnt = 0;
-    };
-    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t) {
-      const int64_t off = bi * kBlock;
-      pos[cnt] = r * L + off;
-      len[cnt] = L - off < kBlock ? L - off : kBlock;
-      load_block(x + pos[cnt], len[cnt], b[cnt]);
-      block_scale(b[cnt]);
-      if (++cnt == kBatch) quantize_batch();
+      store_block(out, n, y + pos);
     });
-    quantize_batch();
   });
 }
 
@@ -276,11 +283,7 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
   const int64_t nblk = (L + kBlock - 1) / kBlock;
   if (nblk == 0) return;
   at::parallel_for(0, rows * nblk, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    Block b;
-    for_blocks(nblk, begin, end, [&](int64_t r, int64_t bi, int64_t blk) {
-      const int64_t off = bi * kBlock;
-      load_block(x + r * L + off, L - off < kBlock ? L - off : kBlock, b);
-      block_scale(b);
+    for_scaled_blocks(x, L, nblk, begin, end, [&](const Block& b, int64_t blk, int64_t, int64_t) {
       uint8_t* c = codes + blk * (kBlock / 2);
       uint8_t* s = scales + blk * 4;
       if (b.nan) {  // canonical NaN block: scale 0xFF, E1 bits and nibbles 0
@@ -292,8 +295,13 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
       uint32_t e1_8 = 0, e1_16 = 0;
       for (int q = 0; q < kVecs; ++q) {
         VecI e8, e16;
-        const VecI nib = quantize_lanes(b, q, e8, e16) | (VecI)(((VecU)b.x[q] >> 28) & 8u);
-        for (int i = 0; i < kLanes / 2; ++i) c[q * kLanes / 2 + i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
+        const VecU nib = (VecU)quantize_lanes(b, q, e8, e16) | (((VecU)b.x[q] >> 28) & 8u);
+        // element 2i in the low nibble, 2i + 1 in the high nibble
+        const VecU8 lo = __builtin_shufflevector(nib, nib, 0, 2, 4, 6, 8, 10, 12, 14);
+        const VecU8 hi = __builtin_shufflevector(nib, nib, 1, 3, 5, 7, 9, 11, 13, 15);
+        const VecB8 packed = __builtin_convertvector(lo | (hi << 4), VecB8);
+        std::memcpy(c + q * kLanes / 2, &packed, sizeof packed);
+        // lane 0 / 8 of vector q is in group of 8 number 2q / 2q + 1; lanes 0, 4, 8, 12 likewise
         e1_8 |= static_cast<uint32_t>(e8[0] | (e8[8] << 1)) << (2 * q);
         e1_16 |= static_cast<uint32_t>(e16[0] | (e16[4] << 1) | (e16[8] << 2) | (e16[12] << 3)) << (4 * q);
       }
@@ -392,14 +400,14 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
       const uint32_t e1_8 = s[1], e1_16 = s[2] | (static_cast<uint32_t>(s[3]) << 8);
       VecF out[kVecs];
       for (int q = 0; q < kVecs; ++q) {
-        VecI nib, d;
-        for (int i = 0; i < kLanes; ++i) {
-          const int e = q * kLanes + i;  // element index in the block
-          nib[i] = (c[e / 2] >> (4 * (e & 1))) & 0xF;
-          d[i] = static_cast<int32_t>(((e1_8 >> (e / 8)) & 1u) + ((e1_16 >> (e / 4)) & 1u));
-        }
-        const VecF v = __builtin_convertvector(nib & 7, VecF) * (S * pow2(d - 2));
-        out[q] = (VecF)((VecU)v | ((VecU)(nib & 8) << 28));
+        // lane i of vector q is element 16q + i: byte 8q + i/2, low nibble for even i
+        VecB8 bytes;
+        std::memcpy(&bytes, c + q * kLanes / 2, sizeof bytes);
+        const VecB16 dup = __builtin_shufflevector(bytes, bytes, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        const VecU nib = (__builtin_convertvector(dup, VecU) >> kNibbleShift) & 0xFu;
+        const VecU d = ((splat<VecU>(e1_8) >> (kGroupOf8 + static_cast<uint32_t>(2 * q))) & 1u) + ((splat<VecU>(e1_16) >> (kGroupOf4 + static_cast<uint32_t>(4 * q))) & 1u);
+        const VecF v = __builtin_convertvector(nib & 7u, VecF) * (S * pow2((VecI)d - 2));
+        out[q] = (VecF)((VecU)v | ((nib & 8u) << 28));
       }
       std::memcpy(yp + blk * kBlock, out, sizeof out);
     }

@@ -296,6 +296,100 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
   return out;
 }
 
+// float32 -> bfloat16, round to nearest even: the rounding of Tensor.to(torch.bfloat16). NaN becomes
+// the quiet NaN 0x7FC0 (PyTorch's own NaN bits differ between its scalar and vector paths).
+HIF8_INLINE uint16_t f32_to_bf16_bits(uint32_t u) {
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & kAbsMask) > kInfBits ? 0x7FC0u : rounded);
+}
+
+// Input dtypes of the scaled entry points: widen to fp32 bits, narrow an fp32 result back.
+struct ScaledF32 {
+  using T = uint32_t;
+  static HIF8_INLINE uint32_t load(T v) { return v; }
+  static HIF8_INLINE T store(uint32_t u) { return u; }
+};
+struct ScaledBF16 {
+  using T = uint16_t;
+  static HIF8_INLINE uint32_t load(T v) { return static_cast<uint32_t>(v) << 16; }
+  static HIF8_INLINE T store(uint32_t u) { return f32_to_bf16_bits(u); }
+};
+
+// The scale s must be a power of two with a normal reciprocal: then 1/s is exact and y * (1/s) is
+// the correctly rounded y / s, the unfused path's division.
+float checked_inverse(double scale, const char* fn) {
+  const float s = static_cast<float>(scale);
+  int exp = 0;
+  const float mant = std::frexp(s, &exp);
+  TORCH_CHECK(static_cast<double>(s) == scale && mant == 0.5f && exp >= -125 && exp <= 127, "hif8 ", fn,
+              ": scale must be a power of two in [2^-126, 2^126], got ", scale);
+  return 1.0f / s;
+}
+
+void check_scaled(const torch::Tensor& x, const torch::Tensor& out, const char* fn) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "hif8 ", fn, ": expected a contiguous float32 or bfloat16 CPU tensor, got ", x.scalar_type());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(),
+              "hif8 ", fn, ": out must be a contiguous CPU tensor with x's shape and dtype");
+}
+
+template <typename Fn>
+void with_scaled_dtype(at::ScalarType t, Fn fn) {
+  if (t == at::kFloat) {
+    fn(ScaledF32{});
+  } else {
+    fn(ScaledBF16{});
+  }
+}
+
+template <typename D>
+void fake_quant_scaled_range(const typename D::T* __restrict in, typename D::T* __restrict out, int64_t n, float s,
+                             float inv) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t xs = float_bits(bits_float(D::load(in[i])) * s);
+    out[i] = D::store(float_bits(bits_float(quant_bits(xs)) * inv));
+  }
+}
+
+template <typename D>
+void rescale_range(const typename D::T* __restrict in, typename D::T* __restrict out, int64_t n, float s, float inv) {
+  for (int64_t i = 0; i < n; ++i) out[i] = D::store(float_bits(bits_float(D::load(in[i])) * inv * s));
+}
+
+// (fp32(x) * s -> HiF8 -> / s) rounded to x's dtype, in one pass: the same float32 operations as
+// `(fake_quant(x.float() * s) / s).to(x.dtype)`, so the result is identical bit for bit.
+torch::Tensor fake_quant_scaled(torch::Tensor x, std::string fmt, double scale, torch::Tensor out) {
+  check_fmt(fmt);
+  check_scaled(x, out, "fake_quant_scaled");
+  const float inv = checked_inverse(scale, "fake_quant_scaled");
+  const float s = static_cast<float>(scale);
+  with_scaled_dtype(x.scalar_type(), [&](auto d) {
+    using D = decltype(d);
+    const auto* in = static_cast<const typename D::T*>(x.const_data_ptr());
+    auto* o = static_cast<typename D::T*>(out.mutable_data_ptr());
+    at::parallel_for(0, x.numel(), kGrain,
+                     [=](int64_t b, int64_t e) { fake_quant_scaled_range<D>(in + b, o + b, e - b, s, inv); });
+  });
+  return out;
+}
+
+// (fp32(g) / s * s) rounded to g's dtype: the straight-through gradient of fake_quant_scaled, as
+// autograd computes it through the unfused path (g / s can underflow, so this is not always g).
+torch::Tensor rescale(torch::Tensor g, double scale, torch::Tensor out) {
+  check_scaled(g, out, "rescale");
+  const float inv = checked_inverse(scale, "rescale");
+  const float s = static_cast<float>(scale);
+  with_scaled_dtype(g.scalar_type(), [&](auto d) {
+    using D = decltype(d);
+    const auto* in = static_cast<const typename D::T*>(g.const_data_ptr());
+    auto* o = static_cast<typename D::T*>(out.mutable_data_ptr());
+    at::parallel_for(0, g.numel(), kGrain, [=](int64_t b, int64_t e) { rescale_range<D>(in + b, o + b, e - b, s, inv); });
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -305,4 +399,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("fmt"));
   m.def("decode", &decode, "float32 values of HiF8 codes (rows, Lp)", py::arg("codes"), py::arg("scales"),
         py::arg("tensor_scale"), py::arg("fmt"), py::arg("Lp"));
+  m.def("fake_quant_scaled", &fake_quant_scaled,
+        "HiF8 quantize-dequantize of x * scale, divided by scale, into out (float32 or bfloat16 x; "
+        "scale a power of two)", py::arg("x"), py::arg("fmt"), py::arg("scale"), py::arg("out"));
+  m.def("rescale", &rescale, "(g / scale * scale) in float32, rounded to g's dtype, into out",
+        py::arg("g"), py::arg("scale"), py::arg("out"));
 }

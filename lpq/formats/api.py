@@ -154,3 +154,58 @@ class FakeQuantSTE(torch.autograd.Function):
 
 def fake_quant_ste(x: Tensor, fmt: str, axis: int = -1) -> Tensor:
     return FakeQuantSTE.apply(x, fmt, axis)
+
+
+def _fused_scale_ok(spec: FormatSpec, x: Tensor, scale: float) -> bool:
+    """Whether the one-pass kernel computes fake_quant_scaled: HiF8 (block size 1, so the axis does
+    not matter), float32 or bfloat16 on CPU, and a power-of-two scale with a normal reciprocal."""
+    mant, exp = math.frexp(scale)
+    return (spec.family == "hif8" and x.dtype in (torch.float32, torch.bfloat16) and mant == 0.5
+            and -125 <= exp <= 127)
+
+
+def fake_quant_scaled(x: Tensor, fmt: str, scale: float, axis: int = -1, *, backend: str | None = None) -> Tensor:
+    """`(fake_quant(x.float() * scale, fmt, axis) / scale).to(x.dtype)` with scale a float32 number.
+
+    For HiF8 on CPU with a power-of-two scale this is one pass of the C++ kernel (no float32 copy of
+    a bfloat16 x, no scaled intermediate), identical bit for bit to the expression above.
+    """
+    spec = get_format(fmt)
+    _check(x, axis)
+    if x.numel() and _fused_scale_ok(spec, x, scale):
+        xc = x.contiguous()
+        ext = _kernel(spec, xc, backend)
+        if ext is not None:
+            return ext.fake_quant_scaled(xc, fmt, scale, torch.empty_like(xc))
+    s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return (fake_quant(x.float() * s, fmt, axis, backend=backend) / s).to(x.dtype)
+
+
+def _rescale(g: Tensor, spec: FormatSpec, scale: float) -> Tensor:
+    """`(g.float() / scale * scale).to(g.dtype)`: the gradient autograd gives through the
+    multiply-by-scale and divide-by-scale of fake_quant_scaled's reference expression."""
+    if g.numel() and _fused_scale_ok(spec, g, scale):
+        gc = g.contiguous()
+        ext = _kernel(spec, gc, None)
+        if ext is not None:
+            return ext.rescale(gc, scale, torch.empty_like(gc))
+    s = torch.tensor(scale, dtype=torch.float32, device=g.device)
+    return (g.float() / s * s).to(g.dtype)
+
+
+class FakeQuantScaledSTE(torch.autograd.Function):
+    """fake_quant_scaled in forward; in backward the straight-through gradient of its reference
+    expression (identity through the quantizer, exact float32 arithmetic through the scaling)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fmt: str, scale: float, axis: int = -1) -> Tensor:
+        ctx.fmt, ctx.scale = fmt, scale
+        return fake_quant_scaled(x, fmt, scale, axis)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _rescale(grad, get_format(ctx.fmt), ctx.scale), None, None, None
+
+
+def fake_quant_scaled_ste(x: Tensor, fmt: str, scale: float, axis: int = -1) -> Tensor:
+    return FakeQuantScaledSTE.apply(x, fmt, scale, axis)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lpq.formats import fake_quant, fake_quant_ste
+from lpq.formats.api import fake_quant_scaled, fake_quant_scaled_ste
 from lpq.quant.recipe import QuantizerSpec, Scaling, ScaleTarget
 from lpq.quant.scaling import compute_scale, reduce_history
 
@@ -100,6 +101,11 @@ class TensorQuantizer(nn.Module):
             scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
         else:
             scale = scale.reshape(())
+            if not self.track_stats:
+                # One scale for the whole tensor: the fused op does the multiply, quantize, divide
+                # and cast back in one pass where it can, with the same bits as the code below.
+                fqs = fake_quant_scaled_ste if fq is fake_quant_ste else fake_quant_scaled
+                return fqs(x, self.spec.format, float(scale), self.spec.axis)
         scale = scale.to(x.device)
         xs = x.float() * scale
         ys = fq(xs, self.spec.format, self.spec.axis)
