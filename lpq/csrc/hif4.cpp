@@ -2,13 +2,13 @@
 // semantics of §2.3; lpq/formats/hif4.py is the reference these must match bit for bit, and its
 // docstring documents the packed layout and the NaN / Inf conventions).
 //
-// One 64-block at a time, held as four 16-lane vectors (GCC/Clang vector extensions: one AVX-512
-// register each here, and correct on any target, which the compiler lowers them to). The group
-// maxima are formed with in-register shuffles and kept replicated on every lane of their group,
-// so the micro-exponent tests and the element rounding are plain lane-wise operations. Maxima
-// are taken on |x| bit patterns: for non-negative floats unsigned order is float order and a NaN
-// sorts above Inf, so the block maximum also tells whether the block holds a NaN. Only the block
-// scale is scalar code.
+// A 64-block is held as four 16-lane vectors (GCC/Clang vector extensions: one AVX-512 register
+// each here; on other targets the compiler splits or scalarizes them, with the same results). The
+// group maxima are formed with in-register shuffles and kept replicated on every lane of their
+// group, so the micro-exponent tests and the element rounding are plain lane-wise operations.
+// Maxima are taken on |x| bit patterns: for non-negative floats unsigned order is float order and
+// a NaN sorts above Inf, so the block maximum also tells whether the block holds a NaN. Only the
+// block scale is scalar code.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,13 +37,14 @@ constexpr uint32_t kScaleMaxBits = 0x47400000u;  // 49152 = 1.5 * 2^15
 constexpr uint32_t kSevenBits = 0x40E00000u;     // 7.0f
 constexpr uint8_t kNanCode = 0xFF;
 
+// 16 lanes of 32 bits, one per element of a quarter block
 typedef float VecF __attribute__((vector_size(64)));
 typedef uint32_t VecU __attribute__((vector_size(64)));
 typedef int32_t VecI __attribute__((vector_size(64)));      // also the type of comparison masks
-typedef uint16_t VecU16 __attribute__((vector_size(32)));  // 16 lanes of 16 bits
-typedef uint32_t VecU8 __attribute__((vector_size(32)));   // 8 lanes of 32 bits
-typedef uint8_t VecB8 __attribute__((vector_size(8)));     // 8 bytes
-typedef uint8_t VecB16 __attribute__((vector_size(16)));   // 16 bytes
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
+typedef uint8_t U8x16 __attribute__((vector_size(16)));
 
 inline uint32_t float_bits(float f) {
   uint32_t u;
@@ -132,7 +133,7 @@ inline void load_block<c10::BFloat16>(const c10::BFloat16* src, int64_t n, Block
     from = buf;
   }
   for (int q = 0; q < kVecs; ++q) {
-    VecU16 h;
+    U16x16 h;
     std::memcpy(&h, static_cast<const uint16_t*>(from) + q * kLanes, sizeof h);
     b.x[q] = (VecF)(__builtin_convertvector(h, VecU) << 16);
   }
@@ -172,13 +173,12 @@ inline void block_scale(Block& b) {
 // * The spec's test fp32(C * R) / 2^E1_8 >= 2 is written fp32(C * R) >= 2^(E1_8 + 1): halving
 //   is exact for normal numbers, and a subnormal product fails both forms.
 // * |x| * 2^-d equals fp32(|x| / 2^d): both are the correctly rounded value of the same number.
-// * k = min(floor(t + 0.5), 7) exactly. Clamping t to 7 first (on its bit pattern; t >= 0, and
-//   Inf clamps too) gives the saturation. For t < 0.5 the answer is 0. For 0.5 <= t <= 7 the
-//   float32 sum s = t + 0.5 may be rounded, but never across an integer: s is a multiple of
-//   ulp(t) and ulp(s) <= 2 ulp(t), so a rounding that reached an integer n > s would need
-//   s = n - ulp(t) with s one binade above t, i.e. n within ulp(t) of that binade's start 2^e
-//   (e >= 0, an integer) while s < 2^e + 0.5: impossible. So trunc(fp32(t + 0.5)) is exact there;
-//   only t < 0.5 (the "fp32 trap", t = 0.5 - 2^-25 rounds up to 1) needs the select.
+// * k = min(floor(t + 0.5), 7), exactly. Clamping t to 7 first (on its bit pattern: t >= 0, and
+//   Inf clamps too) gives the saturation. Below 0.5 the answer is 0. From 0.5 up, the float32 sum
+//   t + 0.5 is exact while it stays in t's binade (both terms are multiples of ulp(t)); when it
+//   moves up into [2^e, 2^e + 0.5), 2^e >= 1 an integer, it is rounded by at most ulp(t) <= 2^-21,
+//   which can neither reach 2^e + 1 nor drop below 2^e. So truncating it is exact, and only
+//   t < 0.5 needs the select (the fp32 trap: t = 0.5 - 2^-25 would round up to 1).
 inline VecI quantize_lanes(const Block& b, int q, VecI& e8, VecI& e16) {
   e8 = -((VecF)b.c8[q] * b.R >= 4.0f);  // comparisons give -1 / 0
   e16 = -((VecF)b.c4[q] * b.R >= pow2(e8 + 1));
@@ -218,7 +218,7 @@ inline void store_block<c10::BFloat16>(const VecF* y, int64_t n, c10::BFloat16* 
   alignas(64) uint16_t buf[kBlock];
   for (int q = 0; q < kVecs; ++q) {
     const VecU u = (VecU)y[q];
-    const VecU16 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, VecU16);
+    const U16x16 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, U16x16);
     std::memcpy(buf + q * kLanes, &h, sizeof h);
   }
   if (n == kBlock) {
@@ -297,9 +297,9 @@ void encode_rows(const T* x, uint8_t* codes, uint8_t* scales, int64_t rows, int6
         VecI e8, e16;
         const VecU nib = (VecU)quantize_lanes(b, q, e8, e16) | (((VecU)b.x[q] >> 28) & 8u);
         // element 2i in the low nibble, 2i + 1 in the high nibble
-        const VecU8 lo = __builtin_shufflevector(nib, nib, 0, 2, 4, 6, 8, 10, 12, 14);
-        const VecU8 hi = __builtin_shufflevector(nib, nib, 1, 3, 5, 7, 9, 11, 13, 15);
-        const VecB8 packed = __builtin_convertvector(lo | (hi << 4), VecB8);
+        const U32x8 lo = __builtin_shufflevector(nib, nib, 0, 2, 4, 6, 8, 10, 12, 14);
+        const U32x8 hi = __builtin_shufflevector(nib, nib, 1, 3, 5, 7, 9, 11, 13, 15);
+        const U8x8 packed = __builtin_convertvector(lo | (hi << 4), U8x8);
         std::memcpy(c + q * kLanes / 2, &packed, sizeof packed);
         // lane 0 / 8 of vector q is in group of 8 number 2q / 2q + 1; lanes 0, 4, 8, 12 likewise
         e1_8 |= static_cast<uint32_t>(e8[0] | (e8[8] << 1)) << (2 * q);
@@ -401,9 +401,9 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
       VecF out[kVecs];
       for (int q = 0; q < kVecs; ++q) {
         // lane i of vector q is element 16q + i: byte 8q + i/2, low nibble for even i
-        VecB8 bytes;
+        U8x8 bytes;
         std::memcpy(&bytes, c + q * kLanes / 2, sizeof bytes);
-        const VecB16 dup = __builtin_shufflevector(bytes, bytes, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        const U8x16 dup = __builtin_shufflevector(bytes, bytes, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         const VecU nib = (__builtin_convertvector(dup, VecU) >> kNibbleShift) & 0xFu;
         const VecU d = ((splat<VecU>(e1_8) >> (kGroupOf8 + static_cast<uint32_t>(2 * q))) & 1u) + ((splat<VecU>(e1_16) >> (kGroupOf4 + static_cast<uint32_t>(4 * q))) & 1u);
         const VecF v = __builtin_convertvector(nib & 7u, VecF) * (S * pow2((VecI)d - 2));

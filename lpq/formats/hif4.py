@@ -101,11 +101,11 @@ def choose_meta_ref(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (rows, nblk, 16)). A block holding a NaN gets scale code 0xFF and all-zero E1 bits.
     """
     _check_x(x2d)
-    rows, Lp = x2d.shape
-    a = x2d.abs().reshape(rows, Lp // BLOCK, BLOCK)
+    rows, nblk = x2d.shape[0], x2d.shape[1] // BLOCK
+    a = x2d.abs().reshape(rows, nblk, BLOCK)
     A = a.amax(-1)                              # amax propagates NaN: NaN blocks stay NaN
-    B = a.reshape(rows, -1, 8, 8).amax(-1)
-    C = a.reshape(rows, -1, 16, 4).amax(-1)
+    B = a.reshape(rows, nblk, 8, 8).amax(-1)
+    C = a.reshape(rows, nblk, 16, 4).amax(-1)
     s0 = _bf16(A * C_INV7).clamp(S_MIN, S_MAX)
     code = _scale_code(s0)
     R = _reciprocal(scale_value(code)).unsqueeze(-1)
@@ -122,7 +122,7 @@ def _check_meta(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) ->
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want[name]}")
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"{name} must be an integer or bool tensor, got {t.dtype}")
-    if int(scale_code.min()) < 0 or int(scale_code.max()) > NAN_CODE:
+    if scale_code.numel() and (int(scale_code.min()) < 0 or int(scale_code.max()) > NAN_CODE):
         raise ValueError("scale_code values must be E6M2 codes 0..255")
     for name, t in (("e1_8", e1_8), ("e1_16", e1_16)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > 1):
@@ -165,13 +165,13 @@ def fake_quant_ref(x2d: Tensor, fmt: str) -> Tensor:
 def _pack_bits(bits: Tensor) -> Tensor:
     """(..., n) 0/1 values -> (..., n // 8) bytes, bit i of each byte from element 8*byte + i."""
     w = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=bits.device)
-    return (bits.to(torch.int32).reshape(*bits.shape[:-1], -1, 8) * w).sum(-1).to(torch.uint8)
+    return (bits.to(torch.int32).reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8) * w).sum(-1).to(torch.uint8)
 
 
 def _unpack_bits(b: Tensor) -> Tensor:
     """Inverse of _pack_bits: (..., m) bytes -> (..., 8 * m) values 0/1 as int32."""
     sh = torch.arange(8, dtype=torch.int32, device=b.device)
-    return ((b.to(torch.int32).unsqueeze(-1) >> sh) & 1).reshape(*b.shape[:-1], -1)
+    return ((b.to(torch.int32).unsqueeze(-1) >> sh) & 1).reshape(*b.shape[:-1], 8 * b.shape[-1])
 
 
 def encode_ref(x2d: Tensor, fmt: str) -> tuple[Tensor, Tensor, None]:

@@ -67,7 +67,10 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"{self.role} quantizer has {self.groups} groups but the tensor's leading "
                              f"dim is {x.shape[0]}")
         dims = tuple(range(1, x.dim())) if per_slice else tuple(range(x.dim()))
-        amax = x.detach().abs().amax(dim=dims).float().reshape(-1)
+        # max |x| = max(max x, -min x): one read-only pass instead of writing |x| out first. abs()
+        # makes an all-zero tensor's amax +0 (not -0), as x.abs().amax() gives.
+        lo, hi = torch.aminmax(x.detach().reshape(self.groups, -1), dim=1) if per_slice else torch.aminmax(x.detach())
+        amax = torch.maximum(hi, -lo).abs().float().reshape(-1)
         if self.spec.target == ScaleTarget.WINDOW:
             rms = x.detach().float().square().mean(dim=dims).sqrt().reshape(-1)
         else:
@@ -126,19 +129,6 @@ class TensorQuantizer(nn.Module):
                        if self.spec.format == "hif8" else None),
         }
 
-    @torch.no_grad()
-    def _push_history(self, amax: Tensor, rms: Tensor) -> None:
-        seen = amax > 0   # groups never called this step keep their history
-        for hist, new in ((self.amax_history, amax), (self.rms_history, rms)):
-            rolled = torch.roll(hist, 1, dims=0)
-            rolled[0] = new
-            hist.copy_(torch.where(seen[None], rolled, hist))
-        fresh = compute_scale(reduce_history(self.amax_history, self.spec.reduction),
-                              reduce_history(self.rms_history, self.spec.reduction), self.spec)
-        self.scale.copy_(torch.where(seen, fresh, self.scale))
-        self.amax_pending.zero_()
-        self.rms_pending.zero_()
-
 
 @torch.no_grad()
 def update_delayed_scales(model: nn.Module) -> None:
@@ -151,13 +141,46 @@ def update_delayed_scales(model: nn.Module) -> None:
     qs = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED]
     if not qs:
         return
-    flat = torch.cat([torch.cat([q.amax_pending, q.rms_pending]).to(qs[0].amax_pending.device) for q in qs])
+    device = qs[0].amax_pending.device
+    flat = torch.cat([t.to(device) for q in qs for t in (q.amax_pending, q.rms_pending)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    if not bool(flat.any()):
+        return   # no quantizer ran (quantization disabled, or eval): nothing would change (NaN counts as ran)
+    # Quantizers with the same spec share one scale rule: update them together, a few tensor ops
+    # per spec instead of per quantizer (hundreds per model, before every forward).
+    batches: dict[tuple, tuple[list[TensorQuantizer], list[int], list[int]]] = {}
     offset = 0
     for q in qs:
-        g = q.groups
-        amax = flat[offset:offset + g].to(q.amax_pending.device)
-        rms = flat[offset + g:offset + 2 * g].to(q.amax_pending.device)
-        offset += 2 * g
-        q._push_history(amax, rms)
+        key = (id(q.spec), q.amax_history.device, q.amax_history.dtype, q.scale.dtype)
+        members, amax_idx, rms_idx = batches.setdefault(key, ([], [], []))
+        members.append(q)
+        amax_idx.extend(range(offset, offset + q.groups))
+        rms_idx.extend(range(offset + q.groups, offset + 2 * q.groups))
+        offset += 2 * q.groups
+    for members, amax_idx, rms_idx in batches.values():
+        hist_device = members[0].amax_history.device
+        amax = flat[torch.tensor(amax_idx, device=device)].to(hist_device)
+        rms = flat[torch.tensor(rms_idx, device=device)].to(hist_device)
+        _push_histories(members, amax, rms)
+
+
+def _push_histories(qs: list[TensorQuantizer], amax: Tensor, rms: Tensor) -> None:
+    """Push one step's amax/RMS (all groups of `qs`, concatenated) into the histories of quantizers
+    that share one spec, and recompute their scales. Groups not called this step keep their state."""
+    spec = qs[0].spec
+    sizes = [q.groups for q in qs]
+    seen = amax > 0
+    updated = []
+    for name, new in (("amax_history", amax), ("rms_history", rms)):
+        hists = [getattr(q, name) for q in qs]
+        hist = torch.cat(hists, dim=1)                     # (history_len, all groups)
+        rolled = torch.roll(hist, 1, dims=0)
+        rolled[0] = new
+        hist = torch.where(seen[None], rolled, hist)
+        torch._foreach_copy_(hists, list(hist.split(sizes, dim=1)))
+        updated.append(hist)
+    fresh = compute_scale(reduce_history(updated[0], spec.reduction), reduce_history(updated[1], spec.reduction), spec)
+    scales = [q.scale for q in qs]
+    torch._foreach_copy_(scales, list(torch.where(seen, fresh, torch.cat(scales)).split(sizes)))
+    torch._foreach_zero_([t for q in qs for t in (q.amax_pending, q.rms_pending)])

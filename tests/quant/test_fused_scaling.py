@@ -111,3 +111,29 @@ def test_quantizer_output_unchanged_by_fusion(scaling):
         update_delayed_scales(fused)
         update_delayed_scales(unfused)
     assert torch.equal(fused.scale, unfused.scale)
+
+
+def test_batched_delayed_update_matches_one_quantizer_at_a_time():
+    # update_delayed_scales updates all quantizers of one spec together; the result must be what
+    # updating each on its own gives, for several specs, group counts and a quantizer left idle.
+    torch.manual_seed(0)
+    specs = [QuantizerSpec("hif8", scaling="delayed", history_len=4),
+             QuantizerSpec("hif8", scaling="delayed", history_len=3, reduction="most_recent", margin=1)]
+
+    def make() -> torch.nn.ModuleList:
+        return torch.nn.ModuleList([TensorQuantizer(specs[i % 2], "input", groups=1 + i % 3).train()
+                                    for i in range(7)])
+
+    batched, single = make(), make()
+    for step in range(5):
+        for i in range(7):
+            if i == 3 and step % 2:
+                continue   # idle this step: its state must not move
+            x = torch.randn(1 + i % 3, 40) * 10.0 ** (i - 3)
+            assert _same_bits(batched[i](x), single[i](x))
+        update_delayed_scales(batched)
+        for q in single:
+            update_delayed_scales(q)
+    for a, b in zip(batched, single):
+        for name in ("amax_history", "rms_history", "scale", "amax_pending", "rms_pending"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
