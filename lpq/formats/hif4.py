@@ -16,8 +16,8 @@ Per 64-element block (consecutive elements of a row):
 * value = sign(x_i) * (k / 4) * 2^d_i * S (zero keeps the sign of x_i).
 
 Specials: a NaN anywhere in a block makes the whole block NaN. +-Inf clamps S to 49152; the Inf
-element gets d = 2 and saturates to k = 7, i.e. +-344064, and every other element of the block
-rounds to +-0.
+element gets d = 2 and saturates to k = 7, i.e. +-344064, and the other elements are quantized
+with that scale (so values below 6144 in magnitude become +-0).
 
 Packed layout (docs/design.md, bit-order version 1):
 
@@ -34,6 +34,11 @@ and all nibbles 0, and decodes to 64 NaNs. An Inf block needs nothing special: i
 0xFE (49152), the Inf element's E1_8 and E1_16 bits are 1 and its nibble is (sign << 3) | 7, which
 decodes to +-7/4 * 4 * 49152 = +-344064; the other elements are +-0 nibbles. So
 decode(encode(x)) == fake_quant(x) bit for bit, signed zeros and specials included.
+
+Besides the fake_quant_ref / encode_ref / decode_ref contract of lpq.formats, the module exposes
+the block metadata for scale-search algorithms: choose_meta_ref (the standard choice above),
+fake_quant_with_meta_ref (quantize the elements under given metadata) and scale_value (E6M2 code
+to float32).
 """
 from __future__ import annotations
 
@@ -65,8 +70,9 @@ def _bf16(t: Tensor) -> Tensor:
 
 
 def _pow2(e: Tensor) -> Tensor:
-    """2^e as float32 for an integer tensor e (exact: ldexp, not pow)."""
-    return torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e.to(torch.int32))
+    """2^e as float32 for an integer tensor e in [-126, 127], built from the exponent field (exact
+    on every device, unlike pow)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def scale_value(code: Tensor) -> Tensor:
@@ -137,8 +143,10 @@ def _elements(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) -> t
     S = scale_value(scale_code).repeat_interleave(BLOCK, dim=-1)
     R = _reciprocal(S)
     t = ((x2d.abs() / _pow2(d)) * R) * 4
-    # floor(t + 0.5) exactly (float64 holds t + 0.5 exactly); clamp keeps NaN and maps Inf to 7
-    k = torch.floor(t.double() + 0.5).clamp(max=7).float()
+    # floor(t + 0.5) exactly: t - floor(t) is exact in float32, unlike t + 0.5. NaN stays NaN;
+    # Inf gives Inf (Inf - Inf is NaN, which compares false), and the clamp saturates it to 7.
+    fl = torch.floor(t)
+    k = (fl + (t - fl >= 0.5)).clamp(max=7)
     return k, d, S
 
 

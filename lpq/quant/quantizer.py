@@ -104,9 +104,10 @@ class TensorQuantizer(nn.Module):
             scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
         else:
             scale = scale.reshape(())
-            if not self.track_stats:
+            if not self.track_stats and x.device.type == "cpu":
                 # One scale for the whole tensor: the fused op does the multiply, quantize, divide
                 # and cast back in one pass where it can, with the same bits as the code below.
+                # (CPU only: float(scale) would be a device sync elsewhere, and the kernel is CPU.)
                 fqs = fake_quant_scaled_ste if fq is fake_quant_ste else fake_quant_scaled
                 return fqs(x, self.spec.format, float(scale), self.spec.axis)
         scale = scale.to(x.device)
