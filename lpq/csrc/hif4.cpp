@@ -374,8 +374,10 @@ std::vector<torch::Tensor> encode(torch::Tensor x, std::string fmt) {
 torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
                      c10::optional<torch::Tensor> tensor_scale, std::string fmt, int64_t Lp) {
   check_fmt(fmt);
-  TORCH_CHECK(!tensor_scale.has_value() || !tensor_scale->defined(), "hif4 decode: hif4 has no tensor scale; got one");
-  TORCH_CHECK(scales.has_value() && scales->defined(), "hif4 decode: the block scales are required; got None");
+  TORCH_CHECK(!tensor_scale.has_value() || !tensor_scale->defined(),
+              "hif4 decode: hif4 has no tensor scale; got one");
+  TORCH_CHECK(scales.has_value() && scales->defined(),
+              "hif4 decode: the block scales are required; got None");
   TORCH_CHECK(codes.device().is_cpu() && scales->device().is_cpu(), "hif4 decode: expected CPU tensors");
   TORCH_CHECK(codes.scalar_type() == at::kByte && scales->scalar_type() == at::kByte,
               "hif4 decode: codes and scales must be uint8, got ", codes.scalar_type(), " and ",
@@ -405,7 +407,8 @@ torch::Tensor decode(torch::Tensor codes, c10::optional<torch::Tensor> scales,
         std::memcpy(&bytes, c + q * kLanes / 2, sizeof bytes);
         const U8x16 dup = __builtin_shufflevector(bytes, bytes, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         const VecU nib = (__builtin_convertvector(dup, VecU) >> kNibbleShift) & 0xFu;
-        const VecU d = ((splat<VecU>(e1_8) >> (kGroupOf8 + static_cast<uint32_t>(2 * q))) & 1u) + ((splat<VecU>(e1_16) >> (kGroupOf4 + static_cast<uint32_t>(4 * q))) & 1u);
+        const VecU g8 = kGroupOf8 + static_cast<uint32_t>(2 * q), g4 = kGroupOf4 + static_cast<uint32_t>(4 * q);
+        const VecU d = ((splat<VecU>(e1_8) >> g8) & 1u) + ((splat<VecU>(e1_16) >> g4) & 1u);
         const VecF v = __builtin_convertvector(nib & 7u, VecF) * (S * pow2((VecI)d - 2));
         out[q] = (VecF)((VecU)v | ((nib & 8u) << 28));
       }
