@@ -1,8 +1,6 @@
 """HiFloat4: golden vectors (values and block metadata), specials, cpp == ref, packing, bad input."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,41 +10,14 @@ from hypothesis import strategies as st
 
 from lpq.formats import Packed, decode, encode, fake_quant
 from lpq.formats.hif4 import (choose_meta_ref, fake_quant_ref, fake_quant_with_meta_ref, scale_value)
+from tests.formats.vectors import assert_same_bits, load_cases
 
 BACKENDS = ["ref", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-# formats.md §5: the vectors live in ../shared/vectors relative to the project root
-VECTORS = Path(os.environ.get("LPQ_VECTORS", Path(__file__).resolve().parents[3] / "shared" / "vectors"))
-
-
-def _cases() -> dict[str, dict[str, np.ndarray]]:
-    path = VECTORS / "hif4_cases.npz"
-    if not path.is_file():
-        pytest.skip(f"golden vectors not found at {path} (set LPQ_VECTORS)")
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as d:
-        for key in d.files:
-            if "__" in key:
-                case, arr = key.split("__", 1)
-                out.setdefault(case, {})[arr] = d[key]
-    return out
 
 
 CASES = ["normal_4x64", "normal_3x128", "heavy_4x64", "heavy_3x128", "bf16_4x64", "ties_2x64",
          "fp32trap_1x64", "log2trap_2x64", "edge_5x100", "special_2x64"]
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal bit for bit (signed zeros included), except that any NaN matches any NaN."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
-    ints = _INT_OF[expected.dtype]
-    a, e = actual.contiguous().view(ints)[~nan], expected.contiguous().view(ints)[~nan]
-    bad = (a != e).nonzero()
-    assert bad.numel() == 0, (f"{bad.numel()} of {e.numel()} differ, first: got {actual[~nan][bad[0]].item()!r} "
-                              f"want {expected[~nan][bad[0]].item()!r}")
 
 
 def n_bit_differences(actual: torch.Tensor, expected: torch.Tensor) -> int:
@@ -72,7 +43,7 @@ def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_vectors_last_dim(case, backend):
-    c = _cases()[case]
+    c = load_cases("hif4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     y = fake_quant(x, "hif4", backend=backend)
     assert_same_bits(y, torch.from_numpy(c["y_cuda_semantics"]))
@@ -88,7 +59,7 @@ def test_vectors_last_dim(case, backend):
 def test_vectors_dim0(case, backend):
     # y_dim0 comes from the toolkit's PyTorch path (float32 "+ 0.5"); along dim 0 no element hits
     # the fp32 trap, so it equals the CUDA semantics exactly in every case.
-    c = _cases()[case]
+    c = load_cases("hif4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     want = torch.from_numpy(c["y_dim0"])
     assert_same_bits(fake_quant(x, "hif4", axis=0, backend=backend), want)
@@ -100,7 +71,7 @@ def test_vectors_dim0(case, backend):
 def test_vectors_metadata(case, backend):
     # scale_e6m2: float32 scale value per block (NaN for a NaN block); e1_8: (rows, nblk, 8) bits;
     # e1_16: (rows, nblk, 8, 2), i.e. bit j = 2 * a + b of the 16 groups of 4 at [a, b].
-    c = _cases()[case]
+    c = load_cases("hif4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     rows, nblk = c["scale_e6m2"].shape
     code, e8, e16 = unpack_scales(encode(x, "hif4", backend=backend).scales)
@@ -115,7 +86,7 @@ def test_vectors_metadata(case, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vectors_bf16_input(backend):
     # bf16 input is computed in float32, so it gives the float32 result (exact in bf16) ...
-    c = _cases()["bf16_4x64"]
+    c = load_cases("hif4_cases.npz")["bf16_4x64"]
     x = torch.from_numpy(c["x"]).bfloat16()
     y = fake_quant(x, "hif4", backend=backend)
     assert_same_bits(y, torch.from_numpy(c["y_cuda_semantics"]).bfloat16())
@@ -160,7 +131,7 @@ def test_raw_maxima_decide_micro_exponents():
     # formats.md §2.2 note: ties_2x64 row 0 has S = 1; x[15] = 1.875 is the max of its groups
     # (elements 8..15 and 12..15), 1.875 * R < 2 keeps E1_8 = E1_16 = 0, so it saturates to 1.75
     # (rounded first it would have been 2 = 1 * 2^1).
-    c = _cases()["ties_2x64"]
+    c = load_cases("hif4_cases.npz")["ties_2x64"]
     x = torch.from_numpy(c["x"])
     assert x[0, 15].item() == 1.875 and x[0, 8:16].abs().max().item() == 1.875
     for backend in BACKENDS:

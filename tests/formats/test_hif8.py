@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,37 +14,15 @@ from hypothesis.extra import numpy as hnp
 from lpq.formats import Packed, decode, encode, fake_quant
 from lpq.formats._build import load_kernel
 from lpq.formats.hif8 import code_fields, decode_ref, decode_table, encode_ref, fake_quant_ref
+from tests.formats.vectors import INT_OF, assert_same_bits, vector_path
 
 BACKENDS = ["ref", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
-           torch.float16: torch.int16}
-# formats.md §5: the vectors live in ../shared/vectors relative to the project root
-VECTORS = Path(os.environ.get("LPQ_VECTORS", Path(__file__).resolve().parents[3] / "shared" / "vectors"))
-
-
-def _vectors(name: str):
-    path = VECTORS / name
-    if not path.is_file():
-        pytest.skip(f"golden vectors not found at {path} (set LPQ_VECTORS)")
-    return path
 
 
 def _npz(name: str) -> dict[str, np.ndarray]:
-    with np.load(_vectors(name)) as d:
+    with np.load(vector_path(name)) as d:
         return {k: d[k] for k in d.files}
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal bit for bit, except that any NaN matches any NaN."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
-    ints = _INT_OF[expected.dtype]
-    a, e = actual.view(ints)[~nan], expected.view(ints)[~nan]
-    bad = (a != e).nonzero()
-    assert bad.numel() == 0, (f"{bad.numel()} of {e.numel()} differ, first: got {actual[~nan][bad[0]].item()!r} "
-                              f"want {expected[~nan][bad[0]].item()!r}")
 
 
 def spec_oracle(x: np.ndarray) -> np.ndarray:
@@ -117,7 +93,7 @@ def test_fp32_edges(backend):
 
 
 def test_code_fields_match_code_table_csv():
-    with open(_vectors("hif8_code_table.csv"), newline="") as f:
+    with open(vector_path("hif8_code_table.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 256
     key_of = {"sign": "sign", "dot_bits": "dot", "D": "D", "exp_field_bits": "exp_field",
@@ -132,7 +108,7 @@ def test_code_fields_match_code_table_csv():
 
 
 def test_positive_values():
-    lines = _vectors("hif8_positive_values.txt").read_text().splitlines()
+    lines = vector_path("hif8_positive_values.txt").read_text().splitlines()
     want = np.array([float(s) for s in lines if s.strip() and not s.startswith("#")])
     t = decode_table().numpy()
     got = np.sort(t[np.isfinite(t) & (t > 0)])
@@ -215,7 +191,7 @@ def test_specials(backend, dtype):
     assert y.dtype == dtype
     assert torch.isnan(y[:2]).all()
     assert y[2].item() == math.inf and y[3].item() == -math.inf
-    assert (y[4:8].view(_INT_OF[dtype]) == 0).all(), "zeros and tiny values must become +0 (no -0)"
+    assert (y[4:8].view(INT_OF[dtype]) == 0).all(), "zeros and tiny values must become +0 (no -0)"
     assert y[8].item() == math.inf and y[9].item() == -math.inf
     p = encode(x, "hif8", backend=backend)
     assert p.codes[0].tolist() == [0x80, 0x80, 0x6F, 0xEF, 0, 0, 0, 0, 0x6F, 0xEF]

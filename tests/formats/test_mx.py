@@ -2,8 +2,6 @@
 specials, cpp == ref, packing, scale-search helpers, bad input."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -14,41 +12,14 @@ from hypothesis import strategies as st
 
 from lpq.formats import Packed, decode, encode, fake_quant
 from lpq.formats import mx
+from tests.formats.vectors import assert_same_bits, load_cases
 
 BACKENDS = ["ref", "cpp"]
 FORMATS = ["mxfp4", "mxfp4-rceil", "mxfp4-toolkit", "nvfp4"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-# formats.md §5: the vectors live in ../shared/vectors relative to the project root
-VECTORS = Path(os.environ.get("LPQ_VECTORS", Path(__file__).resolve().parents[3] / "shared" / "vectors"))
 CASES = ["normal_4x64", "normal_3x128", "heavy_4x64", "heavy_3x128", "bf16_4x64", "ties_2x64",
          "fp32trap_1x64", "log2trap_2x64", "edge_5x100", "special_2x64"]
 NAN, INF = float("nan"), float("inf")
-
-
-def _cases() -> dict[str, dict[str, np.ndarray]]:
-    path = VECTORS / "mxfp4_cases.npz"
-    if not path.is_file():
-        pytest.skip(f"golden vectors not found at {path} (set LPQ_VECTORS)")
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as d:
-        for key in d.files:
-            if "__" in key:
-                case, arr = key.split("__", 1)
-                out.setdefault(case, {})[arr] = d[key]
-    return out
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal bit for bit (signed zeros included), except that any NaN matches any NaN."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
-    ints = _INT_OF[expected.dtype]
-    a, e = actual.contiguous().view(ints)[~nan], expected.contiguous().view(ints)[~nan]
-    bad = (a != e).nonzero()
-    assert bad.numel() == 0, (f"{bad.numel()} of {e.numel()} differ, first: got {actual[~nan][bad[0]].item()!r} "
-                              f"want {expected[~nan][bad[0]].item()!r}")
 
 
 def assert_same_packed(a: Packed, b: Packed) -> None:
@@ -77,7 +48,7 @@ def _block_nonfinite(x: np.ndarray, block: int = 32) -> np.ndarray:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_vectors_ocp(case, backend):
-    c = _cases()[case]
+    c = load_cases("mxfp4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     for axis, key in [(-1, "y"), (0, "y_dim0")]:
         want = torch.from_numpy(c[key])
@@ -89,7 +60,7 @@ def test_vectors_ocp(case, backend):
 @pytest.mark.parametrize("case", CASES)
 def test_vectors_scale_exp(case, backend):
     # the vectors record -127 for the non-finite blocks of special_2x64; the spec stores 0xFF there
-    c = _cases()[case]
+    c = load_cases("mxfp4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     nonfinite = torch.from_numpy(_block_nonfinite(c["x"]))
     want = torch.where(nonfinite, 0xFF, torch.from_numpy(c["scale_exp"]) + 127)
@@ -102,7 +73,7 @@ def test_vectors_scale_exp(case, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_vectors_toolkit(case, backend):
-    c = _cases()[case]
+    c = load_cases("mxfp4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     for axis, key in [(-1, "y_toolkit"), (0, "y_toolkit_dim0")]:
         want = torch.from_numpy(c[key])
@@ -113,7 +84,7 @@ def test_vectors_toolkit(case, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [c for c in CASES if c != "special_2x64"])
 def test_vectors_rceil(case, backend):
-    c = _cases()[case]
+    c = load_cases("mxfp4_cases.npz")[case]
     x = torch.from_numpy(c["x"])
     want = torch.from_numpy(c["y_torchao_rceil"])
     assert_same_bits(fake_quant(x, "mxfp4-rceil", backend=backend), want)
@@ -124,7 +95,7 @@ def test_vectors_rceil(case, backend):
 def test_vectors_rceil_special_follows_the_spec(backend):
     # torchao gives Inf-and-zeros for the Inf block; the spec makes every non-finite block NaN and
     # leaves the finite blocks as torchao has them
-    c = _cases()["special_2x64"]
+    c = load_cases("mxfp4_cases.npz")["special_2x64"]
     x = torch.from_numpy(c["x"])
     y = fake_quant(x, "mxfp4-rceil", backend=backend)
     bad = torch.from_numpy(_block_nonfinite(c["x"])).repeat_interleave(32, dim=1)
