@@ -9,6 +9,7 @@
 // Maxima are taken on |x| bit patterns: for non-negative floats unsigned order is float order and
 // a NaN sorts above Inf, so the block maximum also tells whether the block holds a NaN. Only the
 // block scale is scalar code.
+#include "bits.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -45,18 +46,6 @@ typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 typedef uint8_t U8x8 __attribute__((vector_size(8)));
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // Round a non-NaN float32 to bfloat16 bits, nearest even (a quiet NaN stays a quiet NaN).
 inline uint16_t bf16_bits(float f) {

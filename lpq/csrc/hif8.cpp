@@ -7,6 +7,7 @@
 // which is the right answer: the next binade's first value). Overflow, underflow and NaN are
 // selects, so the loops have no branches and vectorize. bf16 is the top half of fp32 and goes
 // through the fp32 path; fp16 is rounded on its own bit pattern the same way.
+#include "bits.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -33,18 +34,6 @@ constexpr int64_t kGrain = 1 << 15;
 // The element helpers must inline into every copy of the loops (at::parallel_for has a serial and an
 // OpenMP copy); a call left in a loop keeps that copy scalar.
 #define HIF8_INLINE inline __attribute__((always_inline))
-
-HIF8_INLINE uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-HIF8_INLINE float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // HiF8 value of the fp32 number with bit pattern u, as an fp32 bit pattern.
 HIF8_INLINE uint32_t quant_bits(uint32_t u) {

@@ -16,6 +16,7 @@
 // equality; its float32 floor(2q + 0.5) also turns 2q = 0.5 - 2^-25 into 1, so its first point is
 // the float just below 0.25. Whole blocks use fixed-length loops (the compiler vectorizes them);
 // only a row's last block may be partial.
+#include "bits.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -60,18 +61,6 @@ Fmt parse_fmt(const std::string& fmt) {
 }
 
 inline int block_of(Fmt f) { return f == Fmt::kNv ? 16 : 32; }
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // 2^e exactly, for e in [-149, 127] (2^-127 is an fp32 subnormal: pitfall 13).
 inline float pow2(int e) {

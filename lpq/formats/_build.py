@@ -41,7 +41,9 @@ def load_kernel(family: str) -> ModuleType | None:
     if not src.is_file():
         _why[family] = f"no kernel source {src}"
     else:
-        digest = hashlib.sha1(src.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
+        # Headers are part of every kernel's source: a change to one must rebuild them all.
+        parts = [src.read_bytes()] + [h.read_bytes() for h in sorted(CSRC.glob("*.h"))]
+        digest = hashlib.sha1(b"".join(parts) + " ".join(CFLAGS).encode()).hexdigest()[:10]
         build = cache_dir() / f"torch{torch.__version__}-{_cpu_tag()}" / f"{family}-{digest}"
         build.mkdir(parents=True, exist_ok=True)
         try:
