@@ -55,6 +55,19 @@ class Hessian:
         return (self.H / self.count).float()
 
 
+def asymmetric_target(weight: Tensor, H: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """The weight W' that GPTQ should approximate when the target is the unquantized model.
+
+    With X the layer's inputs in the quantized model (earlier layers and this input quantized) and
+    X~ those in the unquantized model, min_Q ||X~ W^T - X Q^T||^2 equals ||X (W' - Q)^T||^2 + const for
+    W' = W C H^-1, C = X~^T X / n and H = X^T X / n (normal equations). GPTQ on W' with H therefore
+    minimizes the error against the unquantized outputs (GPTAQ's asymmetric calibration): it also
+    compensates, on average, the quantization noise of the layer's own input. H is damped as in GPTQ.
+    """
+    Hd = H.double() + damp * H.diagonal().mean().clamp(min=1e-12).double() * torch.eye(H.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(Hd, cross.double().T @ weight.double().T).T.to(weight.dtype)
+
+
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + damp * mean diag)^-1; raises the damping until it factors."""
     n = H.shape[0]

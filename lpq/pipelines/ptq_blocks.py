@@ -1,6 +1,7 @@
 """Per-block PTQ work: rotation, smoothing, Hessian capture, weight quantization of one block."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lpq.algorithms import grid
-from lpq.algorithms.gptq import GPTQSettings, Hessian, gptq_quantize
+from lpq.algorithms.gptq import GPTQSettings, Hessian, asymmetric_target, gptq_quantize
 from lpq.algorithms.hadamard import rotate_weight
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.smoothquant import (fold_into_linear_outputs, fold_into_norm, scale_linear_inputs,
@@ -31,6 +32,7 @@ class BlockStats:
     gptq_seconds: float = 0.0
     rel_output_error: float | None = None        # ||out_q - out_f||^2 / ||out_f||^2 on a few batches
     layer_loss: dict[str, float] = field(default_factory=dict)
+    symmetric_fallback: list[str] = field(default_factory=list)   # asymmetric GPTQ impossible (MoE routing)
 
 
 def _wrap_fused_experts(block: nn.Module, cfg: PTQConfig) -> None:
@@ -144,37 +146,62 @@ def smooth_block(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInpu
 
 
 class _Reached(Exception):
-    """Raised by the Hessian hook: the rest of the block's forward is not needed."""
+    """Raised by the capture hook: the rest of the block's forward is not needed."""
 
 
-def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs) -> Tensor | None:
-    """Mean input Gram matrix of `lin`, of its input as quantized at inference.
-
-    The block runs with its current weights (earlier linears already quantized) and input
-    quantization on, and stops once `lin` has seen its input.
-    """
-    hess = Hessian(lin.in_features)
+def _input_at(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor | None:
+    """The input `lin` sees (after its simulation hook: transformed, quantized when enabled) when the
+    block runs batch i (with `hidden` instead of the batch's hidden states if given); None if not reached."""
+    seen: list[Tensor] = []
 
     def pre(module, args):
-        hess.add(args[0].detach())   # registered after the simulation hook: the transformed input
+        seen.append(args[0].detach())   # registered after the simulation hook: the transformed input
         raise _Reached
 
     handle = lin.register_forward_pre_hook(pre)
-    lh.set_enabled(block, True)
+    one = BlockInputs([inputs.hidden[i] if hidden is None else hidden], [inputs.args[i]], [inputs.kwargs[i]])
     try:
-        for i in range(len(inputs)):
-            try:
-                run_block(block, inputs, i)
-            except _Reached:
-                pass
+        run_block(block, one, 0)
+    except _Reached:
+        pass
     finally:
         handle.remove()
-    return hess.mean() if hess.count else None   # None: no calibration input reached it (unrouted expert)
+    return seen[0].reshape(-1, seen[0].shape[-1]) if seen else None
+
+
+def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, float_block: nn.Module | None = None,
+                    float_lin: nn.Linear | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """H = mean x x^T of `lin`'s input as quantized at inference, and, with the unquantized block
+    (`float_block`, whose copy of `lin` is `float_lin`, run on `inputs.reference`), C = mean x~^T x.
+
+    The block runs with its current weights (earlier linears already quantized) and input
+    quantization on, and stops once `lin` has seen its input. C is None when a batch routes a
+    different number of tokens to the linear in the two models (MoE experts): no pairing exists.
+    """
+    hess = Hessian(lin.in_features)
+    cross = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) if float_block is not None else None
+    lh.set_enabled(block, True)
+    for i in range(len(inputs)):
+        x = _input_at(block, lin, inputs, i)
+        if x is None:
+            continue
+        hess.add(x)
+        if cross is not None:
+            xf = _input_at(float_block, float_lin, inputs, i, inputs.reference[i])
+            if xf is None or xf.shape != x.shape:
+                cross = None
+            else:
+                cross.addmm_(xf.double().T, x.double())
+    if not hess.count:
+        return None, None   # no calibration input reached it (unrouted expert)
+    return hess.mean(), None if cross is None else (cross / hess.count).float()
 
 
 def quantize_group(lins: dict[str, nn.Linear], group: list[str], hessian: Tensor | None, cfg: PTQConfig,
-                   stats: BlockStats) -> None:
-    """Replace the weights of linears sharing one input by their quantized values (recipe's weight step)."""
+                   stats: BlockStats, cross: Tensor | None = None) -> None:
+    """Replace the weights of linears sharing one input by their quantized values (recipe's weight step).
+
+    cross: C = mean x~^T x against the unquantized model's inputs (asymmetric GPTQ), or None."""
     fmt = cfg.weight_format
     gptq = cfg.step("gptq")
     ws = [lins[n].weight for n in group]
@@ -185,6 +212,10 @@ def quantize_group(lins: dict[str, nn.Linear], group: list[str], hessian: Tensor
     elif gptq is not None:
         settings = GPTQSettings(damp=gptq.damp, act_order=gptq.act_order, scale_search=gptq.scale_search,
                                 lazy_batch=gptq.lazy_batch)
+        if cross is not None:
+            W = asymmetric_target(W, hessian, cross, gptq.damp)
+        elif gptq.asymmetric:
+            stats.symmetric_fallback.append("+".join(group))
         Q, loss = gptq_quantize(W, hessian, fmt, settings)
         stats.layer_loss["+".join(group)] = loss
         stats.gptq_seconds += time.perf_counter() - t0
@@ -203,14 +234,22 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
                   error_batches: int = 1) -> tuple[BlockStats, BlockInputs]:
     """Quantize one block in place (unless protected) and return its outputs, the next block's inputs.
 
-    The block's inputs come from the already-quantized blocks before it (sequential calibration).
+    The block's inputs come from the already-quantized blocks before it (sequential calibration). With
+    asymmetric GPTQ the unquantized model's hidden states travel along (`BlockInputs.reference`; block
+    0's are its own inputs) and each linear is fitted to reproduce the unquantized block's outputs.
     """
     t0 = time.perf_counter()
     stats = BlockStats(index, protected)
     lins = prepare_block(block, cfg)
     lh.set_enabled(block, False)
+    gptq = cfg.step("gptq")
+    asymmetric = gptq is not None and gptq.asymmetric
+    if asymmetric and not inputs.reference:
+        inputs = BlockInputs(inputs.hidden, inputs.args, inputs.kwargs, list(inputs.hidden))
     if protected or not lins:
         nxt = advance(block, inputs)
+        if asymmetric:
+            nxt.reference = advance(block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs)).hidden
         stats.seconds = time.perf_counter() - t0
         return stats, nxt
     sq = cfg.step("smoothquant")
@@ -218,13 +257,24 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
         smooth_block(block, lins, inputs, sq.alpha)
     few = BlockInputs(inputs.hidden[:error_batches], inputs.args[:error_batches], inputs.kwargs[:error_batches])
     ref = list(iterate(block, few))
+    float_block = None
+    if asymmetric:
+        float_block = copy.deepcopy(block)     # rotated and smoothed, not quantized: the target function
+        float_lins = lh.linears(float_block, tuple(cfg.skip_linears))
     # Groups in forward order; each one's Hessian sees the inputs produced by the already-quantized
     # groups before it (sequential within the block, as across blocks).
     for group in _shared_input_groups(block, lins, inputs):
-        hessian = capture_hessian(block, lins[group[0]], inputs) if needs_hessian(cfg) else None
-        quantize_group(lins, group, hessian, cfg, stats)
+        cross = None
+        if needs_hessian(cfg):
+            hessian, cross = capture_hessian(block, lins[group[0]], inputs, float_block,
+                                             float_lins[group[0]] if float_block is not None else None)
+        else:
+            hessian = None
+        quantize_group(lins, group, hessian, cfg, stats, cross)
     lh.set_enabled(block, True)
     nxt = advance(block, inputs)
+    if float_block is not None:
+        nxt.reference = advance(float_block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs)).hidden
     num = sum(float(((o - r) ** 2).sum()) for o, r in zip(nxt.hidden, ref))
     den = sum(float((r ** 2).sum()) for r in ref)
     stats.rel_output_error = num / max(den, 1e-30)

@@ -1,7 +1,8 @@
 """`lpq train`: the BF16 reference run and the HiF8 QAT run with the same seed, then the comparison.
 
 Writes, under train.output_dir: `bf16/` and `hif8/` (checkpoints, metrics, final weights),
-`loss_curves.png`, `hif8/quant_stats.png`, the resolved `recipe.yaml` and `train_report.json`.
+`loss_curves.png`, `hif8/quant_stats.png`, the resolved `recipe.yaml` and `train_report.json`; with an
+`eval:` section also `eval/` (`lpq eval`'s results.json and report.md: HiF8-trained vs BF16-trained).
 """
 from __future__ import annotations
 
@@ -68,13 +69,55 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
         labels.append("hif8")
     if only is not None and only not in labels:
         raise ValueError(f"--only {only}: the recipe has no such run (runs: {', '.join(labels) or 'none'})")
+    evaluating = recipe.eval is not None and labels == ["bf16", "hif8"]
+    if evaluating and state.num_processes > 1 and cfg.distributed.value == "fsdp":
+        raise ValueError("eval: after FSDP training is not supported (each rank holds a shard of the model); "
+                         "drop the eval section and run `lpq eval --model <out>/bf16/final` on the saved models")
     runs = {label: train_run(recipe, out / label, quantized=label == "hif8", label=label, resume=resume,
                              on_step=on_step) for label in labels}
     report = build_report(recipe, runs, state.num_processes)
     if main:
+        if evaluating:
+            report["eval"] = paired_eval(recipe, runs["bf16"], runs["hif8"], out / "eval")
         _plots(recipe, runs, out)
         (out / REPORT).write_text(json.dumps(report, indent=1))
     return report
+
+
+def paired_eval(recipe: TrainRecipe, bf16: RunResult, hif8: RunResult, out: Path) -> dict:
+    """`lpq eval` (lpq.eval) of the HiF8-trained model, quantizers on, against the BF16-trained one.
+
+    Returns the figures the training report repeats; the whole evaluation is in `out`."""
+    from lpq.config import to_dict
+    from lpq.models.hub import load_model
+
+    settings = recipe.eval
+    if bf16.tokenizer is not None:
+        from lpq.eval.paired import run_paired
+
+        res = run_paired(bf16.model, hif8.model, bf16.tokenizer, settings, out, model_name=recipe.model.id,
+                         recipe=to_dict(recipe))
+    else:
+        from lpq.eval.video import run_paired_video
+
+        # Training dropped the text encoder and VAE: generate with fresh pipelines around the trained transformers.
+        pipes = []
+        for run in (bf16, hif8):
+            pipe = load_model(recipe.model).model
+            pipe.transformer = run.model
+            pipes.append(pipe)
+        res = run_paired_video(*pipes, settings, out, model_name=recipe.model.id, recipe=to_dict(recipe))
+    summary: dict = {"dir": str(out), "baseline": "bf16-trained", "candidate": "hif8-trained (HiF8 on)",
+                     "tasks": {name: {k: t.get(k) for k in ("metric", "baseline", "quantized", "rel_loss_pct",
+                                                            "ci95_low", "ci95_high", "agreement", "n") if k in t}
+                               for name, t in res["tasks"].items()}}
+    if "distribution_shift" in res:
+        d = res["distribution_shift"]
+        summary["distribution_shift"] = {k: d[k] for k in ("kl_div", "top1_agreement", "baseline_ppl",
+                                                           "candidate_ppl", "windows", "seq_len")}
+    if "video" in res:
+        summary["video"] = {k: res["video"][k] for k in ("psnr_db", "ssim", "latent_mse")}
+    return summary
 
 
 def build_report(recipe: TrainRecipe, runs: dict[str, RunResult], world_size: int) -> dict:
@@ -134,5 +177,12 @@ def describe(report: dict) -> str:
                      f"({'meets' if report['within_0.5pct'] else 'FAILS'} the < 0.5 % loss bar)")
         lines.append(f"step time HiF8 / BF16: {report['step_time_ratio']:.2f}x "
                      f"({report['step_time_hif8_s']:.3f} s vs {report['step_time_bf16_s']:.3f} s)")
+    for name, t in report.get("eval", {}).get("tasks", {}).items():
+        rel = "" if t.get("rel_loss_pct") is None else f" ({t['rel_loss_pct']:+.2f} % relative loss)"
+        lines.append(f"lpq eval {name}: BF16-trained {t['baseline']:.4f}, HiF8-trained {t['quantized']:.4f}{rel}")
+    shift = report.get("eval", {}).get("distribution_shift")
+    if shift:
+        lines.append(f"lpq eval distribution shift: perplexity {shift['baseline_ppl']:.3f} -> {shift['candidate_ppl']:.3f}, "
+                     f"KL {shift['kl_div']:.4f}, top-1 agreement {shift['top1_agreement']:.4f}")
     return "\n".join(lines)
 

@@ -38,6 +38,8 @@ class RunResult:
     eval_loss: float
     eval_loss_initial: float | None = None      # before training (None for checkpoints older than this field)
     extra: dict = field(default_factory=dict)
+    model: nn.Module | None = None              # the trained module (quantizers attached in a HiF8 run)
+    tokenizer: object | None = None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -257,8 +259,10 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     _save_final(accelerator, model, raw, loaded, run_dir)
     if quantized and recipe.export is not None and accelerator.is_main_process:
         _export(raw, loaded, recipe, run_dir)
+    # Without accelerate's autocast wrapper the model computes as its saved weights do when loaded (float32).
+    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss,
-                       state.get("eval_loss_initial"))
+                       state.get("eval_loss_initial"), model=trained, tokenizer=loaded.tokenizer)
     result.extra["quant_on"] = state["quant_on"]
     if accelerator.num_processes > 1:
         result.extra["ranks_identical"] = _check_ranks_identical(accelerator, raw, run_dir)

@@ -1,4 +1,4 @@
-"""The `lpq train` recipe: YAML sections `model`, `quant`, `train`, `data` and optional `export`.
+"""The `lpq train` recipe: YAML sections `model`, `quant`, `train`, `data` and optional `export`, `eval`.
 
 `quant` is the runtime's `QuantRecipe` (roles, scaling, protected blocks); `train` and `data` are defined
 here. Everything is validated by `lpq.config`, so a bad key or value is reported with file and line.
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lpq.config import load_config
+from lpq.eval.settings import EvalSettings
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
@@ -168,6 +169,8 @@ class TrainRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     # The HiF8 model is exported after training when present (None: no export); not `| None`, as quant.
     export: ExportSettings = None  # type: ignore[assignment]
+    # `lpq eval` of the HiF8-trained model against the BF16-trained one after both runs (None: skip).
+    eval: EvalSettings = None  # type: ignore[assignment]
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:

@@ -129,3 +129,25 @@ def test_trained_hif8_model_is_exported_and_reloads_bit_exactly(corpus, tmp_path
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_lpq_eval_runs_on_both_trained_models(corpus, tmp_path):
+    from lpq.config import from_dict, to_dict
+    from lpq.eval.shift import distribution_shift
+    from lpq.train.recipe import TrainRecipe
+
+    text = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines())
+    (tmp_path / "held_out.txt").write_text(text)
+    data = {k: v for k, v in to_dict(make_recipe(corpus, tmp_path, steps=3, bf16_warmup_steps=1)).items() if v is not None}
+    data["eval"] = {"tasks": [], "kl": True, "kl_text": str(tmp_path / "held_out.txt"), "kl_windows": 2,
+                    "kl_seq_len": 32, "bootstrap": 100}
+    report = run_training(from_dict(data, TrainRecipe))
+    shift = report["eval"]["distribution_shift"]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["distribution_shift"]["kl_div"] == \
+        shift["kl_div"]
+    assert shift["kl_div"] > 0 and 0 < shift["top1_agreement"] <= 1
+    # The figures are those of the saved models: BF16-trained weights, and HiF8-trained ones with HiF8 on.
+    bf16 = hub.load_model(hub.ModelConfig(id=str(tmp_path / "bf16" / "final"))).model
+    again = distribution_shift(bf16, bf16, hub.load_model(hub.ModelConfig(id="tiny-llama")).tokenizer, text, 2, 32)
+    assert again["baseline_ppl"] == pytest.approx(shift["baseline_ppl"], rel=1e-5)
+    assert shift["candidate_ppl"] != shift["baseline_ppl"]

@@ -114,3 +114,17 @@ def test_tiny_wan21_qat_single_process(wan_data, tmp_path):
     assert any("attn1.lpq_attention.p_quantizer" in n for n in names)   # Wan attention is quantized
     assert any("ffn.net.2.grad_quantizer" in n for n in names)
     assert (tmp_path / "hif8" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_tiny_wan21_qat_then_paired_video_eval(wan_data, tmp_path):
+    from lpq.config import from_dict, to_dict
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["a red ball", "a blue car"]))
+    data = {k: v for k, v in to_dict(wan_recipe(wan_data, tmp_path, steps=2)).items() if v is not None}
+    data["eval"] = {"bootstrap": 100, "video": {"prompts_file": str(prompts), "dimension": None}}
+    report = run_training(from_dict(data, TrainRecipe))
+    video = report["eval"]["video"]
+    assert report["eval"]["tasks"]["video_flicker"]["n"] == 2
+    assert video["latent_mse"] > 0 and np.isfinite(video["psnr_db"])
+    assert len(list((tmp_path / "eval" / "videos" / "quantized").iterdir())) == 2
