@@ -56,16 +56,18 @@ class Hessian:
 
 
 def asymmetric_target(weight: Tensor, H: Tensor, cross: Tensor, damp: float) -> Tensor:
-    """The weight W' that GPTQ should approximate when the target is the unquantized model.
+    """The weight W' whose outputs on the inputs X best reproduce W's outputs on the inputs X~.
 
-    With X the layer's inputs in the quantized model (earlier layers and this input quantized) and
-    X~ those in the unquantized model, min_Q ||X~ W^T - X Q^T||^2 equals ||X (W' - Q)^T||^2 + const for
-    W' = W C H^-1, C = X~^T X / n and H = X^T X / n (normal equations). GPTQ on W' with H therefore
-    minimizes the error against the unquantized outputs (GPTAQ's asymmetric calibration): it also
-    compensates, on average, the quantization noise of the layer's own input. H is damped as in GPTQ.
+    W' = W C H^-1 with C = X~^T X / n and H = X^T X / n (normal equations of min ||X~ W^T - X W'^T||^2),
+    written as the correction W + W (C - H) H^-1 so that the damping of H (as in GPTQ) only damps the
+    correction: with X~ = X the weight comes back unchanged, not shrunk like a ridge regression. The
+    pipeline uses it for GPTAQ-style asymmetric calibration: X are a layer's inputs in the partly
+    quantized model (before the layer's own input quantization), X~ those in the unquantized model,
+    so GPTQ on W' also undoes the drift the earlier quantized layers caused.
     """
     Hd = H.double() + damp * H.diagonal().mean().clamp(min=1e-12).double() * torch.eye(H.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(Hd, cross.double().T @ weight.double().T).T.to(weight.dtype)
+    W = weight.double()
+    return (W + torch.linalg.solve(Hd, (cross.double() - H.double()).T @ W.T).T).to(weight.dtype)
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:

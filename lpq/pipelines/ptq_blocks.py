@@ -150,15 +150,15 @@ class _Reached(Exception):
 
 
 def _input_at(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor | None:
-    """The input `lin` sees (after its simulation hook: transformed, quantized when enabled) when the
-    block runs batch i (with `hidden` instead of the batch's hidden states if given); None if not reached."""
+    """The raw input `lin` receives (before its simulation hook) when the block runs batch i (with
+    `hidden` instead of the batch's hidden states if given), as rows; None if not reached."""
     seen: list[Tensor] = []
 
     def pre(module, args):
-        seen.append(args[0].detach())   # registered after the simulation hook: the transformed input
+        seen.append(args[0].detach())
         raise _Reached
 
-    handle = lin.register_forward_pre_hook(pre)
+    handle = lin.register_forward_pre_hook(pre, prepend=True)
     one = BlockInputs([inputs.hidden[i] if hidden is None else hidden], [inputs.args[i]], [inputs.kwargs[i]])
     try:
         run_block(block, one, 0)
@@ -169,51 +169,69 @@ def _input_at(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, i: int, hid
     return seen[0].reshape(-1, seen[0].shape[-1]) if seen else None
 
 
+@dataclass
+class LayerStatistics:
+    """Second moments of one linear's inputs over the calibration batches (means over tokens)."""
+
+    hessian: Tensor                    # x x^T, x as the quantized model computes with (quantized)
+    drift: tuple[Tensor, Tensor] | None = None   # (x~^T x', x'^T x'): x' before input quantization, x~ in
+                                                 # the unquantized model; None when not paired
+
+
 def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, float_block: nn.Module | None = None,
-                    float_lin: nn.Linear | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """H = mean x x^T of `lin`'s input as quantized at inference, and, with the unquantized block
-    (`float_block`, whose copy of `lin` is `float_lin`, run on `inputs.reference`), C = mean x~^T x.
+                    float_lin: nn.Linear | None = None) -> LayerStatistics | None:
+    """Input statistics of `lin` in the block as it is now (earlier linears already quantized, input
+    quantization on), stopping each forward once `lin` has its input.
 
-    The block runs with its current weights (earlier linears already quantized) and input
-    quantization on, and stops once `lin` has seen its input. C is None when a batch routes a
+    With the unquantized block (`float_block`, whose copy of `lin` is `float_lin`, run on
+    `inputs.reference`) also the drift statistics. They are dropped (None) when a batch routes a
     different number of tokens to the linear in the two models (MoE experts): no pairing exists.
+    None when no calibration input reached the linear (an unrouted expert).
     """
+    st = lh.state(lin)
     hess = Hessian(lin.in_features)
-    cross = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) if float_block is not None else None
+    cross, pre = (Hessian(lin.in_features, torch.float64), Hessian(lin.in_features, torch.float64)) \
+        if float_block is not None else (None, None)
     lh.set_enabled(block, True)
-    for i in range(len(inputs)):
-        x = _input_at(block, lin, inputs, i)
-        if x is None:
-            continue
-        hess.add(x)
-        if cross is not None:
-            xf = _input_at(float_block, float_lin, inputs, i, inputs.reference[i])
-            if xf is None or xf.shape != x.shape:
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            raw = _input_at(block, lin, inputs, i)
+            if raw is None:
+                continue
+            x_pre = lh.transform_input(st, raw, quantize=False)
+            hess.add(lh.transform_input(st, raw, quantize=True))
+            if cross is None:
+                continue
+            raw_f = _input_at(float_block, float_lin, inputs, i, inputs.reference[i])
+            if raw_f is None or raw_f.shape != raw.shape:
                 cross = None
-            else:
-                cross.addmm_(xf.double().T, x.double())
+                continue
+            x_f = lh.transform_input(lh.state(float_lin), raw_f, quantize=False)
+            cross.H.addmm_(x_f.double().T, x_pre.double())
+            cross.count += len(x_pre)
+            pre.add(x_pre)
     if not hess.count:
-        return None, None   # no calibration input reached it (unrouted expert)
-    return hess.mean(), None if cross is None else (cross / hess.count).float()
+        return None
+    return LayerStatistics(hess.mean(), None if cross is None else (cross.mean(), pre.mean()))
 
 
-def quantize_group(lins: dict[str, nn.Linear], group: list[str], hessian: Tensor | None, cfg: PTQConfig,
-                   stats: BlockStats, cross: Tensor | None = None) -> None:
-    """Replace the weights of linears sharing one input by their quantized values (recipe's weight step).
-
-    cross: C = mean x~^T x against the unquantized model's inputs (asymmetric GPTQ), or None."""
+def quantize_group(lins: dict[str, nn.Linear], group: list[str], layer: LayerStatistics | None, cfg: PTQConfig,
+                   stats: BlockStats) -> None:
+    """Replace the weights of linears sharing one input by their quantized values (recipe's weight step)."""
     fmt = cfg.weight_format
     gptq = cfg.step("gptq")
     ws = [lins[n].weight for n in group]
     W = torch.cat([w.detach().float() for w in ws])
+    hessian = None if layer is None else layer.hessian
     t0 = time.perf_counter()
     if hessian is None:
         Q = rtn_quantize(W, fmt)
     elif gptq is not None:
         settings = GPTQSettings(damp=gptq.damp, act_order=gptq.act_order, scale_search=gptq.scale_search,
                                 lazy_batch=gptq.lazy_batch)
-        if cross is not None:
-            W = asymmetric_target(W, hessian, cross, gptq.damp)
+        if layer.drift is not None:
+            cross, h_pre = layer.drift
+            W = asymmetric_target(W, h_pre, cross, gptq.damp)
         elif gptq.asymmetric:
             stats.symmetric_fallback.append("+".join(group))
         Q, loss = gptq_quantize(W, hessian, fmt, settings)
@@ -264,13 +282,10 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
     # Groups in forward order; each one's Hessian sees the inputs produced by the already-quantized
     # groups before it (sequential within the block, as across blocks).
     for group in _shared_input_groups(block, lins, inputs):
-        cross = None
-        if needs_hessian(cfg):
-            hessian, cross = capture_hessian(block, lins[group[0]], inputs, float_block,
-                                             float_lins[group[0]] if float_block is not None else None)
-        else:
-            hessian = None
-        quantize_group(lins, group, hessian, cfg, stats, cross)
+        layer = capture_hessian(block, lins[group[0]], inputs, float_block,
+                                float_lins[group[0]] if float_block is not None else None) \
+            if needs_hessian(cfg) else None
+        quantize_group(lins, group, layer, cfg, stats)
     lh.set_enabled(block, True)
     nxt = advance(block, inputs)
     if float_block is not None:

@@ -11,6 +11,8 @@ scale used at step t comes from steps < t. Before the first update a quantizer u
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -66,13 +68,14 @@ class TensorQuantizer(nn.Module):
         if per_slice and x.shape[0] != self.groups:
             raise ValueError(f"{self.role} quantizer has {self.groups} groups but the tensor's leading "
                              f"dim is {x.shape[0]}")
-        dims = tuple(range(1, x.dim())) if per_slice else tuple(range(x.dim()))
         # max |x| = max(max x, -min x): one read-only pass instead of writing |x| out first. abs()
         # makes an all-zero tensor's amax +0 (not -0), as x.abs().amax() gives.
         lo, hi = torch.aminmax(x.detach().reshape(self.groups, -1), dim=1) if per_slice else torch.aminmax(x.detach())
         amax = torch.maximum(hi, -lo).abs().float().reshape(-1)
         if self.spec.target == ScaleTarget.WINDOW:
-            rms = x.detach().float().square().mean(dim=dims).sqrt().reshape(-1)
+            # The norm accumulates in float32 without writing a float32 copy or the squares out.
+            flat = x.detach().reshape(self.groups, -1) if per_slice else x.detach().reshape(1, -1)
+            rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) / math.sqrt(flat.shape[1])
         else:
             rms = torch.zeros_like(amax)
         return amax, rms

@@ -57,8 +57,8 @@ def test_asymmetric_target_solves_the_normal_equations():
     # No weight does better against the unquantized outputs: the residual is orthogonal to Xq.
     resid = X.double() @ W.double().T - Xq.double() @ Wt.double().T
     assert float((Xq.double().T @ resid).abs().max()) < 1e-6 * float((X.double() @ W.double().T).abs().max()) * len(X)
-    # With identical inputs in both models the target is the weight itself.
-    assert torch.allclose(asymmetric_target(W, H, H, damp=0.0), W, atol=1e-5)
+    # With identical inputs in both models the target is the weight itself, damped or not.
+    assert torch.equal(asymmetric_target(W, H, H, damp=0.01), W)
 
 
 @pytest.mark.parametrize("fmt", ["hif4", "mxfp4"])
