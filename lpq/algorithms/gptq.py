@@ -55,21 +55,6 @@ class Hessian:
         return (self.H / self.count).float()
 
 
-def asymmetric_target(weight: Tensor, H: Tensor, cross: Tensor, damp: float) -> Tensor:
-    """The weight W' whose outputs on the inputs X best reproduce W's outputs on the inputs X~.
-
-    W' = W C H^-1 with C = X~^T X / n and H = X^T X / n (normal equations of min ||X~ W^T - X W'^T||^2),
-    written as the correction W + W (C - H) H^-1 so that the damping of H (as in GPTQ) only damps the
-    correction: with X~ = X the weight comes back unchanged, not shrunk like a ridge regression. The
-    pipeline uses it for GPTAQ-style asymmetric calibration: X are a layer's inputs in the partly
-    quantized model (before the layer's own input quantization), X~ those in the unquantized model,
-    so GPTQ on W' also undoes the drift the earlier quantized layers caused.
-    """
-    Hd = H.double() + damp * H.diagonal().mean().clamp(min=1e-12).double() * torch.eye(H.shape[0], dtype=torch.float64)
-    W = weight.double()
-    return (W + torch.linalg.solve(Hd, (cross.double() - H.double()).T @ W.T).T).to(weight.dtype)
-
-
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + damp * mean diag)^-1; raises the damping until it factors."""
     n = H.shape[0]

@@ -26,8 +26,6 @@ class BlockInputs:
     hidden: list[Tensor] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
-    # The unquantized model's hidden states for the same batches (asymmetric GPTQ's targets), or empty.
-    reference: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)

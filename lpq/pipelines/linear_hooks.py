@@ -25,20 +25,16 @@ class LinearState:
     input_scale: Tensor | None = None  # SmoothQuant: inputs are divided by this before rotation
 
 
-def transform_input(st: LinearState, x: Tensor, quantize: bool) -> Tensor:
-    """What the linear computes with: x smoothed and rotated, then fake-quantized if `quantize`."""
+def _pre_hook(module: nn.Module, args: tuple) -> tuple:
+    st: LinearState = module._lpq_state
+    x = args[0]
     if st.input_scale is not None:
         x = x / st.input_scale.to(x.dtype)
     if st.rotation:
         x = fwht(x, st.rotation)
-    if quantize and st.act_format:
+    if st.enabled and st.act_format:
         x = formats.fake_quant(x, st.act_format)
-    return x
-
-
-def _pre_hook(module: nn.Module, args: tuple) -> tuple:
-    st: LinearState = module._lpq_state
-    return (transform_input(st, args[0], st.enabled),) + tuple(args[1:])
+    return (x,) + tuple(args[1:])
 
 
 def attach(module: nn.Linear) -> LinearState:

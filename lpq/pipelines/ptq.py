@@ -79,8 +79,8 @@ class Checkpoint:
         states = {n: (s.rotation, s.enabled, s.input_scale) for n, m in block.named_modules()
                   if (s := lh.state(m)) is not None}
         self._atomic_save({"state_dict": block.state_dict(), "linear_states": states}, self.root / f"{key}.pt")
-        self._atomic_save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs,
-                           "reference": inputs.reference}, self.root / "inputs.pt")
+        self._atomic_save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs},
+                          self.root / "inputs.pt")
         self.save_meta(meta)
 
     def save_meta(self, meta: dict) -> None:
@@ -99,7 +99,7 @@ class Checkpoint:
 
     def load_inputs(self) -> BlockInputs:
         d = torch.load(self.root / "inputs.pt", weights_only=False)
-        return BlockInputs(d["hidden"], d["args"], d["kwargs"], d["reference"])
+        return BlockInputs(d["hidden"], d["args"], d["kwargs"])
 
 
 # ---------------------------------------------------------------- model parts

@@ -1,7 +1,6 @@
 """Per-block PTQ work: rotation, smoothing, Hessian capture, weight quantization of one block."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -9,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lpq.algorithms import grid
-from lpq.algorithms.gptq import GPTQSettings, Hessian, asymmetric_target, gptq_quantize
+from lpq.algorithms.gptq import GPTQSettings, Hessian, gptq_quantize
 from lpq.algorithms.hadamard import rotate_weight
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.smoothquant import (fold_into_linear_outputs, fold_into_norm, scale_linear_inputs,
@@ -32,7 +31,6 @@ class BlockStats:
     gptq_seconds: float = 0.0
     rel_output_error: float | None = None        # ||out_q - out_f||^2 / ||out_f||^2 on a few batches
     layer_loss: dict[str, float] = field(default_factory=dict)
-    symmetric_fallback: list[str] = field(default_factory=list)   # asymmetric GPTQ impossible (MoE routing)
 
 
 def _wrap_fused_experts(block: nn.Module, cfg: PTQConfig) -> None:
@@ -146,94 +144,47 @@ def smooth_block(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInpu
 
 
 class _Reached(Exception):
-    """Raised by the capture hook: the rest of the block's forward is not needed."""
+    """Raised by the Hessian hook: the rest of the block's forward is not needed."""
 
 
-def _input_at(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor | None:
-    """The raw input `lin` receives (before its simulation hook) when the block runs batch i (with
-    `hidden` instead of the batch's hidden states if given), as rows; None if not reached."""
-    seen: list[Tensor] = []
+def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs) -> Tensor | None:
+    """Mean input Gram matrix of `lin`, of its input as quantized at inference.
+
+    The block runs with its current weights (earlier linears already quantized) and input
+    quantization on, and stops once `lin` has seen its input.
+    """
+    hess = Hessian(lin.in_features)
 
     def pre(module, args):
-        seen.append(args[0].detach())
+        hess.add(args[0].detach())   # registered after the simulation hook: the transformed input
         raise _Reached
 
-    handle = lin.register_forward_pre_hook(pre, prepend=True)
-    one = BlockInputs([inputs.hidden[i] if hidden is None else hidden], [inputs.args[i]], [inputs.kwargs[i]])
+    handle = lin.register_forward_pre_hook(pre)
+    lh.set_enabled(block, True)
     try:
-        run_block(block, one, 0)
-    except _Reached:
-        pass
+        for i in range(len(inputs)):
+            try:
+                run_block(block, inputs, i)
+            except _Reached:
+                pass
     finally:
         handle.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1]) if seen else None
+    return hess.mean() if hess.count else None   # None: no calibration input reached it (unrouted expert)
 
 
-@dataclass
-class LayerStatistics:
-    """Second moments of one linear's inputs over the calibration batches (means over tokens)."""
-
-    hessian: Tensor                    # x x^T, x as the quantized model computes with (quantized)
-    drift: tuple[Tensor, Tensor] | None = None   # (x~^T x', x'^T x'): x' before input quantization, x~ in
-                                                 # the unquantized model; None when not paired
-
-
-def capture_hessian(block: nn.Module, lin: nn.Linear, inputs: BlockInputs, float_block: nn.Module | None = None,
-                    float_lin: nn.Linear | None = None) -> LayerStatistics | None:
-    """Input statistics of `lin` in the block as it is now (earlier linears already quantized, input
-    quantization on), stopping each forward once `lin` has its input.
-
-    With the unquantized block (`float_block`, whose copy of `lin` is `float_lin`, run on
-    `inputs.reference`) also the drift statistics. They are dropped (None) when a batch routes a
-    different number of tokens to the linear in the two models (MoE experts): no pairing exists.
-    None when no calibration input reached the linear (an unrouted expert).
-    """
-    st = lh.state(lin)
-    hess = Hessian(lin.in_features)
-    cross, pre = (Hessian(lin.in_features, torch.float64), Hessian(lin.in_features, torch.float64)) \
-        if float_block is not None else (None, None)
-    lh.set_enabled(block, True)
-    with torch.no_grad():
-        for i in range(len(inputs)):
-            raw = _input_at(block, lin, inputs, i)
-            if raw is None:
-                continue
-            x_pre = lh.transform_input(st, raw, quantize=False)
-            hess.add(lh.transform_input(st, raw, quantize=True))
-            if cross is None:
-                continue
-            raw_f = _input_at(float_block, float_lin, inputs, i, inputs.reference[i])
-            if raw_f is None or raw_f.shape != raw.shape:
-                cross = None
-                continue
-            x_f = lh.transform_input(lh.state(float_lin), raw_f, quantize=False)
-            cross.H.addmm_(x_f.double().T, x_pre.double())
-            cross.count += len(x_pre)
-            pre.add(x_pre)
-    if not hess.count:
-        return None
-    return LayerStatistics(hess.mean(), None if cross is None else (cross.mean(), pre.mean()))
-
-
-def quantize_group(lins: dict[str, nn.Linear], group: list[str], layer: LayerStatistics | None, cfg: PTQConfig,
+def quantize_group(lins: dict[str, nn.Linear], group: list[str], hessian: Tensor | None, cfg: PTQConfig,
                    stats: BlockStats) -> None:
     """Replace the weights of linears sharing one input by their quantized values (recipe's weight step)."""
     fmt = cfg.weight_format
     gptq = cfg.step("gptq")
     ws = [lins[n].weight for n in group]
     W = torch.cat([w.detach().float() for w in ws])
-    hessian = None if layer is None else layer.hessian
     t0 = time.perf_counter()
     if hessian is None:
         Q = rtn_quantize(W, fmt)
     elif gptq is not None:
         settings = GPTQSettings(damp=gptq.damp, act_order=gptq.act_order, scale_search=gptq.scale_search,
                                 lazy_batch=gptq.lazy_batch)
-        if layer.drift is not None:
-            cross, h_pre = layer.drift
-            W = asymmetric_target(W, h_pre, cross, gptq.damp)
-        elif gptq.asymmetric:
-            stats.symmetric_fallback.append("+".join(group))
         Q, loss = gptq_quantize(W, hessian, fmt, settings)
         stats.layer_loss["+".join(group)] = loss
         stats.gptq_seconds += time.perf_counter() - t0
@@ -252,22 +203,14 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
                   error_batches: int = 1) -> tuple[BlockStats, BlockInputs]:
     """Quantize one block in place (unless protected) and return its outputs, the next block's inputs.
 
-    The block's inputs come from the already-quantized blocks before it (sequential calibration). With
-    asymmetric GPTQ the unquantized model's hidden states travel along (`BlockInputs.reference`; block
-    0's are its own inputs) and each linear is fitted to reproduce the unquantized block's outputs.
+    The block's inputs come from the already-quantized blocks before it (sequential calibration).
     """
     t0 = time.perf_counter()
     stats = BlockStats(index, protected)
     lins = prepare_block(block, cfg)
     lh.set_enabled(block, False)
-    gptq = cfg.step("gptq")
-    asymmetric = gptq is not None and gptq.asymmetric
-    if asymmetric and not inputs.reference:
-        inputs = BlockInputs(inputs.hidden, inputs.args, inputs.kwargs, list(inputs.hidden))
     if protected or not lins:
         nxt = advance(block, inputs)
-        if asymmetric:
-            nxt.reference = advance(block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs)).hidden
         stats.seconds = time.perf_counter() - t0
         return stats, nxt
     sq = cfg.step("smoothquant")
@@ -275,21 +218,13 @@ def process_block(block: nn.Module, index: int, inputs: BlockInputs, cfg: PTQCon
         smooth_block(block, lins, inputs, sq.alpha)
     few = BlockInputs(inputs.hidden[:error_batches], inputs.args[:error_batches], inputs.kwargs[:error_batches])
     ref = list(iterate(block, few))
-    float_block = None
-    if asymmetric:
-        float_block = copy.deepcopy(block)     # rotated and smoothed, not quantized: the target function
-        float_lins = lh.linears(float_block, tuple(cfg.skip_linears))
     # Groups in forward order; each one's Hessian sees the inputs produced by the already-quantized
     # groups before it (sequential within the block, as across blocks).
     for group in _shared_input_groups(block, lins, inputs):
-        layer = capture_hessian(block, lins[group[0]], inputs, float_block,
-                                float_lins[group[0]] if float_block is not None else None) \
-            if needs_hessian(cfg) else None
-        quantize_group(lins, group, layer, cfg, stats)
+        hessian = capture_hessian(block, lins[group[0]], inputs) if needs_hessian(cfg) else None
+        quantize_group(lins, group, hessian, cfg, stats)
     lh.set_enabled(block, True)
     nxt = advance(block, inputs)
-    if float_block is not None:
-        nxt.reference = advance(float_block, BlockInputs(inputs.reference, inputs.args, inputs.kwargs)).hidden
     num = sum(float(((o - r) ** 2).sum()) for o, r in zip(nxt.hidden, ref))
     den = sum(float((r ** 2).sum()) for r in ref)
     stats.rel_output_error = num / max(den, 1e-30)

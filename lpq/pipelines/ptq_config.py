@@ -17,11 +17,10 @@ STEP_SETTINGS = {
     "scale_search": set(),
     "smoothquant": {"alpha"},
     "hadamard": {"block"},
-    "gptq": {"damp", "act_order", "scale_search", "lazy_batch", "asymmetric"},
+    "gptq": {"damp", "act_order", "scale_search", "lazy_batch"},
 }
 WEIGHT_STEPS = ("rtn", "scale_search", "gptq")
-_DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "damp": 0.01, "act_order": False, "scale_search": True, "lazy_batch": 128,
-             "asymmetric": True}
+_DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "damp": 0.01, "act_order": False, "scale_search": True, "lazy_batch": 128}
 
 
 @dataclass
@@ -36,7 +35,6 @@ class StepConfig:
     act_order: bool | None = None        # gptq: columns by decreasing H_jj
     scale_search: bool | None = None     # gptq: format-native scale search when fixing a block's scales
     lazy_batch: int | None = None        # gptq: columns per lazy update
-    asymmetric: bool | None = None       # gptq: target the unquantized model's outputs (GPTAQ), not its own
 
     def __post_init__(self) -> None:
         given = {k for k in _DEFAULTS if getattr(self, k) is not None}

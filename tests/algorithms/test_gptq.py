@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lpq.algorithms import grid
-from lpq.algorithms.gptq import GPTQSettings, Hessian, asymmetric_target, gptq_quantize
+from lpq.algorithms.gptq import GPTQSettings, Hessian, gptq_quantize
 
 
 def _problem(seed=0, rows=96, cols=256, tokens=2048):
@@ -47,26 +47,3 @@ def test_bad_inputs():
         GPTQSettings(lazy_batch=100)
     with pytest.raises(ValueError, match="no calibration"):
         Hessian(4).mean()
-
-
-def test_asymmetric_target_solves_the_normal_equations():
-    X, W, H = _problem(2)
-    Xq = grid.fake_quant(X, "hif4")              # the layer's input as the quantized model sees it
-    C = X.T @ Xq / X.shape[0]
-    Wt = asymmetric_target(W, (Xq.T @ Xq) / X.shape[0], C, damp=0.0)
-    # No weight does better against the unquantized outputs: the residual is orthogonal to Xq.
-    resid = X.double() @ W.double().T - Xq.double() @ Wt.double().T
-    assert float((Xq.double().T @ resid).abs().max()) < 1e-6 * float((X.double() @ W.double().T).abs().max()) * len(X)
-    # With identical inputs in both models the target is the weight itself, damped or not.
-    assert torch.equal(asymmetric_target(W, H, H, damp=0.01), W)
-
-
-@pytest.mark.parametrize("fmt", ["hif4", "mxfp4"])
-def test_asymmetric_gptq_is_closer_to_the_unquantized_outputs(fmt):
-    X, W, _ = _problem(3)
-    Xq = grid.fake_quant(X, fmt)
-    Hq = Xq.T @ Xq / X.shape[0]
-    err = lambda Q: float(((X @ W.T - Xq @ Q.T) ** 2).mean())
-    Q_sym, _ = gptq_quantize(W, Hq, fmt)
-    Q_asym, _ = gptq_quantize(asymmetric_target(W, Hq, X.T @ Xq / X.shape[0], 0.01), Hq, fmt)
-    assert err(Q_asym) < 0.9 * err(Q_sym)

@@ -103,9 +103,9 @@ def test_hessians_are_taken_after_the_earlier_linears_of_the_block_are_quantized
     events = []
     real_h, real_q = ptq_blocks.capture_hessian, ptq_blocks.quantize_group
 
-    def capture(block, lin, inputs, *args):
+    def capture(block, lin, inputs):
         events.append(("H", next(n for n, m in block.named_modules() if m is lin)))
-        return real_h(block, lin, inputs, *args)
+        return real_h(block, lin, inputs)
 
     def quantize(lins, group, *args):
         events.append(("Q", group[0]))
