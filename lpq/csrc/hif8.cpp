@@ -342,11 +342,6 @@ void fake_quant_scaled_range(const typename D::T* __restrict in, typename D::T* 
   }
 }
 
-template <typename D>
-void rescale_range(const typename D::T* __restrict in, typename D::T* __restrict out, int64_t n, float s, float inv) {
-  for (int64_t i = 0; i < n; ++i) out[i] = D::store(float_bits(bits_float(D::load(in[i])) * inv * s));
-}
-
 // (fp32(x) * s -> HiF8 -> / s) rounded to x's dtype, in one pass: the same float32 operations as
 // `(fake_quant(x.float() * s) / s).to(x.dtype)`, so the result is identical bit for bit.
 torch::Tensor fake_quant_scaled(torch::Tensor x, std::string fmt, double scale, torch::Tensor out) {
@@ -364,21 +359,6 @@ torch::Tensor fake_quant_scaled(torch::Tensor x, std::string fmt, double scale, 
   return out;
 }
 
-// (fp32(g) / s * s) rounded to g's dtype: the straight-through gradient of fake_quant_scaled, as
-// autograd computes it through the unfused path (g / s can underflow, so this is not always g).
-torch::Tensor rescale(torch::Tensor g, double scale, torch::Tensor out) {
-  check_scaled(g, out, "rescale");
-  const float inv = checked_inverse(scale, "rescale");
-  const float s = static_cast<float>(scale);
-  with_scaled_dtype(g.scalar_type(), [&](auto d) {
-    using D = decltype(d);
-    const auto* in = static_cast<const typename D::T*>(g.const_data_ptr());
-    auto* o = static_cast<typename D::T*>(out.mutable_data_ptr());
-    at::parallel_for(0, g.numel(), kGrain, [=](int64_t b, int64_t e) { rescale_range<D>(in + b, o + b, e - b, s, inv); });
-  });
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -391,6 +371,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_scaled", &fake_quant_scaled,
         "HiF8 quantize-dequantize of x * scale, divided by scale, into out (float32 or bfloat16 x; "
         "scale a power of two)", py::arg("x"), py::arg("fmt"), py::arg("scale"), py::arg("out"));
-  m.def("rescale", &rescale, "(g / scale * scale) in float32, rounded to g's dtype, into out",
-        py::arg("g"), py::arg("scale"), py::arg("out"));
 }

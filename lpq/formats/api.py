@@ -181,30 +181,32 @@ def fake_quant_scaled(x: Tensor, fmt: str, scale: float, axis: int = -1, *, back
     return (fake_quant(x.float() * s, fmt, axis, backend=backend) / s).to(x.dtype)
 
 
-def _rescale(g: Tensor, spec: FormatSpec, scale: float) -> Tensor:
-    """`(g.float() / scale * scale).to(g.dtype)`: the gradient autograd gives through the
-    multiply-by-scale and divide-by-scale of fake_quant_scaled's reference expression."""
-    if g.numel() and _fused_scale_ok(spec, g, scale):
-        gc = g.contiguous()
-        ext = _kernel(spec, gc, None)
-        if ext is not None:
-            return ext.rescale(gc, scale, torch.empty_like(gc))
-    s = torch.tensor(scale, dtype=torch.float32, device=g.device)
-    return (g.float() / s * s).to(g.dtype)
+class StraightThrough(torch.autograd.Function):
+    """Returns `y` (a quantized version of `x`) with the gradient of the identity to `x`.
+
+    The straight-through estimator of scaled fake quantization: the scale and its inverse cancel,
+    and the quantizer counts as the identity. (Autograd through `q(x * s) / s` would give
+    `g / s * s`, which differs from `g` only where `g / s` leaves float32's normal range.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 class FakeQuantScaledSTE(torch.autograd.Function):
-    """fake_quant_scaled in forward; in backward the straight-through gradient of its reference
-    expression (identity through the quantizer, exact float32 arithmetic through the scaling)."""
+    """fake_quant_scaled in forward, identity (straight-through) gradient in backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, fmt: str, scale: float, axis: int = -1) -> Tensor:
-        ctx.fmt, ctx.scale = fmt, scale
         return fake_quant_scaled(x, fmt, scale, axis)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _rescale(grad, get_format(ctx.fmt), ctx.scale), None, None, None
+        return grad, None, None, None
 
 
 def fake_quant_scaled_ste(x: Tensor, fmt: str, scale: float, axis: int = -1) -> Tensor:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lpq.formats import fake_quant, fake_quant_ste
-from lpq.formats.api import fake_quant_scaled, fake_quant_scaled_ste
+from lpq.formats.api import StraightThrough, fake_quant_scaled, fake_quant_scaled_ste
 from lpq.quant.recipe import QuantizerSpec, Scaling, ScaleTarget
 from lpq.quant.scaling import compute_scale, reduce_history
 
@@ -114,11 +114,14 @@ class TensorQuantizer(nn.Module):
                 fqs = fake_quant_scaled_ste if fq is fake_quant_ste else fake_quant_scaled
                 return fqs(x, self.spec.format, float(scale), self.spec.axis)
         scale = scale.to(x.device)
-        xs = x.float() * scale
-        ys = fq(xs, self.spec.format, self.spec.axis)
-        if self.track_stats:
-            self._record_stats(xs, ys, scale)
-        return (ys / scale).to(x.dtype)
+        with torch.no_grad():
+            xs = x.float() * scale
+            ys = fake_quant(xs, self.spec.format, self.spec.axis)
+            if self.track_stats:
+                self._record_stats(xs, ys, scale)
+            y = (ys / scale).to(x.dtype)
+        # The same straight-through gradient as the fused op: the identity (see StraightThrough).
+        return StraightThrough.apply(x, y) if fq is fake_quant_ste else y
 
     @torch.no_grad()
     def _record_stats(self, xs: Tensor, ys: Tensor, scale: Tensor | None) -> None:
