@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +54,10 @@ def prepare_block(block: nn.Module, cfg: PTQConfig) -> dict[str, nn.Linear]:
     lins = lh.linears(block, tuple(cfg.skip_linears))
     had = cfg.step("hadamard")
     rot = (had.block or grid.BLOCK[cfg.act_format]) if had else None
-    for lin in lins.values():
+    for name, lin in lins.items():
         st = lh.attach(lin)
         st.act_format = cfg.act_format
-        if rot and st.rotation is None:
+        if rot and st.rotation is None and (had.linears is None or any(fnmatch(name, p) for p in had.linears)):
             with torch.no_grad():
                 lin.weight.copy_(rotate_weight(lin.weight.float(), rot).to(lin.weight.dtype))
             st.rotation = rot
@@ -123,6 +124,9 @@ def smooth_block(block: nn.Module, lins: dict[str, nn.Linear], inputs: BlockInpu
         # Rotated weights: smoothing acts on the unrotated input, so un-rotate the weight to score it.
         ws = [lins[n].weight.float() for n in group]
         rot = lh.state(lins[group[0]]).rotation
+        if any(lh.state(lins[n]).rotation != rot for n in group):
+            raise ValueError(f"linears {group} share one input but not one rotation: list all of them, or none, "
+                             "in hadamard.linears")
         if rot:
             ws = [rotate_weight(w, rot) for w in ws]   # H is its own inverse
         s = smooth_scales(amax[group[0]], ws, alpha)

@@ -16,11 +16,12 @@ STEP_SETTINGS = {
     "rtn": set(),
     "scale_search": set(),
     "smoothquant": {"alpha"},
-    "hadamard": {"block"},
+    "hadamard": {"block", "linears"},
     "gptq": {"damp", "act_order", "scale_search", "lazy_batch"},
 }
 WEIGHT_STEPS = ("rtn", "scale_search", "gptq")
-_DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "damp": 0.01, "act_order": False, "scale_search": True, "lazy_batch": 128}
+_DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "linears": None, "damp": 0.01, "act_order": False,
+             "scale_search": True, "lazy_batch": 128}
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StepConfig:
     seed: int | None = None              # rotate_residual: seed of the random orthogonal matrix
     alpha: float | None = None           # smoothquant: migration strength
     block: int | None = None             # hadamard: block size (default: the format's block)
+    linears: list[str] | None = None     # hadamard: fnmatch patterns of the linears to rotate (default: all)
     damp: float | None = None            # gptq: dampening, fraction of mean(diag H)
     act_order: bool | None = None        # gptq: columns by decreasing H_jj
     scale_search: bool | None = None     # gptq: format-native scale search when fixing a block's scales

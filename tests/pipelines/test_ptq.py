@@ -96,6 +96,22 @@ def test_runtime_modules_and_export_reproduce_the_simulation(tmp_path, monkeypat
     assert reloaded.model.layers[1].self_attn.q_proj.weight_quantizer is None      # protected block
 
 
+def test_hadamard_on_chosen_linears_only(tmp_path):
+    """hadamard.linears: only matching linears are rotated (in the runtime transforms and the export
+    too); a pattern that splits linears sharing one input is refused when smoothing needs them alike."""
+    from lpq.export import load_quantized
+
+    algos = [{"name": "hadamard", "linears": ["*down_proj", "*o_proj"]}, {"name": "gptq"}]
+    report = _run(tmp_path, _recipe(tmp_path, "tiny-llama", algos, evaluation=None))
+    layer = load_quantized(report["export"]["path"]).model.layers[0]
+    assert layer.mlp.down_proj.input_transform.hadamard_block == 64
+    assert layer.self_attn.o_proj.input_transform.hadamard_block == 64
+    assert getattr(layer.self_attn.q_proj, "input_transform", None) is None
+    split = [{"name": "smoothquant"}, {"name": "hadamard", "linears": ["*q_proj"]}, {"name": "rtn"}]
+    with pytest.raises(ValueError, match="share one input but not one rotation"):
+        _run(tmp_path, _recipe(tmp_path, "tiny-llama", split, evaluation=None, export=None), "split")
+
+
 def test_hessians_are_taken_after_the_earlier_linears_of_the_block_are_quantized(tmp_path, monkeypatch):
     """Sequential within a block: o_proj's Hessian sees the output of the quantized q/k/v, and so on."""
     from lpq.pipelines import ptq_blocks
