@@ -140,7 +140,9 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         kwargs = {}
         for name, f in fields.items():
             sub = f"{key}.{name}" if key else name
-            if name in value:
+            if name in value and value[name] is None and f.default is None:
+                kwargs[name] = None   # an optional section written out as null (e.g. by to_dict)
+            elif name in value:
                 kwargs[name] = _convert(value[name], hints[name], where, sub)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise where.error(key, f"missing required key '{sub}'")

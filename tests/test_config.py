@@ -63,3 +63,15 @@ def test_wrong_type_and_missing_key(tmp_path):
 def test_overrides_apply_before_validation(tmp_path):
     cfg = load_config(write(tmp_path, "name: a\n"), Outer, overrides={"inner.n": 7})
     assert cfg.inner.n == 7
+
+
+@dataclass
+class WithSection:
+    inner: Inner = None  # type: ignore[assignment]   # optional section, as TrainRecipe.export / .eval
+
+
+def test_optional_section_may_be_null_and_round_trips():
+    assert from_dict({"inner": None}, WithSection).inner is None
+    assert from_dict(to_dict(WithSection()), WithSection) == WithSection()
+    with pytest.raises(ConfigError, match="'inner' must be a mapping"):
+        from_dict({"inner": 3}, WithSection)

@@ -138,7 +138,7 @@ def test_lpq_eval_runs_on_both_trained_models(corpus, tmp_path):
 
     text = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines())
     (tmp_path / "held_out.txt").write_text(text)
-    data = {k: v for k, v in to_dict(make_recipe(corpus, tmp_path, steps=3, bf16_warmup_steps=1)).items() if v is not None}
+    data = to_dict(make_recipe(corpus, tmp_path, steps=3, bf16_warmup_steps=1))
     data["eval"] = {"tasks": [], "kl": True, "kl_text": str(tmp_path / "held_out.txt"), "kl_windows": 2,
                     "kl_seq_len": 32, "bootstrap": 100}
     report = run_training(from_dict(data, TrainRecipe))

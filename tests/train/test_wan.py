@@ -121,7 +121,7 @@ def test_tiny_wan21_qat_then_paired_video_eval(wan_data, tmp_path):
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["a red ball", "a blue car"]))
-    data = {k: v for k, v in to_dict(wan_recipe(wan_data, tmp_path, steps=2)).items() if v is not None}
+    data = to_dict(wan_recipe(wan_data, tmp_path, steps=2))
     data["eval"] = {"bootstrap": 100, "video": {"prompts_file": str(prompts), "dimension": None}}
     report = run_training(from_dict(data, TrainRecipe))
     video = report["eval"]["video"]
