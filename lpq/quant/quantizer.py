@@ -68,14 +68,17 @@ class TensorQuantizer(nn.Module):
         if per_slice and x.shape[0] != self.groups:
             raise ValueError(f"{self.role} quantizer has {self.groups} groups but the tensor's leading "
                              f"dim is {x.shape[0]}")
+        xd = x.detach()
         # max |x| = max(max x, -min x): one read-only pass instead of writing |x| out first. abs()
         # makes an all-zero tensor's amax +0 (not -0), as x.abs().amax() gives.
-        lo, hi = torch.aminmax(x.detach().reshape(self.groups, -1), dim=1) if per_slice else torch.aminmax(x.detach())
+        lo, hi = torch.aminmax(xd.reshape(self.groups, -1), dim=1) if per_slice else torch.aminmax(xd)
         amax = torch.maximum(hi, -lo).abs().float().reshape(-1)
         if self.spec.target == ScaleTarget.WINDOW:
-            # The norm accumulates in float32 without writing a float32 copy or the squares out.
-            flat = x.detach().reshape(self.groups, -1) if per_slice else x.detach().reshape(1, -1)
-            rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) / math.sqrt(flat.shape[1])
+            # The norm accumulates in float32 without writing a float32 copy or the squares out (and
+            # reads a non-contiguous whole tensor in place).
+            norm = (torch.linalg.vector_norm(xd.reshape(self.groups, -1), dim=1, dtype=torch.float32) if per_slice
+                    else torch.linalg.vector_norm(xd, dtype=torch.float32).reshape(1))
+            rms = norm / math.sqrt(xd.numel() // self.groups if per_slice else xd.numel())
         else:
             rms = torch.zeros_like(amax)
         return amax, rms

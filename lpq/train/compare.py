@@ -74,7 +74,7 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
         raise ValueError("eval: after FSDP training is not supported (each rank holds a shard of the model); "
                          "drop the eval section and run `lpq eval --model <out>/bf16/final` on the saved models")
     runs = {label: train_run(recipe, out / label, quantized=label == "hif8", label=label, resume=resume,
-                             on_step=on_step) for label in labels}
+                             on_step=on_step, keep_model=evaluating and main) for label in labels}
     report = build_report(recipe, runs, state.num_processes)
     if main:
         if evaluating:

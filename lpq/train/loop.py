@@ -38,7 +38,7 @@ class RunResult:
     eval_loss: float
     eval_loss_initial: float | None = None      # before training (None for checkpoints older than this field)
     extra: dict = field(default_factory=dict)
-    model: nn.Module | None = None              # the trained module (quantizers attached in a HiF8 run)
+    model: nn.Module | None = None              # the trained module, with keep_model (quantizers attached in HiF8)
     tokenizer: object | None = None
 
 
@@ -136,8 +136,11 @@ def _fail_nonfinite(what: str, step: int, raw: nn.Module, replay: Callable[[], o
 
 
 def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str, resume: bool = True,
-              on_step: StepCallback | None = None) -> RunResult:
-    """Train one model per the recipe into `run_dir`; continues from its latest checkpoint when `resume`."""
+              on_step: StepCallback | None = None, keep_model: bool = False) -> RunResult:
+    """Train one model per the recipe into `run_dir`; continues from its latest checkpoint when `resume`.
+
+    keep_model: return the trained module (and tokenizer) in the result, e.g. to evaluate it; otherwise
+    it is released with the run."""
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
@@ -259,10 +262,12 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     _save_final(accelerator, model, raw, loaded, run_dir)
     if quantized and recipe.export is not None and accelerator.is_main_process:
         _export(raw, loaded, recipe, run_dir)
-    # Without accelerate's autocast wrapper the model computes as its saved weights do when loaded (float32).
-    trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss,
-                       state.get("eval_loss_initial"), model=trained, tokenizer=loaded.tokenizer)
+                       state.get("eval_loss_initial"))
+    if keep_model:
+        # Without accelerate's autocast wrapper the model computes as its saved weights do when loaded (float32).
+        result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+        result.tokenizer = loaded.tokenizer
     result.extra["quant_on"] = state["quant_on"]
     if accelerator.num_processes > 1:
         result.extra["ranks_identical"] = _check_ranks_identical(accelerator, raw, run_dir)
