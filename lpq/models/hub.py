@@ -31,7 +31,10 @@ class ModelConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False   # needed for openPangu checkpoints (remote code)
     revision: str | None = None
-    device_map: str | None = None     # e.g. "auto" / "cpu" with offload, for models larger than memory
+    # accelerate placement for models larger than memory: "auto", or {module name: device | "cpu" | "disk"};
+    # offloaded blocks are loaded one at a time by lpq ptq (lpq.models.offload)
+    device_map: str | dict[str, str] | None = None
+    max_memory: dict[str, str] | None = None    # per device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     offload_dir: str | None = None
     kind: str | None = None           # "causal_lm" or "wan"; None: inferred from the files
 
@@ -108,11 +111,19 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.id.startswith("tiny-"):
         from lpq.models.tiny import build_tiny
 
+        if cfg.device_map or cfg.max_memory:
+            raise ValueError(f"{cfg.id!r} is built in memory; to try device_map, save it with save_pretrained "
+                             "and give that folder as model.id")
+
         return build_tiny(cfg.id, dtype)
     path = smollm2_dir() if cfg.id == "smollm2-135m" else Path(cfg.id)
     kind = cfg.kind or _infer_kind(path, cfg)
     if kind == "wan":
         from diffusers import WanPipeline
+
+        if cfg.device_map or cfg.max_memory:
+            raise ValueError(f"model.device_map / model.max_memory are supported for causal LMs only; {cfg.id!r} "
+                             "is a Wan pipeline, which lpq loads whole")
 
         pipe = WanPipeline.from_pretrained(str(path) if path.exists() else cfg.id, torch_dtype=dtype,
                                            revision=cfg.revision)
@@ -121,8 +132,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
     src = str(path) if path.exists() else cfg.id
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.max_memory and not cfg.device_map:
+        raise ValueError("model.max_memory needs model.device_map (e.g. auto)")
     if cfg.device_map:
         kwargs.update(device_map=cfg.device_map, offload_folder=cfg.offload_dir)
+        if cfg.max_memory:
+            kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in cfg.max_memory.items()}
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)

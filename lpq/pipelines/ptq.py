@@ -10,6 +10,7 @@ killed run restarts at block i+1 and ends with the same model as an uninterrupte
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import typer
@@ -30,6 +31,7 @@ from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
 from lpq.config import ConfigError, dump_yaml, load_config, to_dict
 from lpq.data.calibration import calibration_tokens, read_prompts
 from lpq.models.hub import LoadedModel, load_model
+from lpq.models.offload import carry_hooks, hooks_by_weight, is_offloaded, materialized
 from lpq.pipelines import linear_hooks as lh
 from lpq.pipelines.calibration import BlockInputs, advance, capture, decoder_blocks, feed_causal_lm
 from lpq.pipelines.ptq_blocks import prepare_block, process_block
@@ -122,6 +124,11 @@ def stages_of(loaded: LoadedModel) -> list[Stage]:
     return [Stage("model", loaded.model, 0)]
 
 
+def _block_store(out_dir: Path) -> Callable[[int], Path]:
+    """Where an offloaded block's edited (rotated, then quantized) tensors are kept, by global index."""
+    return lambda g: out_dir / "offload" / f"block_{g:04d}"
+
+
 def capture_stage_inputs(loaded: LoadedModel, cfg: PTQConfig, tokens: torch.Tensor | None) -> list[BlockInputs]:
     """Block-0 inputs for every stage (LLM: token batches; Wan: latents over the denoising schedule)."""
     stages = stages_of(loaded)
@@ -173,7 +180,7 @@ def _llm_loss(model: nn.Module, hidden: list[torch.Tensor], tokens: torch.Tensor
 
 
 def sensitivity(loaded: LoadedModel, cfg: PTQConfig, stage_inputs: list[BlockInputs],
-                tokens: torch.Tensor | None) -> dict[int, float]:
+                tokens: torch.Tensor | None, store: Callable[[int], Path]) -> dict[int, float]:
     """Per global block index: loss increase when only that block is quantized (RTN, W4A4)."""
     scores: dict[int, float] = {}
     for stage, inputs0 in zip(stages_of(loaded), stage_inputs):
@@ -201,20 +208,22 @@ def sensitivity(loaded: LoadedModel, cfg: PTQConfig, stage_inputs: list[BlockInp
 
         base = loss_of(all_inputs[-1])
         for i, blk in enumerate(tqdm(stage.blocks, desc=f"sensitivity ({stage.name})", unit="block")):
-            lins = lh.linears(blk, tuple(cfg.skip_linears))
-            saved = {n: l.weight.detach().clone() for n, l in lins.items()}
-            with torch.no_grad():
-                for l in lins.values():
-                    l.weight.copy_(rtn_quantize(l.weight.float(), cfg.weight_format).to(l.weight.dtype))
-            lh.set_enabled(blk, True)
-            cur = all_inputs[i]
-            for blk2 in stage.blocks[i:]:
-                cur = advance(blk2, cur)
-            scores[stage.offset + i] = loss_of(cur) - base
-            lh.set_enabled(blk, False)
-            with torch.no_grad():
-                for n, l in lins.items():
-                    l.weight.copy_(saved[n])
+            # Offloaded: the RTN weights live only while this block is held; its store keeps the float ones.
+            with materialized(blk, store(stage.offset + i), write_back=False):
+                lins = lh.linears(blk, tuple(cfg.skip_linears))
+                saved = {n: l.weight.detach().clone() for n, l in lins.items()}
+                with torch.no_grad():
+                    for l in lins.values():
+                        l.weight.copy_(rtn_quantize(l.weight.float(), cfg.weight_format).to(l.weight.dtype))
+                lh.set_enabled(blk, True)
+                cur = all_inputs[i]
+                for blk2 in stage.blocks[i:]:
+                    cur = advance(blk2, cur)
+                scores[stage.offset + i] = loss_of(cur) - base
+                lh.set_enabled(blk, False)
+                with torch.no_grad():
+                    for n, l in lins.items():
+                        l.weight.copy_(saved[n])
     return scores
 
 
@@ -252,13 +261,18 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     if rot is not None:
         if loaded.kind == "wan":
             raise ValueError("rotate_residual supports causal LMs, not Wan")
+        if is_offloaded(loaded.model):
+            raise ValueError("rotate_residual rewrites every weight of the model at once, which offloaded weights "
+                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
         # Data-free and seeded: a resumed run rebuilds the same rotated model, then loads its finished blocks.
         rotate_residual(loaded.model, rot.seed)
     stages = stages_of(loaded)
     n_blocks = sum(len(s.blocks) for s in stages)
+    store = _block_store(out_dir)
     for stage in stages:
-        for blk in stage.blocks:
-            prepare_block(blk, cfg)
+        for i, blk in enumerate(stage.blocks):
+            with materialized(blk, store(stage.offset + i)):
+                prepare_block(blk, cfg)
 
     tokens = None
     if loaded.kind != "wan":
@@ -271,7 +285,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         if cfg.protect.auto:
             t0 = time.perf_counter()
             stage_inputs = capture_stage_inputs(loaded, cfg, tokens)
-            scores = sensitivity(loaded, cfg, stage_inputs, tokens)
+            scores = sensitivity(loaded, cfg, stage_inputs, tokens, store)
             protected = sorted(choose_protected(scores, cfg.protect.auto))
             meta["sensitivity"] = {str(k): v for k, v in scores.items()}
             timings["sensitivity_s"] = time.perf_counter() - t0
@@ -291,7 +305,8 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     for stage in stages:
         for i, blk in enumerate(stage.blocks):
             if stage.offset + i < meta["next"]:
-                ckpt.restore_block(f"block_{stage.offset + i:04d}", blk)
+                with materialized(blk, store(stage.offset + i)):
+                    ckpt.restore_block(f"block_{stage.offset + i:04d}", blk)
                 lh.set_enabled(blk, stage.offset + i not in protected)
 
     t_blocks = time.perf_counter()
@@ -309,11 +324,12 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
             for i in range(meta["next"] - stage.offset, len(stage.blocks)):
                 g = stage.offset + i
                 blk = stage.blocks[i]
-                stats, inputs = process_block(blk, g, inputs, cfg, protected=g in protected)
-                meta["stats"].append(stats.__dict__)
-                meta["next"] = g + 1
-                meta["wall_s"] = prev_wall + time.perf_counter() - t_start
-                ckpt.save_block(f"block_{g:04d}", blk, inputs, meta)
+                with materialized(blk, store(g)):
+                    stats, inputs = process_block(blk, g, inputs, cfg, protected=g in protected)
+                    meta["stats"].append(stats.__dict__)
+                    meta["next"] = g + 1
+                    meta["wall_s"] = prev_wall + time.perf_counter() - t_start
+                    ckpt.save_block(f"block_{g:04d}", blk, inputs, meta)
                 bar.set_postfix(block=g, err=f"{stats.rel_output_error or 0:.2e}", prot=stats.protected)
                 bar.update(1)
             if stage_inputs is not None:
@@ -331,6 +347,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         "timings": {**meta.get("timings", {}), **timings},
         "baseline": {},
         "quantized": {},
+        "offloaded": any(is_offloaded(st.root) for st in stages),
     }
     t0 = time.perf_counter()
     recipe = to_runtime(loaded, cfg, stages, protected)
@@ -376,6 +393,7 @@ def to_runtime(loaded: LoadedModel, cfg: PTQConfig, stages: list[Stage], protect
     from lpq.quant.experts import QuantExperts
 
     recipe = dataclasses.replace(cfg.quant, protected_blocks=_local_protected(stages, protected))
+    offload_hooks = {k: h for stage in stages for k, h in hooks_by_weight(stage.root).items()}
     transforms: dict[tuple[int, str], InputTransform] = {}
     for si, stage in enumerate(stages):
         prefix = decoder_prefix(stage.root)
@@ -393,6 +411,8 @@ def to_runtime(loaded: LoadedModel, cfg: PTQConfig, stages: list[Stage], protect
     quantize_model(loaded.model, recipe)
     for (si, name), transform in transforms.items():
         set_input_transform(stages[si].root, name, transform)
+    for stage in stages:
+        carry_hooks(stage.root, offload_hooks)
     for stage in stages:
         for mod in stage.root.modules():
             if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
@@ -413,8 +433,12 @@ def export(loaded: LoadedModel, cfg: PTQConfig, recipe: QuantRecipe, out_dir: Pa
     ex = cfg.export
     # The default folder belongs to this run, so a rerun replaces it; an explicit `out` needs `force`.
     path = Path(ex.out) if ex.out else out_dir / "quantized"
-    size = export_model(loaded.model, recipe, path, kind=ex.kind, force=ex.force or ex.out is None,
-                        tokenizer=loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
+    with contextlib.ExitStack() as held:
+        # The writer reads whole state dicts: offloaded tensors are loaded into CPU memory for it.
+        for stage in stages_of(loaded):
+            held.enter_context(materialized(stage.root, out_dir, device="cpu", write_back=False))
+        size = export_model(loaded.model, recipe, path, kind=ex.kind, force=ex.force or ex.out is None,
+                            tokenizer=loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
     return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}
 
 
@@ -424,7 +448,10 @@ def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:
 
     ev = cfg.evaluation
     res: dict[str, Any] = {"baseline": {}, "quantized": {}}
-    baseline = load_model(cfg.model).model
+    model_cfg = cfg.model
+    if model_cfg.offload_dir:   # the baseline's offloaded weights must not overwrite the quantized model's
+        model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "baseline"))
+    baseline = load_model(model_cfg).model
     if ev.wikitext2:
         text = Path(ev.wikitext2).read_text(encoding="utf-8")
         r = distribution_shift(baseline, loaded.model, loaded.tokenizer, text, ev.windows, ev.seq_len)

@@ -160,9 +160,15 @@ def _final_state(out: Path) -> dict:
             torch.load(out / "checkpoint" / f"block_{i:04d}.pt", weights_only=False)["state_dict"].items()}
 
 
-def test_resume_after_a_kill_gives_the_identical_model(tmp_path, monkeypatch):
-    d = _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual", "seed": 1}, {"name": "hadamard"}, {"name": "gptq"}],
-                evaluation=None, export=None, protect={"blocks": []})
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_resume_after_a_kill_gives_the_identical_model(tmp_path, monkeypatch, offloaded):
+    algorithms = [{"name": "hadamard"}, {"name": "gptq"}]
+    if offloaded:   # residual rotation rewrites the whole model up front: not for offloaded weights
+        model = _tiny_on_disk(tmp_path)[2]
+    else:
+        model, algorithms = "tiny-llama", [{"name": "rotate_residual", "seed": 1}] + algorithms
+    d = _recipe(tmp_path, "tiny-llama", algorithms, evaluation=None, export=None, protect={"blocks": []})
+    d["model"] = model if offloaded else {"id": model}
     _run(tmp_path, d, "straight")
 
     real = ptq.process_block
@@ -183,6 +189,64 @@ def test_resume_after_a_kill_gives_the_identical_model(tmp_path, monkeypatch):
     assert report["resumed_from_block"] == 1
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_on_disk(tmp_path: Path) -> tuple[Path, int, dict]:
+    """tiny-llama saved as a transformers folder; (folder, blocks, a model section that keeps block 0
+    in memory and offloads the other blocks to disk)."""
+    lm = load_model(ModelConfig(id="tiny-llama"))
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    n = lm.model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" if i == 0 else "disk" for i in range(n)}}
+    return folder, n, {"id": str(folder), "device_map": device_map, "offload_dir": str(tmp_path / "off")}
+
+
+def test_disk_offloaded_blocks_give_the_same_model_one_block_at_a_time(tmp_path, monkeypatch):
+    """accelerate device_map with blocks on disk: each block is loaded only while it is processed,
+    and the quantized model, its evaluation and its export equal those of the in-memory run."""
+    from safetensors.torch import load_file
+
+    folder, n, offload = _tiny_on_disk(tmp_path)
+    plain = _recipe(tmp_path, str(folder), FULL, protect={"auto": 1, "sequences": 2, "seq_len": 8})
+    offloaded = dict(plain, model=offload)
+
+    real, held = ptq.process_block, []
+
+    def spy(block, index, *args, **kwargs):
+        layers = block_list[0]
+        held.append([i for i, b in enumerate(layers) if b.self_attn.q_proj.weight.device.type != "meta"])
+        return real(block, index, *args, **kwargs)
+
+    block_list = []
+    real_stages = ptq.stages_of
+    monkeypatch.setattr(ptq, "stages_of", lambda loaded: block_list.append(loaded.model.model.layers)
+                        or real_stages(loaded))
+    monkeypatch.setattr(ptq, "process_block", spy)
+    r_off = _run(tmp_path, offloaded, "offloaded")
+    monkeypatch.undo()
+    r_plain = _run(tmp_path, plain, "plain")
+
+    assert r_off["offloaded"] and not r_plain["offloaded"]
+    assert held == [[0]] + [[0, i] for i in range(1, n)]        # block 0 sits on cpu; the rest one at a time
+    assert r_off["protected_blocks"] == r_plain["protected_blocks"] and r_off["sensitivity"] == r_plain["sensitivity"]
+    assert r_off["quantized"] == r_plain["quantized"] and r_off["baseline"] == r_plain["baseline"]
+    a, b = (load_file(Path(r["export"]["path"]) / "lpq_packed.safetensors") for r in (r_off, r_plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offload_settings_that_cannot_work_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="save it with save_pretrained"):
+        load_model(ModelConfig(id="tiny-llama", device_map="auto"))
+    with pytest.raises(ValueError, match="needs model.device_map"):
+        load_model(ModelConfig(id=str(tmp_path), max_memory={"cpu": "1GiB"}))
+    offload = _tiny_on_disk(tmp_path)[2]
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual"}, {"name": "rtn"}], evaluation=None, export=None)
+    d["model"] = offload
+    with pytest.raises(ValueError, match="rotate_residual rewrites every weight"):
+        _run(tmp_path, d)
 
 
 def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):

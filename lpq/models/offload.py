@@ -1,0 +1,101 @@
+"""Working on a model whose weights accelerate offloaded (`device_map` with CPU or disk offload).
+
+accelerate dispatches an offloaded module by replacing its tensors with meta tensors and attaching
+an `AlignDevicesHook` that loads them (from a CPU dict or from disk) for each forward and drops them
+afterwards. Such a model runs, but its weights cannot be edited in place: a write to a meta tensor
+is silently lost. `materialized(block, store)` gives the PTQ pipeline one block's real tensors on
+the execution device; on exit it writes the block's (now quantized) tensors to `store` and points
+the hooks there, so the block is offloaded again with its new values and at most one block is
+ever held whole.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def _offload_hooks(root: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    """(name, module, hook) of every module under `root` whose tensors accelerate offloads."""
+    found = []
+    for name, mod in root.named_modules():
+        hook = getattr(mod, "_hf_hook", None)
+        if hook is None:
+            continue
+        hooks = getattr(hook, "hooks", (hook,))       # a SequentialHook holds several
+        for h in hooks:
+            if getattr(h, "offload", False):
+                found.append((name, mod, h))
+    return found
+
+
+def is_offloaded(root: nn.Module) -> bool:
+    return bool(_offload_hooks(root))
+
+
+def _tensors(mod: nn.Module, hook) -> list[str]:
+    from accelerate.utils import named_module_tensors
+
+    return [n for n, _ in named_module_tensors(mod, include_buffers=hook.offload_buffers,
+                                               recurse=hook.place_submodules, remove_non_persistent=True)]
+
+
+def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return mod.get_parameter(name)
+    except AttributeError:
+        return mod.get_buffer(name)
+
+
+@contextmanager
+def materialized(block: nn.Module, store: Path, device: torch.device | str | None = None,
+                 write_back: bool = True) -> Iterator[None]:
+    """Load `block`'s offloaded tensors for the duration of the context (on the hooks' execution
+    device, or `device`); on exit store them in `store` (when `write_back`) and offload again.
+
+    A block without offloaded tensors is left alone.
+    """
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_state_dict, set_module_tensor_to_device
+
+    hooks = _offload_hooks(block)
+    if not hooks:
+        yield
+        return
+    for _, mod, hook in hooks:
+        for t in _tensors(mod, hook):
+            set_module_tensor_to_device(mod, t, device or hook.execution_device, value=hook.weights_map[t])
+        hook.offload = False
+    try:
+        yield
+    finally:
+        if write_back:
+            state = {f"{name}.{t}": _tensor(mod, t).detach().cpu() for name, mod, hook in hooks for t in _tensors(mod, hook)}
+            store.mkdir(parents=True, exist_ok=True)
+            offload_state_dict(str(store), state)
+            loader = OffloadedWeightsLoader(save_folder=str(store))
+        for name, mod, hook in hooks:
+            if write_back:
+                hook.weights_map = PrefixedDataset(loader, f"{name}.")
+            for t in _tensors(mod, hook):
+                set_module_tensor_to_device(mod, t, "meta")
+            hook.offload = True
+
+
+def hooks_by_weight(root: nn.Module) -> dict[int, object]:
+    """The offload hook of each module, keyed by the id of the module's `weight` parameter."""
+    return {id(mod.weight): mod._hf_hook for _, mod, _ in _offload_hooks(root)
+            if isinstance(getattr(mod, "weight", None), nn.Parameter)}
+
+
+def carry_hooks(root: nn.Module, hooks: dict[int, object]) -> None:
+    """Re-attach offload hooks to modules that took over an offloaded module's `weight` (the runtime
+    wraps nn.Linear into QuantLinear around the same parameters)."""
+    from accelerate.hooks import add_hook_to_module
+
+    for mod in root.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and id(w) in hooks and getattr(mod, "_hf_hook", None) is None:
+            add_hook_to_module(mod, hooks[id(w)])
