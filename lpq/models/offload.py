@@ -51,10 +51,9 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
 
 
 @contextmanager
-def materialized(block: nn.Module, store: Path, device: torch.device | str | None = None,
-                 write_back: bool = True) -> Iterator[None]:
+def materialized(block: nn.Module, store: Path | None, device: torch.device | str | None = None) -> Iterator[None]:
     """Load `block`'s offloaded tensors for the duration of the context (on the hooks' execution
-    device, or `device`); on exit store them in `store` (when `write_back`) and offload again.
+    device, or `device`); on exit write them to `store` (None: drop the changes) and offload again.
 
     A block without offloaded tensors is left alone.
     """
@@ -71,31 +70,14 @@ def materialized(block: nn.Module, store: Path, device: torch.device | str | Non
     try:
         yield
     finally:
-        if write_back:
+        if store is not None:
             state = {f"{name}.{t}": _tensor(mod, t).detach().cpu() for name, mod, hook in hooks for t in _tensors(mod, hook)}
             store.mkdir(parents=True, exist_ok=True)
             offload_state_dict(str(store), state)
             loader = OffloadedWeightsLoader(save_folder=str(store))
         for name, mod, hook in hooks:
-            if write_back:
+            if store is not None:
                 hook.weights_map = PrefixedDataset(loader, f"{name}.")
             for t in _tensors(mod, hook):
                 set_module_tensor_to_device(mod, t, "meta")
             hook.offload = True
-
-
-def hooks_by_weight(root: nn.Module) -> dict[int, object]:
-    """The offload hook of each module, keyed by the id of the module's `weight` parameter."""
-    return {id(mod.weight): mod._hf_hook for _, mod, _ in _offload_hooks(root)
-            if isinstance(getattr(mod, "weight", None), nn.Parameter)}
-
-
-def carry_hooks(root: nn.Module, hooks: dict[int, object]) -> None:
-    """Re-attach offload hooks to modules that took over an offloaded module's `weight` (the runtime
-    wraps nn.Linear into QuantLinear around the same parameters)."""
-    from accelerate.hooks import add_hook_to_module
-
-    for mod in root.modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, nn.Parameter) and id(w) in hooks and getattr(mod, "_hf_hook", None) is None:
-            add_hook_to_module(mod, hooks[id(w)])

@@ -31,7 +31,7 @@ from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
 from lpq.config import ConfigError, dump_yaml, load_config, to_dict
 from lpq.data.calibration import calibration_tokens, read_prompts
 from lpq.models.hub import LoadedModel, load_model
-from lpq.models.offload import carry_hooks, hooks_by_weight, is_offloaded, materialized
+from lpq.models.offload import is_offloaded, materialized
 from lpq.pipelines import linear_hooks as lh
 from lpq.pipelines.calibration import BlockInputs, advance, capture, decoder_blocks, feed_causal_lm
 from lpq.pipelines.ptq_blocks import prepare_block, process_block
@@ -180,7 +180,7 @@ def _llm_loss(model: nn.Module, hidden: list[torch.Tensor], tokens: torch.Tensor
 
 
 def sensitivity(loaded: LoadedModel, cfg: PTQConfig, stage_inputs: list[BlockInputs],
-                tokens: torch.Tensor | None, store: Callable[[int], Path]) -> dict[int, float]:
+                tokens: torch.Tensor | None) -> dict[int, float]:
     """Per global block index: loss increase when only that block is quantized (RTN, W4A4)."""
     scores: dict[int, float] = {}
     for stage, inputs0 in zip(stages_of(loaded), stage_inputs):
@@ -208,8 +208,8 @@ def sensitivity(loaded: LoadedModel, cfg: PTQConfig, stage_inputs: list[BlockInp
 
         base = loss_of(all_inputs[-1])
         for i, blk in enumerate(tqdm(stage.blocks, desc=f"sensitivity ({stage.name})", unit="block")):
-            # Offloaded: the RTN weights live only while this block is held; its store keeps the float ones.
-            with materialized(blk, store(stage.offset + i), write_back=False):
+            # Offloaded: the RTN weights live only while this block is held; its stored weights stay float.
+            with materialized(blk, None):
                 lins = lh.linears(blk, tuple(cfg.skip_linears))
                 saved = {n: l.weight.detach().clone() for n, l in lins.items()}
                 with torch.no_grad():
@@ -285,7 +285,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         if cfg.protect.auto:
             t0 = time.perf_counter()
             stage_inputs = capture_stage_inputs(loaded, cfg, tokens)
-            scores = sensitivity(loaded, cfg, stage_inputs, tokens, store)
+            scores = sensitivity(loaded, cfg, stage_inputs, tokens)
             protected = sorted(choose_protected(scores, cfg.protect.auto))
             meta["sensitivity"] = {str(k): v for k, v in scores.items()}
             timings["sensitivity_s"] = time.perf_counter() - t0
@@ -393,7 +393,6 @@ def to_runtime(loaded: LoadedModel, cfg: PTQConfig, stages: list[Stage], protect
     from lpq.quant.experts import QuantExperts
 
     recipe = dataclasses.replace(cfg.quant, protected_blocks=_local_protected(stages, protected))
-    offload_hooks = {k: h for stage in stages for k, h in hooks_by_weight(stage.root).items()}
     transforms: dict[tuple[int, str], InputTransform] = {}
     for si, stage in enumerate(stages):
         prefix = decoder_prefix(stage.root)
@@ -411,8 +410,6 @@ def to_runtime(loaded: LoadedModel, cfg: PTQConfig, stages: list[Stage], protect
     quantize_model(loaded.model, recipe)
     for (si, name), transform in transforms.items():
         set_input_transform(stages[si].root, name, transform)
-    for stage in stages:
-        carry_hooks(stage.root, offload_hooks)
     for stage in stages:
         for mod in stage.root.modules():
             if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
@@ -436,7 +433,7 @@ def export(loaded: LoadedModel, cfg: PTQConfig, recipe: QuantRecipe, out_dir: Pa
     with contextlib.ExitStack() as held:
         # The writer reads whole state dicts: offloaded tensors are loaded into CPU memory for it.
         for stage in stages_of(loaded):
-            held.enter_context(materialized(stage.root, out_dir, device="cpu", write_back=False))
+            held.enter_context(materialized(stage.root, None, device="cpu"))
         size = export_model(loaded.model, recipe, path, kind=ex.kind, force=ex.force or ex.out is None,
                             tokenizer=loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
     return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}

@@ -122,8 +122,17 @@ def set_input_transform(net: nn.Module, name: str,
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the module `name`. `new` holds the old module's parameters under the same
+    names, so an accelerate hook of the old module (device placement, or the offload that loads its
+    tensors for each forward) is handed over to it."""
     parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    parent = root.get_submodule(parent_name) if parent_name else root
+    hook = getattr(getattr(parent, child), "_hf_hook", None)
+    setattr(parent, child, new)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
 
 
 def _attach_attention(net: nn.Module, attn: nn.Module, adapter: Adapter, recipe: QuantRecipe) -> None:
