@@ -57,14 +57,35 @@ def fwht_ref(x2d: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat(out, dim=1) if out else y
 
 
-def fwht(x: Tensor, block: int, backend: str | None = None) -> Tensor:
-    """x @ blockdiag(H) along the last dim (any shape, any float dtype; float32 math, x's dtype back)."""
+def _fwht_nograd(x: Tensor, block: int, backend: str | None) -> Tensor:
     shape, n = x.shape, x.shape[-1]
     sizes = block_sizes(n, block)
     x2d = x.reshape(-1, n).float().contiguous()
     ext = None if backend == "ref" or x.device.type != "cpu" else load_kernel("fwht")
     y = ext.fwht(x2d, sizes) if ext is not None else fwht_ref(x2d, sizes)
     return y.reshape(shape).to(x.dtype)
+
+
+class _FWHT(torch.autograd.Function):
+    """The kernel is not differentiable; blockdiag(H) is symmetric orthogonal, so dx = fwht(dy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: int, backend: str | None) -> Tensor:
+        ctx.block, ctx.backend = block, backend
+        return _fwht_nograd(x, block, backend)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _fwht_nograd(grad, ctx.block, ctx.backend), None, None
+
+
+def fwht(x: Tensor, block: int, backend: str | None = None) -> Tensor:
+    """x @ blockdiag(H) along the last dim (any shape, any float dtype; float32 math, x's dtype back).
+
+    Differentiable: gradients go through the same transform."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FWHT.apply(x, block, backend)
+    return _fwht_nograd(x, block, backend)
 
 
 def rotate_weight(weight: Tensor, block: int) -> Tensor:

@@ -1,9 +1,11 @@
 """`lpq ptq`: W4A4 post-training quantization, block by block, resumable.
 
-Flow: load the model (-> residual-stream rotation, `rotate_residual`) -> calibration inputs of block 0 (hooks) -> data-free rotation of every block
--> sensitivity ranking and protected blocks (`protect.auto`) -> for each block in order: smoothing,
-Hessians of its (quantized) inputs, GPTQ / scale search / RTN, outputs for the next block, a
-checkpoint -> evaluation vs the unquantized model -> report.md, report.json, the resolved recipe.
+Flow: load the model (-> residual-stream rotation, `rotate_residual`) -> calibration inputs of block 0
+(hooks) -> data-free rotation of every block -> sensitivity ranking and protected blocks
+(`protect.auto`) -> for each block in order: smoothing, Hessians of its (quantized) inputs, GPTQ /
+scale search / RTN, outputs for the next block, a checkpoint -> runtime modules -> end-to-end norm
+distillation (`norm_distill`) -> evaluation vs the unquantized model -> report.md, report.json, the
+resolved recipe.
 
 The checkpoint after block i holds the quantized blocks <= i and the inputs of block i+1, so a
 killed run restarts at block i+1 and ends with the same model as an uninterrupted one.
@@ -25,6 +27,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
+from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, norm_parameters
 from lpq.algorithms.rotation import rotate_residual
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
@@ -35,7 +38,7 @@ from lpq.models.offload import is_offloaded, materialized
 from lpq.pipelines import linear_hooks as lh
 from lpq.pipelines.calibration import BlockInputs, advance, capture, decoder_blocks, feed_causal_lm
 from lpq.pipelines.ptq_blocks import prepare_block, process_block
-from lpq.pipelines.ptq_config import PTQConfig
+from lpq.pipelines.ptq_config import PTQConfig, StepConfig
 from lpq.quant.recipe import QuantRecipe
 
 CHECKPOINT_VERSION = 1
@@ -98,6 +101,18 @@ class Checkpoint:
         for name, (rotation, enabled, input_scale) in saved["linear_states"].items():
             st = lh.attach(modules[name])
             st.rotation, st.enabled, st.input_scale = rotation, enabled, input_scale
+
+    def save_norms(self, model: nn.Module, meta: dict) -> None:
+        names = {id(p) for p in norm_parameters(model)}
+        self._atomic_save({n: p.detach() for n, p in model.named_parameters() if id(p) in names},
+                          self.root / "norms.pt")
+        self.save_meta(meta)
+
+    def restore_norms(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in torch.load(self.root / "norms.pt").items():
+                params[n].copy_(t)
 
     def load_inputs(self) -> BlockInputs:
         d = torch.load(self.root / "inputs.pt", weights_only=False)
@@ -266,6 +281,12 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
                              "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
         # Data-free and seeded: a resumed run rebuilds the same rotated model, then loads its finished blocks.
         rotate_residual(loaded.model, rot.seed)
+    if cfg.step("norm_distill") is not None:
+        if loaded.kind == "wan":
+            raise ValueError("norm_distill matches next-token distributions: it needs a causal LM, not Wan")
+        if is_offloaded(loaded.model):
+            raise ValueError("norm_distill trains through the whole model at once, which offloaded weights "
+                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
     stages = stages_of(loaded)
     n_blocks = sum(len(s.blocks) for s in stages)
     store = _block_store(out_dir)
@@ -352,6 +373,15 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     recipe = to_runtime(loaded, cfg, stages, protected)
     report["timings"]["convert_s"] = time.perf_counter() - t0
+    step = cfg.step("norm_distill")
+    if step is not None:
+        if "norm_distill" not in meta:
+            meta["norm_distill"] = distill(loaded, cfg, step)
+            ckpt.save_norms(loaded.model, meta)
+        else:
+            ckpt.restore_norms(loaded.model)
+        report["norm_distill"] = meta["norm_distill"]
+        report["timings"]["norm_distill_s"] = meta["norm_distill"]["seconds"]
     if cfg.evaluation is not None and loaded.kind != "wan":
         report.update(evaluate(loaded, cfg, out_dir))
     if cfg.export is not None:
@@ -437,6 +467,14 @@ def export(loaded: LoadedModel, cfg: PTQConfig, recipe: QuantRecipe, out_dir: Pa
         size = export_model(loaded.model, recipe, path, kind=ex.kind, force=ex.force or ex.out is None,
                             tokenizer=loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
     return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}
+
+
+def distill(loaded: LoadedModel, cfg: PTQConfig, step: StepConfig) -> dict:
+    """norm_distill on the runtime model against a fresh float copy, on windows of the calibration text."""
+    tokens = calibration_tokens(dataclasses.replace(cfg.calibration, num_sequences=step.sequences,
+                                                    seq_len=step.seq_len), loaded.tokenizer)
+    teacher = load_model(cfg.model).model
+    return distill_norms(loaded.model, teacher, tokens, NormDistillSettings(step.steps, step.lr, step.batch_size))
 
 
 def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:

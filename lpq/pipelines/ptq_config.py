@@ -18,17 +18,20 @@ STEP_SETTINGS = {
     "smoothquant": {"alpha"},
     "hadamard": {"block", "linears"},
     "gptq": {"damp", "act_order", "scale_search", "lazy_batch"},
+    "norm_distill": {"steps", "lr", "sequences", "seq_len", "batch_size"},
 }
 WEIGHT_STEPS = ("rtn", "scale_search", "gptq")
+AFTER_WEIGHT_STEPS = ("norm_distill",)   # work on the finished quantized model
 _DEFAULTS = {"seed": 0, "alpha": 0.5, "block": None, "linears": None, "damp": 0.01, "act_order": False,
-             "scale_search": True, "lazy_batch": 128}
+             "scale_search": True, "lazy_batch": 128, "steps": 60, "lr": 1e-3, "sequences": 64, "seq_len": 512,
+             "batch_size": 2}
 
 
 @dataclass
 class StepConfig:
     """One algorithm. `name` picks it; only that algorithm's settings may be given."""
 
-    name: Literal["rotate_residual", "rtn", "scale_search", "smoothquant", "hadamard", "gptq"]
+    name: Literal["rotate_residual", "rtn", "scale_search", "smoothquant", "hadamard", "gptq", "norm_distill"]
     seed: int | None = None              # rotate_residual: seed of the random orthogonal matrix
     alpha: float | None = None           # smoothquant: migration strength
     block: int | None = None             # hadamard: block size (default: the format's block)
@@ -37,6 +40,11 @@ class StepConfig:
     act_order: bool | None = None        # gptq: columns by decreasing H_jj
     scale_search: bool | None = None     # gptq: format-native scale search when fixing a block's scales
     lazy_batch: int | None = None        # gptq: columns per lazy update
+    steps: int | None = None             # norm_distill: optimizer steps
+    lr: float | None = None              # norm_distill: Adam learning rate (cosine decay)
+    sequences: int | None = None         # norm_distill: windows of calibration text to train on
+    seq_len: int | None = None           # norm_distill: tokens per window
+    batch_size: int | None = None        # norm_distill: windows per step
 
     def __post_init__(self) -> None:
         given = {k for k in _DEFAULTS if getattr(self, k) is not None}
@@ -47,6 +55,10 @@ class StepConfig:
         for k in STEP_SETTINGS[self.name]:
             if getattr(self, k) is None:
                 setattr(self, k, _DEFAULTS[k])
+        if self.name == "norm_distill" and min(self.steps, self.sequences, self.seq_len, self.batch_size) < 1:
+            raise ValueError("norm_distill steps, sequences, seq_len and batch_size must be >= 1")
+        if self.name == "norm_distill" and self.lr <= 0:
+            raise ValueError(f"norm_distill lr must be > 0, got {self.lr}")
         if self.name == "hadamard" and self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
             raise ValueError(f"hadamard block must be a power of two, got {self.block}")
 
@@ -111,9 +123,13 @@ class PTQConfig:
                              f"{self.quant.weight.format} is {budget}")
         names = [s.name for s in self.algorithms]
         weight_steps = [n for n in names if n in WEIGHT_STEPS]
-        if len(weight_steps) != 1 or names[-1] not in WEIGHT_STEPS:
-            raise ValueError("algorithms must end with exactly one weight quantizer "
-                             f"({', '.join(WEIGHT_STEPS)}); got {names}")
+        if len(weight_steps) != 1:
+            raise ValueError(f"algorithms must have exactly one weight quantizer ({', '.join(WEIGHT_STEPS)}); "
+                             f"got {names}")
+        w = names.index(weight_steps[0])
+        if any(n not in AFTER_WEIGHT_STEPS for n in names[w + 1:]) or any(n in AFTER_WEIGHT_STEPS for n in names[:w]):
+            raise ValueError(f"{', '.join(AFTER_WEIGHT_STEPS)} must come after the weight quantizer "
+                             f"{weight_steps[0]}, and nothing else may; got {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"each algorithm may appear once; got {names}")
         if "rotate_residual" in names and names[0] != "rotate_residual":

@@ -32,3 +32,15 @@ def test_rotation_cancels_in_a_linear():
     y = x @ w.T
     assert torch.allclose(fwht(x, 64) @ rotate_weight(w, 64).T, y, atol=1e-4)
     assert fwht(x.to(torch.bfloat16), 64).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", [None, "ref"])
+def test_gradient_is_the_transform_of_the_incoming_gradient(backend):
+    x = torch.randn(5, 100, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 100, dtype=torch.float64)
+    fwht(x, 32, backend).backward(g)
+    assert torch.equal(x.grad, fwht(g, 32, backend))
+    # ... which is the gradient of x @ H: H is symmetric.
+    H = hadamard_matrix(100, 32).double()
+    assert torch.allclose(x.grad, g @ H.T, atol=1e-6)
+    assert not fwht(x.detach(), 32, backend).requires_grad

@@ -247,6 +247,33 @@ def test_offload_settings_that_cannot_work_are_refused(tmp_path):
     d["model"] = offload
     with pytest.raises(ValueError, match="rotate_residual rewrites every weight"):
         _run(tmp_path, d)
+    d["algorithms"] = [{"name": "rtn"}, {"name": "norm_distill"}]
+    with pytest.raises(ValueError, match="norm_distill trains through the whole model"):
+        _run(tmp_path, d)
+
+
+def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatch):
+    """norm_distill trains the runtime model's norms after the blocks; the export holds them, and a rerun
+    of the finished run takes them from the checkpoint instead of training again."""
+    from lpq.algorithms.norm_distill import norm_parameters
+    from lpq.export import load_quantized
+
+    steps = [{"name": "hadamard"}, {"name": "gptq"},
+             {"name": "norm_distill", "steps": 3, "lr": 1e-2, "sequences": 2, "seq_len": 16, "batch_size": 1}]
+    d = _recipe(tmp_path, "tiny-llama", steps)
+    report = _run(tmp_path, d)
+    assert report["norm_distill"]["steps"] == 3 and report["timings"]["norm_distill_s"] > 0
+    norms = [p for p in norm_parameters(load_quantized(report["export"]["path"]))]
+    assert norms and any(not torch.equal(p, torch.ones_like(p)) for p in norms)   # tiny-llama's norms start at 1
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ptq, "distill", no_training)
+    again = _run(tmp_path, d)
+    assert again["quantized"] == report["quantized"] and again["norm_distill"] == report["norm_distill"]
+    norms_again = norm_parameters(load_quantized(again["export"]["path"]))
+    assert all(torch.equal(a, b) for a, b in zip(norms, norms_again))
 
 
 def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
@@ -265,7 +292,14 @@ def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
         load_config(p, PTQConfig)
     d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}])
     p.write_text(yaml.safe_dump(d))
-    with pytest.raises(ConfigError, match="end with exactly one weight quantizer"):
+    with pytest.raises(ConfigError, match="exactly one weight quantizer"):
+        load_config(p, PTQConfig)
+    for steps in ([{"name": "norm_distill"}, {"name": "gptq"}], [{"name": "gptq"}, {"name": "hadamard"}]):
+        p.write_text(yaml.safe_dump(_recipe(tmp_path, "tiny-llama", steps)))
+        with pytest.raises(ConfigError, match="norm_distill must come after the weight quantizer gptq"):
+            load_config(p, PTQConfig)
+    p.write_text(yaml.safe_dump(_recipe(tmp_path, "tiny-llama", [{"name": "gptq"}, {"name": "norm_distill", "lr": 0}])))
+    with pytest.raises(ConfigError, match="lr must be > 0"):
         load_config(p, PTQConfig)
     d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}, {"name": "rotate_residual"}, {"name": "gptq"}])
     p.write_text(yaml.safe_dump(d))

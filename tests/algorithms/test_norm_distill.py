@@ -1,0 +1,54 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, norm_parameters, token_kl
+from lpq.config import from_dict
+from lpq.models.tiny import tiny_causal_lm
+from lpq.quant import QuantRecipe, quantize_model
+from lpq.quant.transforms import InputTransform
+
+
+def _pair():
+    teacher = tiny_causal_lm("tiny-llama", torch.float32).eval()
+    with torch.no_grad():   # peaked next-token distributions, as a trained model has
+        teacher.lm_head.weight.mul_(30)
+    student = copy.deepcopy(teacher)
+    quantize_model(student, from_dict({"format": "hif4"}, QuantRecipe))
+    # One rotated input, so the gradient also has to cross the online Hadamard.
+    student.model.layers[0].self_attn.q_proj.input_transform = InputTransform(hadamard_block=16)
+    with torch.no_grad():
+        q = student.model.layers[0].self_attn.q_proj
+        q.weight.copy_(InputTransform(hadamard_block=16)(q.weight))
+    return teacher, student
+
+
+@torch.no_grad()
+def _kl(teacher, student, ids):
+    return float(token_kl(teacher(input_ids=ids).logits, student(input_ids=ids).logits))
+
+
+def test_distillation_lowers_the_kl_and_touches_only_the_norms():
+    teacher, student = _pair()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    norms = {id(p) for p in norm_parameters(student)}
+    kl0 = _kl(teacher, student, ids)
+    stats = distill_norms(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2))
+    assert _kl(teacher, student, ids) < 0.8 * kl0
+    assert stats["first_loss"] > stats["last_loss"]
+    assert stats["parameters"] == sum(p.numel() for p in norm_parameters(student))
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]) != (id(p) in norms), n
+        assert p.requires_grad and p.grad is None
+
+
+def test_refuses_what_it_cannot_train():
+    teacher, student = _pair()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        distill_norms(student, teacher, ids, NormDistillSettings(steps=0))
+    with pytest.raises(ValueError, match="no normalization layers"):
+        distill_norms(nn.Sequential(nn.Linear(2, 2)), teacher, ids, NormDistillSettings())
