@@ -263,6 +263,7 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
     d = _recipe(tmp_path, "tiny-llama", steps)
     report = _run(tmp_path, d)
     assert report["norm_distill"]["steps"] == 3 and report["timings"]["norm_distill_s"] > 0
+    assert "norm distillation: " in (tmp_path / "out" / "report.md").read_text()
     norms = [p for p in norm_parameters(load_quantized(report["export"]["path"]))]
     assert norms and any(not torch.equal(p, torch.ones_like(p)) for p in norms)   # tiny-llama's norms start at 1
 
