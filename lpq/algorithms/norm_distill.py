@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +42,18 @@ def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
-def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor,
-                  settings: NormDistillSettings) -> dict:
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
+                  resume_file: Path | None = None, save_every: int = 10) -> dict:
     """Train the student's norm parameters in place; every other parameter stays as it is.
 
+    With `resume_file`, the norms, optimizer and losses are saved there every `save_every` steps, and a
+    call that finds the file continues from its step: the result is the same as an uninterrupted run.
     Returns the loss of the first and the last steps and the time taken."""
     from tqdm.auto import tqdm
 
@@ -59,15 +68,24 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor,
     t0 = time.perf_counter()
     for p, _ in flags:
         p.requires_grad_(id(p) in ids)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     losses: list[float] = []
+    start, spent = 0, 0.0
+    if resume_file is not None and resume_file.is_file():
+        state = torch.load(resume_file)
+        with torch.no_grad():
+            for p, saved in zip(params, state["norms"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        losses, start, spent = state["losses"], state["step"], state["seconds"]
     try:
         student.eval()   # eval-mode numerics (no dropout); gradients still flow
-        opt = torch.optim.Adam(params, lr=settings.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
         device = next(student.parameters()).device
         n = tokens.shape[0]
-        bar = tqdm(range(settings.steps), desc="norm distillation", unit="step")
+        bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
+                   unit="step")
         for step in bar:
             idx = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
             batch = tokens[idx].to(device)
@@ -80,10 +98,14 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor,
             sched.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            if resume_file is not None and ((step + 1) % save_every == 0 or step + 1 == settings.steps):
+                _save(resume_file, {"step": step + 1, "norms": [p.detach().clone() for p in params],
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "losses": losses, "seconds": spent + time.perf_counter() - t0})
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
         student.train(was_training)
     return {"steps": settings.steps, "first_loss": losses[0], "last_loss": losses[-1],
-            "parameters": sum(p.numel() for p in params), "seconds": time.perf_counter() - t0}
+            "parameters": sum(p.numel() for p in params), "seconds": spent + time.perf_counter() - t0}

@@ -27,7 +27,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
-from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, norm_parameters
+from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms
 from lpq.algorithms.rotation import rotate_residual
 from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
@@ -101,18 +101,6 @@ class Checkpoint:
         for name, (rotation, enabled, input_scale) in saved["linear_states"].items():
             st = lh.attach(modules[name])
             st.rotation, st.enabled, st.input_scale = rotation, enabled, input_scale
-
-    def save_norms(self, model: nn.Module, meta: dict) -> None:
-        names = {id(p) for p in norm_parameters(model)}
-        self._atomic_save({n: p.detach() for n, p in model.named_parameters() if id(p) in names},
-                          self.root / "norms.pt")
-        self.save_meta(meta)
-
-    def restore_norms(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in torch.load(self.root / "norms.pt").items():
-                params[n].copy_(t)
 
     def load_inputs(self) -> BlockInputs:
         d = torch.load(self.root / "inputs.pt", weights_only=False)
@@ -375,13 +363,8 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     report["timings"]["convert_s"] = time.perf_counter() - t0
     step = cfg.step("norm_distill")
     if step is not None:
-        if "norm_distill" not in meta:
-            meta["norm_distill"] = distill(loaded, cfg, step)
-            ckpt.save_norms(loaded.model, meta)
-        else:
-            ckpt.restore_norms(loaded.model)
-        report["norm_distill"] = meta["norm_distill"]
-        report["timings"]["norm_distill_s"] = meta["norm_distill"]["seconds"]
+        report["norm_distill"] = distill(loaded, cfg, step, ckpt.root / "norm_distill.pt")
+        report["timings"]["norm_distill_s"] = report["norm_distill"]["seconds"]
     if cfg.evaluation is not None and loaded.kind != "wan":
         report.update(evaluate(loaded, cfg, out_dir))
     if cfg.export is not None:
@@ -469,12 +452,14 @@ def export(loaded: LoadedModel, cfg: PTQConfig, recipe: QuantRecipe, out_dir: Pa
     return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}
 
 
-def distill(loaded: LoadedModel, cfg: PTQConfig, step: StepConfig) -> dict:
-    """norm_distill on the runtime model against a fresh float copy, on windows of the calibration text."""
+def distill(loaded: LoadedModel, cfg: PTQConfig, step: StepConfig, resume_file: Path) -> dict:
+    """norm_distill on the runtime model against a fresh float copy, on windows of the calibration text;
+    continued from `resume_file` after an interruption."""
     tokens = calibration_tokens(dataclasses.replace(cfg.calibration, num_sequences=step.sequences,
                                                     seq_len=step.seq_len), loaded.tokenizer)
     teacher = load_model(cfg.model).model
-    return distill_norms(loaded.model, teacher, tokens, NormDistillSettings(step.steps, step.lr, step.batch_size))
+    return distill_norms(loaded.model, teacher, tokens, NormDistillSettings(step.steps, step.lr, step.batch_size),
+                         resume_file=resume_file)
 
 
 def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:

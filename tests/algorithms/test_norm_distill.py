@@ -1,5 +1,7 @@
 import copy
 
+from lpq.algorithms import norm_distill
+
 import pytest
 import torch
 from torch import nn
@@ -52,3 +54,28 @@ def test_refuses_what_it_cannot_train():
         distill_norms(student, teacher, ids, NormDistillSettings(steps=0))
     with pytest.raises(ValueError, match="no normalization layers"):
         distill_norms(nn.Sequential(nn.Linear(2, 2)), teacher, ids, NormDistillSettings())
+
+
+def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monkeypatch):
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1))
+    settings = NormDistillSettings(steps=6, lr=1e-2, batch_size=2)
+    teacher, straight = _pair()
+    resumed = copy.deepcopy(straight)
+    a = distill_norms(straight, teacher, ids, settings)
+    real, calls = norm_distill.token_kl, {"n": 0}
+
+    def dies_at_step_five(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    monkeypatch.setattr(norm_distill, "token_kl", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
+    assert torch.load(tmp_path / "d.pt")["step"] == 4
+    monkeypatch.setattr(norm_distill, "token_kl", real)
+    b = distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
+    assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
+    for p, q in zip(norm_parameters(straight), norm_parameters(resumed)):
+        assert torch.equal(p, q)
