@@ -50,7 +50,9 @@ FULL = [{"name": "smoothquant", "alpha": 0.5}, {"name": "hadamard"}, {"name": "g
                                            ("tiny-qwen3", {"blocks": [0]}), ("tiny-pangu", {"blocks": [1]}),
                                            ("tiny-qwen3-moe", {"blocks": [0]})])
 def test_causal_lms_go_through_the_pipeline(tmp_path, model, protect):
-    report = _run(tmp_path, _recipe(tmp_path, model, FULL, protect=protect))
+    distill = {"name": "norm_distill", "steps": 2, "sequences": 2, "seq_len": 16, "batch_size": 1}
+    report = _run(tmp_path, _recipe(tmp_path, model, FULL + [distill], protect=protect))
+    assert report["norm_distill"]["parameters"] > 0
     for key in ("format", "model", "protected_blocks", "wall_s", "peak_rss_mb", "baseline", "quantized"):
         assert key in report
     assert len(report["protected_blocks"]) == 1
