@@ -59,11 +59,13 @@ def fingerprint(cfg: PTQConfig) -> str:
 # ---------------------------------------------------------------- checkpoints
 
 class Checkpoint:
-    """out/checkpoint: meta.json (progress), block_NNNN.pt (finished blocks), inputs.pt (next inputs)."""
+    """out/checkpoint: meta.json (progress), block_NNNN.pt (finished blocks), inputs.pt (next inputs),
+    norm_distill.pt (the distillation's progress)."""
 
     def __init__(self, root: Path, fp: str):
         self.root, self.fp = root, fp
         self.meta_path = root / "meta.json"
+        self.distill_path = root / "norm_distill.pt"
 
     def load(self) -> dict | None:
         if not self.meta_path.is_file():
@@ -253,7 +255,10 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out_dir / "recipe.yaml")
     ckpt = Checkpoint(out_dir / "checkpoint", fingerprint(cfg))
-    meta = ckpt.load() or {"next": 0, "stats": [], "protected": None, "sensitivity": None, "wall_s": 0.0}
+    meta = ckpt.load()
+    if meta is None:
+        meta = {"next": 0, "stats": [], "protected": None, "sensitivity": None, "wall_s": 0.0}
+        ckpt.distill_path.unlink(missing_ok=True)   # trained on another run's blocks
     resumed_from = meta["next"]
     prev_wall = meta["wall_s"]   # time spent by the runs this one continues
     if resumed_from:
@@ -363,7 +368,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     report["timings"]["convert_s"] = time.perf_counter() - t0
     step = cfg.step("norm_distill")
     if step is not None:
-        report["norm_distill"] = distill(loaded, cfg, step, ckpt.root / "norm_distill.pt")
+        report["norm_distill"] = distill(loaded, cfg, step, ckpt.distill_path)
         report["timings"]["norm_distill_s"] = report["norm_distill"]["seconds"]
     if cfg.evaluation is not None and loaded.kind != "wan":
         report.update(evaluate(loaded, cfg, out_dir))

@@ -279,6 +279,10 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
         {k: v for k, v in report["norm_distill"].items() if k != "seconds"}
     norms_again = norm_distill.norm_parameters(load_quantized(again["export"]["path"]))
     assert all(torch.equal(a, b) for a, b in zip(norms, norms_again))
+    # Another recipe in the same folder starts over, distillation included.
+    d["algorithms"][1]["damp"] = 0.05
+    with pytest.raises(AssertionError, match="trained again"):
+        _run(tmp_path, d)
 
 
 def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
