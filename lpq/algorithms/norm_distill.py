@@ -9,6 +9,8 @@ to mislead here: a few attention-sink positions carry most of a block output's e
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -48,13 +51,36 @@ def _save(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def _recomputed(blocks: nn.ModuleList | None):
+    """Activation checkpointing per block: the backward pass recomputes each block's forward, so only
+    the block inputs are held instead of every activation of the model (the same gradients: the
+    forward is deterministic)."""
+    if blocks is None:
+        yield
+        return
+    own = [block.__dict__.get("forward") for block in blocks]   # an instance forward (a hook's) stays
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block, fwd in zip(blocks, own):
+            if fwd is None:
+                del block.forward
+            else:
+                block.forward = fwd
+
+
 def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
-                  resume_file: Path | None = None, save_every: int = 10) -> dict:
+                  resume_file: Path | None = None, save_every: int = 10,
+                  blocks: nn.ModuleList | None = None) -> dict:
     """Train the student's norm parameters in place; every other parameter stays as it is.
 
     With `resume_file`, the norms, optimizer and losses are saved there every `save_every` steps, and a
     call that finds the file continues from its step: the result is the same as an uninterrupted run.
-    Returns the loss of the first and the last steps and the time taken."""
+    With `blocks` (the student's transformer blocks), each block's activations are recomputed in the
+    backward pass instead of held. Returns the loss of the first and the last steps and the time taken."""
     from tqdm.auto import tqdm
 
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
@@ -72,6 +98,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     losses: list[float] = []
     start, spent = 0, 0.0
+    held = contextlib.ExitStack()
     if resume_file is not None and resume_file.is_file():
         state = torch.load(resume_file)
         with torch.no_grad():
@@ -81,6 +108,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
         sched.load_state_dict(state["scheduler"])
         losses, start, spent = state["losses"], state["step"], state["seconds"]
     try:
+        held.enter_context(_recomputed(blocks))
         student.eval()   # eval-mode numerics (no dropout); gradients still flow
         device = next(student.parameters()).device
         n = tokens.shape[0]
@@ -103,6 +131,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "losses": losses, "seconds": spent + time.perf_counter() - t0})
     finally:
+        held.close()
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None

@@ -464,7 +464,7 @@ def distill(loaded: LoadedModel, cfg: PTQConfig, step: StepConfig, resume_file: 
                                                     seq_len=step.seq_len), loaded.tokenizer)
     teacher = load_model(cfg.model).model
     return distill_norms(loaded.model, teacher, tokens, NormDistillSettings(step.steps, step.lr, step.batch_size),
-                         resume_file=resume_file)
+                         resume_file=resume_file, blocks=decoder_blocks(loaded.model))
 
 
 def evaluate(loaded: LoadedModel, cfg: PTQConfig, out_dir: Path) -> dict:

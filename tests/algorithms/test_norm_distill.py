@@ -79,3 +79,20 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     for p, q in zip(norm_parameters(straight), norm_parameters(resumed)):
         assert torch.equal(p, q)
+
+
+def test_recomputing_block_activations_gives_the_same_training():
+    teacher, plain = _pair()
+    recomputed = copy.deepcopy(plain)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+    settings = NormDistillSettings(steps=3, lr=1e-2, batch_size=1)
+    calls = {"plain": 0, "recomputed": 0}
+    for name, model in (("plain", plain), ("recomputed", recomputed)):
+        model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    a = distill_norms(plain, teacher, ids, settings)
+    b = distill_norms(recomputed, teacher, ids, settings, blocks=recomputed.model.layers)
+    assert calls == {"plain": 3, "recomputed": 6}   # the backward pass ran each block's forward again
+    assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
+    assert all(torch.equal(p, q) for p, q in zip(norm_parameters(plain), norm_parameters(recomputed)))
+    assert all("forward" not in block.__dict__ for block in recomputed.model.layers)
