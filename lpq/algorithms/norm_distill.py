@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lpq.export.atomic import save_atomic
+
 
 @dataclass
 class NormDistillSettings:
@@ -45,10 +47,22 @@ def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+@contextlib.contextmanager
+def _only_trainable(model: nn.Module, params: list[nn.Parameter]):
+    """Gradients for `params` only, eval-mode numerics (no dropout); flags and mode restored after."""
+    ids = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in flags:
+        p.requires_grad_(id(p) in ids)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -88,17 +102,11 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
     params = norm_parameters(student)
     if not params:
         raise ValueError(f"{type(student).__name__} has no normalization layers to distill")
-    ids = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    was_training = student.training
     t0 = time.perf_counter()
-    for p, _ in flags:
-        p.requires_grad_(id(p) in ids)
     opt = torch.optim.Adam(params, lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
     losses: list[float] = []
     start, spent = 0, 0.0
-    held = contextlib.ExitStack()
     if resume_file is not None and resume_file.is_file():
         state = torch.load(resume_file)
         with torch.no_grad():
@@ -107,13 +115,11 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         losses, start, spent = state["losses"], state["step"], state["seconds"]
-    try:
-        held.enter_context(_recomputed(blocks))
-        student.eval()   # eval-mode numerics (no dropout); gradients still flow
-        device = next(student.parameters()).device
-        n = tokens.shape[0]
-        bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
-                   unit="step")
+    device = next(student.parameters()).device
+    n = tokens.shape[0]
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
+               unit="step")
+    with _only_trainable(student, params), _recomputed(blocks):
         for step in bar:
             idx = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
             batch = tokens[idx].to(device)
@@ -127,14 +133,8 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
             losses.append(float(loss.detach()))
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if resume_file is not None and ((step + 1) % save_every == 0 or step + 1 == settings.steps):
-                _save(resume_file, {"step": step + 1, "norms": [p.detach().clone() for p in params],
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "losses": losses, "seconds": spent + time.perf_counter() - t0})
-    finally:
-        held.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-            p.grad = None
-        student.train(was_training)
+                save_atomic({"step": step + 1, "norms": [p.detach().clone() for p in params],
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "losses": losses, "seconds": spent + time.perf_counter() - t0}, resume_file)
     return {"steps": settings.steps, "first_loss": losses[0], "last_loss": losses[-1],
             "parameters": sum(p.numel() for p in params), "seconds": spent + time.perf_counter() - t0}

@@ -17,6 +17,16 @@ def _check_target(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
 
 
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a sibling temporary file, then rename it over `path`: an interrupted write
+    leaves the previous file."""
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder next to `out`; on success it becomes `out` (replacing an old

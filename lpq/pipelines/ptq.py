@@ -33,6 +33,7 @@ from lpq.algorithms.rtn import rtn_quantize
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity
 from lpq.config import ConfigError, dump_yaml, load_config, to_dict
 from lpq.data.calibration import calibration_tokens, read_prompts
+from lpq.export.atomic import save_atomic
 from lpq.models.hub import LoadedModel, load_model
 from lpq.models.offload import is_offloaded, materialized
 from lpq.pipelines import linear_hooks as lh
@@ -76,17 +77,12 @@ class Checkpoint:
             return None
         return meta
 
-    def _atomic_save(self, obj: Any, path: Path) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(obj, tmp)
-        tmp.replace(path)
-
     def save_block(self, key: str, block: nn.Module, inputs: BlockInputs, meta: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         states = {n: (s.rotation, s.enabled, s.input_scale) for n, m in block.named_modules()
                   if (s := lh.state(m)) is not None}
-        self._atomic_save({"state_dict": block.state_dict(), "linear_states": states}, self.root / f"{key}.pt")
-        self._atomic_save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs},
+        save_atomic({"state_dict": block.state_dict(), "linear_states": states}, self.root / f"{key}.pt")
+        save_atomic({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs},
                           self.root / "inputs.pt")
         self.save_meta(meta)
 
