@@ -9,8 +9,16 @@ The quantizers live in an `AttentionQuantizers` module attached to each attentio
 * diffusers Wan: `QuantWanAttnProcessor`, set on each `WanAttention`.
 
 With quantization disabled both call the original implementation, so outputs are unchanged bit
-for bit. Enabled, attention is computed explicitly (P is materialized: memory grows with
-query length x key length).
+for bit. Enabled, attention is computed explicitly, by one of two paths (`AttentionQuantizers.impl`):
+
+* `tiled` (lpq.quant.tiled_attention): scores recomputed in block_q x block_k tiles, memory
+  independent of query length x key length, custom backward;
+* `materialized`: the plain reference, P held whole (memory grows with query x key length).
+
+`auto` (the default) takes the tiled path when the scores of a call span more than one tile and
+the tiled path computes it exactly as the materialized one (no dropout on P, P's format and axis
+local to key tiles: see tiled_attention.unsupported_reason); otherwise the materialized path, which
+is then the same computation at no extra memory (one tile) or the only one that supports it.
 """
 from __future__ import annotations
 
@@ -23,8 +31,11 @@ from torch import Tensor, nn
 
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import AttentionRecipe
+from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, tiled_quantized_attention,
+                                       unsupported_reason)
 
 ROLES = ("q", "k", "v", "p")
+IMPLS = ("auto", "tiled", "materialized")
 
 
 class AttentionQuantizers(nn.Module):
@@ -34,9 +45,12 @@ class AttentionQuantizers(nn.Module):
             spec = getattr(recipe, role)
             setattr(self, f"{role}_quantizer", TensorQuantizer(spec, role) if spec else None)
         self.quant_enabled = True
+        self.impl = "auto"                 # see the module docstring
+        self.block_q = DEFAULT_BLOCK_Q     # tile of the tiled path: query rows x keys
+        self.block_k = DEFAULT_BLOCK_K
 
     def extra_repr(self) -> str:
-        return f"quant_enabled={self.quant_enabled}"
+        return f"quant_enabled={self.quant_enabled}, impl={self.impl}"
 
     def quantize(self, role: str, x: Tensor) -> Tensor:
         q = getattr(self, f"{role}_quantizer")
@@ -46,7 +60,13 @@ class AttentionQuantizers(nn.Module):
 def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                         scaling: float, causal: bool, dropout: float = 0.0, training: bool = False) -> Tensor:
     """softmax(Q K^T * scaling + mask) V with Q, K, V, P quantized. Shapes (B, H, S, D); K and V may
-    have fewer heads (grouped-query attention). Returns (B, H, Sq, D)."""
+    have fewer heads (grouped-query attention); mask: bool (True = visible) or additive, broadcastable
+    to (B, H, Sq, Skv). Returns (B, H, Sq, D). The path follows `aq.impl` (module docstring)."""
+    if aq.impl not in IMPLS:
+        raise ValueError(f"AttentionQuantizers.impl is {aq.impl!r}; valid: {', '.join(IMPLS)}")
+    why = unsupported_reason(aq.p_quantizer, dropout if training else 0.0)
+    if aq.impl == "tiled" and why is not None:
+        raise NotImplementedError(f"tiled quantized attention: {why}; use impl='materialized' or 'auto'")
     q = aq.quantize("q", query)
     k = aq.quantize("k", key)
     v = aq.quantize("v", value)
@@ -54,8 +74,12 @@ def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, val
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    sq, skv = q.shape[-2], k.shape[-2]
+    tiled = aq.impl == "tiled" or (aq.impl == "auto" and why is None
+                                   and (sq > aq.block_q or skv > aq.block_k))
+    if tiled:
+        return tiled_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer, aq.block_q, aq.block_k)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    sq, skv = scores.shape[-2:]
     if mask is None and causal and sq > 1:
         mask = torch.ones(sq, skv, dtype=torch.bool, device=scores.device).tril(diagonal=skv - sq)
     if mask is not None:

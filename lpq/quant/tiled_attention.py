@@ -1,0 +1,329 @@
+"""Memory-bounded quantized attention: softmax(Q K^T * scaling + mask) V with P quantized, in tiles.
+
+Q, K and V arrive already quantized (their quantizers run on whole tensors, outside). P is never
+materialized: scores are recomputed tile by tile (`block_q` query rows x `block_k` keys, all batch
+rows and heads at once), so the extra memory is a few tiles plus per-row vectors, whatever the
+sequence lengths.
+
+Forward, per call:
+
+1. row pass: the row max m and normalizer l = sum_j exp(S_ij - m) (online: rescaled as the max grows);
+2. statistics pass, only when P's scale must be known before P is quantized (current scaling, or
+   delayed scaling before its first update): amax and sum of squares of the whole P (in the dtype
+   the materialized path quantizes, i.e. the query's), then the quantizer's own scale rule;
+3. output pass: P = exp(S - m) / l, cast to the query dtype, quantized with that one scale, times V,
+   accumulated in float32. Delayed scaling's pending amax/RMS (training) and `track_stats` are
+   gathered here. The same pass accumulates O' = P V with the float P (unquantized), for backward.
+
+Backward (custom autograd, straight-through across P's quantizer as in the materialized path):
+O = Pq Vq, so dVq = Pq^T dO and dPq = dO Vq^T counts as dP; the softmax backward is
+dS = P * (dP - D) with D_i = sum_j dP_ij P_ij = dO_i . (P Vq)_i = dO_i . O'_i (associativity; NOT
+rowsum(dO * O), which would use the quantized P). One tiled pass then recomputes S, P and Pq and
+accumulates dQ, dK and dV in float32. The scale P was quantized with in forward is kept for it.
+
+Not supported (the caller falls back to the materialized path, see `unsupported_reason`): dropout
+on P (its mask would have to be regenerated tile by tile), a block format quantized along another
+axis than the keys, and NVFP4 (its per-tensor scale is part of the format: the tile quantizer
+would compute it per tile).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lpq.formats import fake_quant, get_format
+from lpq.formats.api import fake_quant_scaled
+from lpq.quant.quantizer import HIF8_COARSE, TensorQuantizer
+from lpq.quant.recipe import Scaling
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 1024
+
+
+def unsupported_reason(p_quantizer: TensorQuantizer | None, dropout: float) -> str | None:
+    """Why the tiled path cannot compute this call exactly as the materialized one, or None."""
+    if dropout > 0:
+        return f"dropout on P ({dropout}) is only supported by the materialized path"
+    if p_quantizer is None:
+        return None
+    spec = p_quantizer.spec
+    if spec.format == "nvfp4":
+        return "P in nvfp4 needs the per-tensor scale of the whole P inside the format"
+    if get_format(spec.format).block > 1 and spec.axis not in (-1, 3):
+        return f"P in the block format {spec.format} along axis {spec.axis} (tiles split the keys only)"
+    if p_quantizer.groups != 1:
+        return "a P quantizer with several scale groups"
+    return None
+
+
+class _PQuant:
+    """How P tiles are quantized in one call: the format and the one scale for the whole P."""
+
+    def __init__(self, quantizer: TensorQuantizer | None, scale: float | None):
+        self.quantizer = quantizer
+        self.fmt = quantizer.spec.format if quantizer is not None else None
+        self.scale = scale
+
+    def __call__(self, pc: Tensor) -> Tensor:
+        if self.fmt is None:
+            return pc
+        if self.scale is None:
+            return fake_quant(pc, self.fmt, -1)
+        # Bit for bit what TensorQuantizer._quantize does with one scale for the whole tensor.
+        return fake_quant_scaled(pc, self.fmt, self.scale, -1)
+
+
+class _Stats:
+    """Whole-tensor statistics of P, accumulated tile by tile as tensors (no device syncs):
+    amax and sum of squares (the quantizer's amax/RMS), and the counts of `_record_stats`."""
+
+    def __init__(self, device: torch.device, moments: bool, counts: bool):
+        self.moments = moments
+        self.amax = torch.zeros((), dtype=torch.float32, device=device)
+        self.sumsq = torch.zeros((), dtype=torch.float64, device=device)
+        if counts:
+            self.xs_amax = torch.zeros((), dtype=torch.float32, device=device)
+            self.overflow = torch.zeros((), dtype=torch.int64, device=device)
+            self.flushed = torch.zeros((), dtype=torch.int64, device=device)
+            self.coarse = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, pc: Tensor) -> None:
+        # amax like torch.aminmax + abs (NaN propagates); the squares summed in float64, so the
+        # order of the tiles does not matter at float32 precision.
+        self.amax = torch.maximum(self.amax, pc.detach().abs().amax().float())
+        self.sumsq += pc.double().square().sum()
+
+    def add_counts(self, xs: Tensor, ys: Tensor, hif8: bool) -> None:
+        finite = torch.isfinite(xs)
+        self.xs_amax = torch.maximum(self.xs_amax, xs.abs().amax().float())
+        self.overflow += (torch.isinf(ys) & finite).sum()
+        self.flushed += ((ys == 0) & (xs != 0)).sum()
+        if hif8:
+            self.coarse += ((xs.abs() >= HIF8_COARSE) & finite).sum()
+
+    def rms(self, numel: int) -> Tensor:
+        return (self.sumsq / max(numel, 1)).sqrt().float()
+
+
+def _tile_mask(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
+    """The (..., i0:i1, j0:j1) part of a mask broadcastable to (B, H, Sq, Skv)."""
+    if mask is None:
+        return None
+    rows = slice(None) if mask.shape[-2] == 1 else slice(i0, i1)
+    cols = slice(None) if mask.shape[-1] == 1 else slice(j0, j1)
+    return mask[..., rows, cols]
+
+
+class _Problem:
+    """One attention call's operands and tiling; computes score and P tiles exactly as the
+    materialized path computes the same entries."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                 block_q: int, block_k: int):
+        self.q, self.k, self.v = q, k, v
+        self.scaling = scaling
+        self.sq, self.skv = q.shape[-2], k.shape[-2]
+        if mask is None and causal and self.sq > 1:
+            self.causal_offset: int | None = self.skv - self.sq   # key j is visible from query i iff j <= i + offset
+        else:
+            self.causal_offset = None
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask[..., :self.skv]
+        self.mask = mask
+        self.block_q, self.block_k = block_q, block_k
+
+    def tiles_q(self):
+        for i0 in range(0, self.sq, self.block_q):
+            yield i0, min(i0 + self.block_q, self.sq)
+
+    def tiles_k(self, i0: int, i1: int):
+        stop = self.skv
+        if self.causal_offset is not None and self.causal_offset >= 0:
+            # Keys past the last visible one of this query tile have P = 0 exactly (every row still
+            # sees key 0, so no row is fully masked): their tiles contribute nothing and are skipped.
+            stop = min(stop, i1 - 1 + self.causal_offset + 1)
+        for j0 in range(0, stop, self.block_k):
+            yield j0, min(j0 + self.block_k, self.skv)
+
+    def visible(self, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
+        """Bool (..., tq, tk) mask of the visible entries of a tile (None: all visible)."""
+        if self.causal_offset is not None:
+            qi = torch.arange(i0, i1, device=self.q.device)
+            kj = torch.arange(j0, j1, device=self.q.device)
+            return kj[None, :] <= qi[:, None] + self.causal_offset
+        if self.mask is not None and self.mask.dtype == torch.bool:
+            return _tile_mask(self.mask, i0, i1, j0, j1)
+        return None
+
+    def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+        """float32 scores of a tile: matmul, scaling and mask in the input dtype, as materialized."""
+        s = torch.matmul(self.q[..., i0:i1, :], self.k[..., j0:j1, :].transpose(-1, -2)) * self.scaling
+        vis = self.visible(i0, i1, j0, j1)
+        if vis is not None:
+            s = s.masked_fill(~vis, torch.finfo(s.dtype).min)
+        elif self.mask is not None:
+            s = s + _tile_mask(self.mask, i0, i1, j0, j1)
+        return s.float()
+
+    def row_stats(self) -> tuple[Tensor, Tensor]:
+        """Row max m and normalizer l = sum_j exp(S_ij - m_i), float32 (B, H, Sq)."""
+        shape = self.q.shape[:-1]
+        m = torch.full(shape, -math.inf, dtype=torch.float32, device=self.q.device)
+        l = torch.zeros(shape, dtype=torch.float32, device=self.q.device)
+        for i0, i1 in self.tiles_q():
+            mi, li = m[..., i0:i1], l[..., i0:i1]
+            for j0, j1 in self.tiles_k(i0, i1):
+                s = self.scores(i0, i1, j0, j1)
+                m_new = torch.maximum(mi, s.amax(-1))
+                # A row that has seen only -inf so far keeps l = 0 (exp(-inf - -inf) would be NaN).
+                base = torch.where(torch.isneginf(m_new), 0.0, m_new)
+                li.mul_(torch.exp(mi - base)).add_(torch.exp(s - base[..., None]).sum(-1))
+                mi.copy_(m_new)
+        return m, l
+
+    def probs(self, m: Tensor, l: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+        """float32 softmax probabilities of a tile (exp(S - m) / l, as softmax computes them)."""
+        s = self.scores(i0, i1, j0, j1)
+        return torch.exp(s - m[..., i0:i1, None]) / l[..., i0:i1, None]
+
+
+class TiledQuantAttention(torch.autograd.Function):
+    """Forward and backward of quantized attention in tiles; Q, K, V already quantized, K and V
+    with Q's number of heads. Returns O in Q's dtype."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                p_quantizer: TensorQuantizer | None, block_q: int, block_k: int) -> Tensor:
+        prob = _Problem(q, k, v, mask, scaling, causal, block_q, block_k)
+        m, l = prob.row_stats()
+        pquant, stats = _choose_p_scale(prob, m, l, p_quantizer)
+        vf = v.float()
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # O' = P V with the float P, for the softmax backward's row term; only when a gradient is due.
+        out_float_p = torch.zeros_like(out) if any(ctx.needs_input_grad[:3]) else None
+        track = p_quantizer is not None and p_quantizer.track_stats
+        hif8 = pquant.fmt == "hif8"
+        for i0, i1 in prob.tiles_q():
+            for j0, j1 in prob.tiles_k(i0, i1):
+                p = prob.probs(m, l, i0, i1, j0, j1)
+                pc = p.to(q.dtype)
+                if stats is not None and stats.moments:
+                    stats.add(pc)
+                if track:
+                    pq = _quantize_counting(pc, pquant, stats, hif8)
+                else:
+                    pq = pquant(pc)
+                out[..., i0:i1, :] += pq.float() @ vf[..., j0:j1, :]
+                if out_float_p is not None:
+                    out_float_p[..., i0:i1, :] += p @ vf[..., j0:j1, :]
+        _finish_p_quantizer(p_quantizer, pquant, stats, q.shape[:-1].numel() * prob.skv)
+        ctx.save_for_backward(q, k, v, m, l, out_float_p, mask)
+        ctx.settings = (scaling, causal, block_q, block_k, pquant)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, m, l, out_float_p, mask = ctx.saved_tensors
+        scaling, causal, block_q, block_k, pquant = ctx.settings
+        prob = _Problem(q, k, v, mask, scaling, causal, block_q, block_k)
+        go = grad_out.float()
+        delta = (go * out_float_p).sum(-1)                       # D_i = sum_j dP_ij P_ij
+        qf, kf, vf = q.float(), k.float(), v.float()
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        for i0, i1 in prob.tiles_q():
+            go_i, delta_i = go[..., i0:i1, :], delta[..., i0:i1, None]
+            for j0, j1 in prob.tiles_k(i0, i1):
+                p = prob.probs(m, l, i0, i1, j0, j1)
+                pq = pquant(p.to(q.dtype)).float()
+                dv[..., j0:j1, :] += pq.transpose(-1, -2) @ go_i
+                ds = p * (go_i @ vf[..., j0:j1, :].transpose(-1, -2) - delta_i)
+                vis = prob.visible(i0, i1, j0, j1)
+                if vis is not None:   # masked_fill passes no gradient to the scores it replaced
+                    ds = ds.masked_fill(~vis, 0.0)
+                ds = ds * scaling
+                dq[..., i0:i1, :] += ds @ kf[..., j0:j1, :]
+                dk[..., j0:j1, :] += ds.transpose(-1, -2) @ qf[..., i0:i1, :]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _needs_stats_first(quantizer: TensorQuantizer) -> bool:
+    scaling = quantizer.spec.scaling
+    if scaling == Scaling.CURRENT:
+        return True
+    return scaling == Scaling.DELAYED and not bool((quantizer.scale > 0).all())
+
+
+def _choose_p_scale(prob: _Problem, m: Tensor, l: Tensor,
+                    quantizer: TensorQuantizer | None) -> tuple[_PQuant, _Stats | None]:
+    """The scale P is quantized with, found as TensorQuantizer.forward finds it (a statistics pass
+    first where the scale depends on this P), and the statistics still to gather in the output
+    pass (None: none)."""
+    if quantizer is None:
+        return _PQuant(None, None), None
+    device = prob.q.device
+    track = quantizer.track_stats
+    if quantizer.spec.scaling == Scaling.NONE:
+        return _PQuant(quantizer, None), (_Stats(device, False, True) if track else None)
+    numel = prob.q.shape[:-1].numel() * prob.skv
+    if _needs_stats_first(quantizer):
+        first = _Stats(device, True, False)
+        for i0, i1 in prob.tiles_q():
+            for j0, j1 in prob.tiles_k(i0, i1):
+                first.add(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype))
+        scale = quantizer._scale_for(first.amax.reshape(1), first.rms(numel).reshape(1), None)
+        return _PQuant(quantizer, float(scale.reshape(()))), (_Stats(device, False, True) if track else None)
+    # Delayed scaling with a stored scale: quantize with it; this call's statistics are recorded as
+    # pending (training) after the output pass.
+    gather = quantizer.training or track
+    stats = _Stats(device, quantizer.training, track) if gather else None
+    return _PQuant(quantizer, float(quantizer.scale.reshape(()))), stats
+
+
+def _quantize_counting(pc: Tensor, pquant: _PQuant, stats: _Stats, hif8: bool) -> Tensor:
+    """pquant(pc) the way TensorQuantizer does it when it records statistics, counting as it goes."""
+    if pquant.scale is None:
+        pq = fake_quant(pc, pquant.fmt, -1)
+        stats.add_counts(pc, pq, hif8)
+        return pq
+    s = torch.tensor(pquant.scale, dtype=torch.float32, device=pc.device)
+    xs = pc.float() * s
+    ys = fake_quant(xs, pquant.fmt, -1)
+    stats.add_counts(xs, ys, hif8)
+    return (ys / s).to(pc.dtype)
+
+
+def _finish_p_quantizer(quantizer: TensorQuantizer | None, pquant: _PQuant, stats: _Stats | None,
+                        numel: int) -> None:
+    """Record what TensorQuantizer.forward would have recorded for the whole P."""
+    if quantizer is None or stats is None:
+        return
+    spec = quantizer.spec
+    if stats.moments and spec.scaling == Scaling.DELAYED:
+        # Returns the stored scale (already used) and records the pending amax/RMS.
+        quantizer._scale_for(stats.amax.reshape(1), stats.rms(numel).reshape(1), None)
+    if quantizer.track_stats:
+        n = max(numel, 1)
+        scale = pquant.scale
+        quantizer.last_stats = {
+            "amax": float(stats.xs_amax) / (scale if scale is not None else 1) if numel else 0.0,
+            "scale": scale,
+            "overflow": float(stats.overflow) / n,
+            "flushed": float(stats.flushed) / n,
+            "coarse": float(stats.coarse) / n if spec.format == "hif8" else None,
+        }
+
+
+def tiled_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                              p_quantizer: TensorQuantizer | None, block_q: int = DEFAULT_BLOCK_Q,
+                              block_k: int = DEFAULT_BLOCK_K) -> Tensor:
+    """softmax(q k^T * scaling + mask) v with P quantized by `p_quantizer`, in (block_q x block_k)
+    tiles. q, k, v: (B, H, S, D), already quantized, k and v with q's heads. `block_k` is rounded
+    up to a multiple of P's format block so that tiles hold whole blocks."""
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"attention tile sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    if p_quantizer is not None:
+        fmt_block = get_format(p_quantizer.spec.format).block
+        block_k = -(-block_k // fmt_block) * fmt_block
+    return TiledQuantAttention.apply(q, k, v, mask, scaling, causal, p_quantizer, block_q, block_k)
