@@ -319,11 +319,15 @@ def tiled_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | No
                               p_quantizer: TensorQuantizer | None, block_q: int = DEFAULT_BLOCK_Q,
                               block_k: int = DEFAULT_BLOCK_K) -> Tensor:
     """softmax(q k^T * scaling + mask) v with P quantized by `p_quantizer`, in (block_q x block_k)
-    tiles. q, k, v: (B, H, S, D), already quantized, k and v with q's heads. `block_k` is rounded
-    up to a multiple of P's format block so that tiles hold whole blocks."""
+    tiles. q, k, v: (B, H, S, D), already quantized, k and v with q's heads; `block_k` goes
+    through key_tile."""
     if block_q < 1 or block_k < 1:
         raise ValueError(f"attention tile sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
-    if p_quantizer is not None:
-        fmt_block = get_format(p_quantizer.spec.format).block
-        block_k = -(-block_k // fmt_block) * fmt_block
-    return TiledQuantAttention.apply(q, k, v, mask, scaling, causal, p_quantizer, block_q, block_k)
+    return TiledQuantAttention.apply(q, k, v, mask, scaling, causal, p_quantizer, block_q,
+                                     key_tile(block_k, p_quantizer))
+
+
+def key_tile(block_k: int, p_quantizer: TensorQuantizer | None) -> int:
+    """`block_k` rounded up to a multiple of P's format block, so that key tiles hold whole blocks."""
+    fmt_block = get_format(p_quantizer.spec.format).block if p_quantizer is not None else 1
+    return -(-block_k // fmt_block) * fmt_block
