@@ -6,8 +6,10 @@ renamed into place at the end (lpq.export.atomic), so an interrupted export leav
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,10 +22,11 @@ from lpq.config import dump_yaml, to_dict
 from lpq.export import layout as L
 from lpq.export.atomic import staged_dir
 from lpq.export.packing import QuantizedWeight, input_transforms, pack, quantized_weights
-from lpq.export.settings import KINDS
+from lpq.export.settings import KINDS, RUNTIME_KINDS
 from lpq.export.size import SizeReport, folder_bytes
-from lpq.export.tensor_io import write_hf_index, write_json, write_shards
+from lpq.export.tensor_io import ShardWriter, write_hf_index, write_json
 from lpq.models.adapters import get_adapter
+from lpq.models.offload import materialized
 from lpq.quant.attention import AttentionQuantizers
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import QuantRecipe
@@ -85,22 +88,62 @@ def _lpq_prefixes(net: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n, m in net.named_modules() if isinstance(m, (TensorQuantizer, AttentionQuantizers)))
 
 
-def _dense_state(net: nn.Module, skip: set[str], drop_lpq: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The state dict minus `skip`, each shared tensor once; returns (tensors, {alias key: kept key})."""
-    lpq_state = _lpq_prefixes(net) if drop_lpq else ()
-    tensors: dict[str, Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in net.state_dict().items():
-        if key in skip or key.startswith(lpq_state):
-            continue
+class _Ties:
+    """Tensors sharing storage, found as the export goes through the network: the first key is
+    stored, later ones become aliases (index "tied"). An entry lives as long as its tensor: the
+    tensors of an offloaded block are dropped once written, and their memory may be reused."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple, tuple[str, weakref.ref]] = {}
+        self.tied: dict[str, str] = {}
+
+    def alias(self, key: str, t: Tensor) -> bool:
+        """Whether `t` (a tensor the network holds, not a copy) is one already stored."""
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and ident in seen:
-            tied[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().cpu()
-    return tensors, tied
+        hit = self.seen.get(ident)
+        if t.numel() and hit is not None and hit[1]() is not None:
+            self.tied[key] = hit[0]
+            return True
+        self.seen[ident] = (key, weakref.ref(t))
+        return False
+
+
+@dataclass
+class _Segment:
+    """A part of a network the export reads at once: what lies outside the transformer blocks, or one block."""
+
+    prefix: str                          # state-dict key prefix ("" for the part outside the blocks)
+    module: nn.Module
+    exclude: list[nn.Module]             # modules of `module` that belong to other segments
+    weights: list[QuantizedWeight]
+
+    def state(self, net: nn.Module) -> dict[str, Tensor]:
+        """The segment's state-dict entries (the network's own tensors, not copies)."""
+        if self.prefix:
+            return self.module.state_dict(prefix=self.prefix, keep_vars=True)
+        inside = tuple(f"{n}." for n, m in net.named_modules() if any(m is e for e in self.exclude))
+        return {k: t for k, t in net.state_dict(keep_vars=True).items() if not k.startswith(inside)}
+
+
+def _segments(net: nn.Module, family: str | None) -> list[_Segment]:
+    """The part of `net` outside its transformer blocks, then each block: an export holds one at a time
+    (an offloaded one is loaded for it: lpq.models.offload.materialized)."""
+    adapter = get_adapter(net, family)
+    blocks = adapter.blocks(net)
+    segments = [_Segment("", net, blocks, [])] + [_Segment(adapter.block_prefix(i) + ".", b, [], [])
+                                                  for i, b in enumerate(blocks)]
+    for qw in quantized_weights(net):
+        owner = next((seg for seg in segments[1:] if qw.key.startswith(seg.prefix)), segments[0])
+        owner.weights.append(qw)
+    return segments
+
+
+def _check_covered(net: nn.Module, written: set[str]) -> None:
+    """Every state-dict key was written (or tied): the segments cover the network exactly."""
+    absent = [k for k in net.state_dict(keep_vars=True) if k not in written]
+    if absent:
+        raise RuntimeError(f"{type(net).__name__}: {absent[0]} was not exported; its module lies outside the "
+                           f"adapter's blocks and the rest of the network")
 
 
 def _is_diffusers(net: nn.Module) -> bool:
@@ -123,7 +166,9 @@ def _network_info(net: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _write_config(net: nn.Module, folder: Path, quantization_config: dict | None) -> None:
+def _write_config(net: nn.Module, folder: Path, quantization_config: dict | None, dtype: str | None = None) -> None:
+    """config.json (+ generation_config.json) of `net`; `dtype`: the weights' dtype, which stock
+    transformers loads with (what save_pretrained records, without changing net.config)."""
     if _is_diffusers(net):
         net.save_config(folder)
     else:
@@ -133,6 +178,8 @@ def _write_config(net: nn.Module, folder: Path, quantization_config: dict | None
     path = folder / "config.json"
     config = json.loads(path.read_text())
     config.pop("quantization_config", None)
+    if dtype is not None:
+        config["dtype"] = dtype
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
     write_json(path, config)
@@ -145,76 +192,125 @@ def _quantization_config(recipe: QuantRecipe) -> dict[str, Any]:
             "loader": "lpq.load_quantized(folder)", "recipe": to_dict(recipe)}
 
 
-def _forward_weights(net: nn.Module) -> list[tuple[QuantizedWeight, Tensor]]:
+def _pack_weight(qw: QuantizedWeight, sizes: _Sizes) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The index entry and the stored tensors of one quantized weight (its codes, or the dense value
+    when no encoding reproduces it)."""
     with torch.no_grad():
-        return [(qw, qw.forward_weight().detach().cpu()) for qw in quantized_weights(net)]
+        w_q = qw.forward_weight().detach().cpu()
+    entry = {"format": qw.fmt, "axis": qw.axis % w_q.dim(), "shape": list(w_q.shape), "dtype": _dtype_name(w_q.dtype)}
+    p = pack(qw, w_q)
+    if p is None:
+        warnings.warn(f"{qw.key}: no {qw.fmt} encoding reproduces this weight exactly; stored unpacked")
+        parts = {qw.key: w_q}
+        entry["storage"] = "dense"
+        sizes.dense_fallbacks.append(qw.key)
+    else:
+        parts = {qw.key + L.CODES: p.codes, qw.key + L.SCALES: p.scales, qw.key + L.TENSOR_SCALE: p.tensor_scale,
+                 qw.key + L.PRESCALE: qw.prescale()}
+        parts = {k: v for k, v in parts.items() if v is not None}
+        entry["storage"] = "packed"
+    sizes.quantized_tensors += 1
+    sizes.quantized_params += w_q.numel()
+    sizes.quantized_bytes += sum(_nbytes(t) for t in parts.values())
+    return entry, parts
+
+
+def _still_offloaded(key: str, t: Tensor) -> None:
+    if t.is_meta:
+        raise RuntimeError(f"{key} is on the meta device (offloaded and not loaded): the export cannot read it")
 
 
 def _write_packed_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max_bytes: int) -> _Sizes:
+    """One block at a time: its weights packed, its tensors appended to the shards, then dropped."""
     sizes = _Sizes()
-    tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     transforms = input_transforms(net)    # their scales are ordinary state-dict entries, stored dense below
-    weights = _forward_weights(net)
-    for qw, w_q in weights:
-        entry = {"format": qw.fmt, "axis": qw.axis % w_q.dim(), "shape": list(w_q.shape),
-                 "dtype": _dtype_name(w_q.dtype)}
-        p = pack(qw, w_q)
-        if p is None:
-            warnings.warn(f"{qw.key}: no {qw.fmt} encoding reproduces this weight exactly; stored unpacked")
-            parts = {qw.key: w_q}
-            entry["storage"] = "dense"
-            sizes.dense_fallbacks.append(qw.key)
-        else:
-            parts = {qw.key + L.CODES: p.codes, qw.key + L.SCALES: p.scales, qw.key + L.TENSOR_SCALE: p.tensor_scale,
-                     qw.key + L.PRESCALE: qw.prescale()}
-            parts = {k: v for k, v in parts.items() if v is not None}
-            entry["storage"] = "packed"
-        tensors.update(parts)
-        entries[qw.key] = entry
-        sizes.quantized_tensors += 1
-        sizes.quantized_params += w_q.numel()
-        sizes.quantized_bytes += sum(_nbytes(t) for t in parts.values())
-    dense, tied = _dense_state(net, skip={qw.key for qw, _ in weights}, drop_lpq=False)
-    tensors.update(dense)
-    sizes.other_params = sum(t.numel() for t in dense.values())
-    sizes.other_bytes = sum(_nbytes(t) for t in dense.values())
-    metadata = {k: str(v) for k, v in L.versions().items()}
-    weight_map, files = write_shards(folder, L.PACKED_STEM, tensors, metadata, max_bytes)
+    ties = _Ties()
+    written: set[str] = set()
+    with ShardWriter(folder, L.PACKED_STEM, {k: str(v) for k, v in L.versions().items()}, max_bytes) as out:
+        for seg in _segments(net, recipe.adapter):
+            with materialized(seg.module, None, device="cpu", exclude=seg.exclude):
+                for qw in seg.weights:
+                    entries[qw.key], parts = _pack_weight(qw, sizes)
+                    for name, t in parts.items():
+                        out.add(name, t)
+                    written.add(qw.key)
+                for key, t in seg.state(net).items():
+                    if key in written:
+                        continue
+                    _still_offloaded(key, t)
+                    written.add(key)
+                    if ties.alias(key, t):
+                        continue
+                    out.add(key, t.detach())
+                    sizes.other_params += t.numel()
+                    sizes.other_bytes += _nbytes(t)
+        weight_map, files = out.close()
+    _check_covered(net, written)
     write_json(folder / L.INDEX, {**L.versions(), "network": _network_info(net), "files": files,
-                                  "quantized": entries, "input_transforms": transforms, "tied": tied,
+                                  "quantized": entries, "input_transforms": transforms, "tied": ties.tied,
                                   "weight_map": weight_map})
     _write_config(net, folder, _quantization_config(recipe))
     return sizes
 
 
-def _write_fake_network(net: nn.Module, folder: Path, max_bytes: int) -> _Sizes:
+def _write_fake_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max_bytes: int) -> _Sizes:
+    """Dequantized weights in the stock layout, one block at a time (transformers' key conversion,
+    e.g. fused MoE experts to per-expert keys, is applied per block, as save_pretrained does for
+    offloaded models)."""
     transforms = input_transforms(net)
     if transforms:
         raise ValueError(f"{next(iter(transforms))} has an input transform (Hadamard / SmoothQuant scale), which "
                          f"stock transformers/diffusers models cannot run, so a fake export would compute something "
                          f"else; use kind='packed'")
     sizes = _Sizes()
-    weights = _forward_weights(net)
-    dense, _ = _dense_state(net, skip=set(), drop_lpq=True)
-    for qw, w_q in weights:
-        dense[qw.key] = w_q
-        sizes.quantized_tensors += 1
-        sizes.quantized_params += w_q.numel()
-        sizes.quantized_bytes += _nbytes(w_q)
-    quantized = {qw.key for qw, _ in weights}
-    sizes.other_params = sum(t.numel() for k, t in dense.items() if k not in quantized)
-    sizes.other_bytes = sum(_nbytes(t) for k, t in dense.items() if k not in quantized)
-    if not _is_diffusers(net):
-        # transformers: its save_pretrained drops tied copies and writes the checkpoint's own key
-        # layout (e.g. per-expert MoE keys) that from_pretrained expects.
-        net.save_pretrained(folder, state_dict=dense, max_shard_size=max_bytes)
+    diffusers = _is_diffusers(net)
+    stem = DIFFUSERS_STEM if diffusers else "model"
+    lpq_state = _lpq_prefixes(net)
+    ties = _Ties()
+    written: set[str] = set()
+    stored_bytes = 0
+    with ShardWriter(folder, stem, {"format": "pt"}, max_bytes) as out:
+        for seg in _segments(net, recipe.adapter):
+            with materialized(seg.module, None, device="cpu", exclude=seg.exclude):
+                part: dict[str, Tensor] = {}
+                for qw in seg.weights:
+                    with torch.no_grad():
+                        part[qw.key] = qw.forward_weight().detach()
+                    sizes.quantized_tensors += 1
+                    sizes.quantized_params += part[qw.key].numel()
+                    sizes.quantized_bytes += _nbytes(part[qw.key])
+                written.update(part)
+                for key, t in seg.state(net).items():
+                    if key in written:
+                        continue
+                    _still_offloaded(key, t)
+                    written.add(key)
+                    if key.startswith(lpq_state) or ties.alias(key, t):
+                        continue
+                    part[key] = t.detach()
+                    sizes.other_params += t.numel()
+                    sizes.other_bytes += _nbytes(t)
+                if not diffusers:
+                    from transformers.core_model_loading import revert_weight_conversion
+
+                    part = revert_weight_conversion(net, part)
+                for key, t in part.items():
+                    out.add(key, t)
+                    stored_bytes += _nbytes(t)
+                del part
+        weight_map, files = out.close()
+    _check_covered(net, written)
+    if len(files) > 1:
+        write_hf_index(folder, stem, weight_map, stored_bytes)
+    if diffusers:
         _write_config(net, folder, None)
     else:
-        weight_map, files = write_shards(folder, DIFFUSERS_STEM, dense, {"format": "pt"}, max_bytes)
-        if len(files) > 1:
-            write_hf_index(folder, DIFFUSERS_STEM, weight_map, sum(_nbytes(t) for t in dense.values()))
-        _write_config(net, folder, None)
+        _write_config(net, folder, None, dtype=_network_info(net)["dtype"])
+        if getattr(net, "_auto_class", None) is not None:    # remote code: its modeling files, as save_pretrained
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(net, folder, config=net.config)
     return sizes
 
 
@@ -227,7 +323,8 @@ def _write_pipeline_rest(pipe: Any, root: Path, networks: set[str]) -> tuple[_Si
             continue
         component.save_pretrained(root / name)
         if isinstance(component, nn.Module):
-            state, _ = _dense_state(component, skip=set(), drop_lpq=True)
+            ties = _Ties()
+            state = {k: t for k, t in component.state_dict(keep_vars=True).items() if not ties.alias(k, t)}
             sizes.other_params += sum(t.numel() for t in state.values())
             sizes.other_bytes += sum(_nbytes(t) for t in state.values())
             dtypes[name] = _dtype_name(component.dtype)
@@ -235,8 +332,15 @@ def _write_pipeline_rest(pipe: Any, root: Path, networks: set[str]) -> tuple[_Si
     return sizes, dtypes
 
 
+def _runtime_writer(kind: str) -> Any:
+    """The module writing a kind in another runtime's layout (`write_network`, `README`)."""
+    return importlib.import_module(RUNTIME_KINDS[kind])
+
+
 def _readme(kind: str, model_kind: str, recipe: QuantRecipe, report: SizeReport) -> str:
-    if kind == "packed":
+    if kind in RUNTIME_KINDS:
+        how = _runtime_writer(kind).README
+    elif kind == "packed":
         how = ("Packed checkpoint: weights hold the real codes and scales (layout: lpq docs/export.md, "
                f"bit-order version {L.versions()['bit_order_version']}). Load it with lpq:\n\n"
                "```python\nimport lpq\nmodel = lpq.load_quantized(\"THIS_FOLDER\")\n```\n\n"
@@ -260,7 +364,8 @@ def export_model(model: Any, recipe: QuantRecipe | None, out_dir: str | Path, ki
     """Write a model quantized by `lpq.quant.quantize_model` (a causal LM or a Wan pipeline) to `out_dir`.
 
     kind="packed": real codes and scales, reloaded bit-exactly by `lpq.load_quantized`;
-    kind="fake": dequantized weights, loadable by stock transformers/diffusers.
+    kind="fake": dequantized weights, loadable by stock transformers/diffusers;
+    kind="compressed-tensors" / "gguf": a causal LM in vLLM's / llama.cpp's layout (RUNTIME_KINDS).
     `recipe`: None, or the recipe the model was quantized with (checked). An existing `out_dir` is
     replaced only with force=True. Returns the size report (also written to the folder's README)."""
     if kind not in KINDS:
@@ -277,8 +382,11 @@ def export_model(model: Any, recipe: QuantRecipe | None, out_dir: str | Path, ki
             with _eval_mode(net):
                 if kind == "packed":
                     total.add(_write_packed_network(net, folder, recipe, max_bytes))
+                elif kind == "fake":
+                    total.add(_write_fake_network(net, folder, recipe, max_bytes))
                 else:
-                    total.add(_write_fake_network(net, folder, max_bytes))
+                    counts = _runtime_writer(kind).write_network(net, folder, recipe, max_bytes, tokenizer)
+                    total.add(_Sizes(**counts))
         components: dict[str, str] = {}
         if adapter.kind == "wan":
             rest, components = _write_pipeline_rest(model, tmp, {n for n, _ in networks})

@@ -36,8 +36,9 @@ def export(
     config: Path = typer.Option(..., "--config", help="recipe YAML with model:, quant: and export: sections"),
     model: str | None = typer.Option(None, "--model", help="model id, local folder or built-in (overrides model.id)"),
     out: Path | None = typer.Option(None, "--out", help="output folder (overrides export.out)"),
-    kind: str | None = typer.Option(None, "--kind", help="packed (real bits, lpq.load_quantized) or fake "
-                                                         "(dequantized weights, stock from_pretrained)"),
+    kind: str | None = typer.Option(None, "--kind", help="packed (real bits, lpq.load_quantized), fake "
+                                                         "(dequantized weights, stock from_pretrained), "
+                                                         "compressed-tensors (vLLM) or gguf (llama.cpp)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
 ) -> None:
     """Quantize a model with a recipe and write a packed or fake-quantized checkpoint with a size report."""
