@@ -8,6 +8,7 @@ Every packed weight is decoded again at export and must reproduce the forward we
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,17 @@ class QuantizedWeight:
         return getattr(self.module, self.attr)
 
     def forward_weight(self) -> Tensor:
-        """The weight an eval forward multiplies by (call with the module in eval mode)."""
-        if isinstance(self.module, QuantExperts):
-            return self.module.quantized_weight(self.attr)
-        return self.module.quantized_weight()
+        """The weight an eval forward multiplies by (call with the module in eval mode).
+
+        A quantized copy this computes is not left in the module's cache when none was there: an
+        export goes through every weight, and keeping them all would hold a second model."""
+        experts = isinstance(self.module, QuantExperts)
+        cache = self.module._caches[self.attr] if experts else self.module._cache
+        was_empty = cache.value is None
+        w = self.module.quantized_weight(self.attr) if experts else self.module.quantized_weight()
+        if was_empty:
+            cache.invalidate()
+        return w
 
     def prescale(self) -> Tensor | None:
         """The per-tensor (per-group) scale the quantizer multiplies by, or None without scaling."""
@@ -111,12 +119,36 @@ def _per_group(s: Tensor, like: Tensor) -> Tensor:
     return s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+_DECODE_ROWS_BYTES = 1 << 26      # float32 bytes decoded at a time by unpack
+
+
 def unpack(p: Packed, prescale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The weight values of packed bits, exactly as the quantizer's dequantization computes them."""
-    ys = decode(p)
-    if prescale is not None:
-        ys = ys / _per_group(prescale, ys)
-    return ys.to(dtype)
+    """The weight values of packed bits, exactly as the quantizer's dequantization computes them.
+
+    Decoded a few rows at a time straight into the result (blocks never span rows, and scaling
+    and the cast are elementwise, so the bits are those of a whole-tensor decode), so a large
+    weight needs no float32 copy of itself."""
+    if p.axis != len(p.shape) - 1 or len(p.shape) < 2 or math.prod(p.shape) == 0:
+        ys = decode(p)
+        if prescale is not None:
+            ys = ys / _per_group(prescale, ys)
+        return ys.to(dtype)
+    rows, length = math.prod(p.shape[:-1]), p.shape[-1]
+    if p.codes.shape[0] != rows or (p.scales is not None and p.scales.shape[0] != rows):
+        raise ValueError(f"codes for {rows} rows expected, got {tuple(p.codes.shape)}")
+    out = torch.empty(rows, length, dtype=dtype)
+    # One scale per leading-dim slice (expert) or for the whole tensor: a value per row.
+    row_scale = None if prescale is None else prescale.float().reshape(-1).repeat_interleave(
+        rows // prescale.numel())[:, None]
+    step = max(1, _DECODE_ROWS_BYTES // (4 * length))
+    for r in range(0, rows, step):
+        part = Packed(p.fmt, (min(step, rows - r), length), 1, p.codes[r:r + step],
+                      None if p.scales is None else p.scales[r:r + step], p.tensor_scale)
+        ys = decode(part)
+        if row_scale is not None:
+            ys = ys / row_scale[r:r + step]
+        out[r:r + step] = ys.to(dtype)
+    return out.reshape(p.shape)
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:

@@ -1,9 +1,13 @@
 """load_quantized: rebuild a model (or Wan pipeline) from a packed export, bit-exactly.
 
-Each network is built from its config (no hub access), quantized with the stored recipe (which
-attaches the activation and attention quantizers), given its input transforms, loaded with the
-high-precision tensors and quantizer state, and given its quantized weights decoded from the stored
-codes (as pre-quantized weights: never quantized again).
+Each network is built from its config as a skeleton whose parameters are on the meta device (no
+memory, no initialization; buffers the constructors compute, such as rotary tables, are made as
+usual), quantized with the stored recipe (which attaches the activation and attention quantizers)
+and given its input transforms. The files are then read one tensor at a time: each stored tensor
+takes the place of its meta placeholder in place (`torch.utils.swap_tensors`, so tied weights and
+every other holder of the parameter see it), and each quantized weight is decoded from its codes as
+soon as its parts are read and set as a pre-quantized weight (never quantized again). Peak memory is
+the loaded model plus one tensor being decoded.
 """
 from __future__ import annotations
 
@@ -17,10 +21,15 @@ from torch import Tensor, nn
 from lpq.config import ConfigError, from_dict
 from lpq.export import layout as L
 from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
-from lpq.export.tensor_io import as_torch_dtype, load_json, read_shards
+from lpq.export.tensor_io import as_torch_dtype, check_files, iter_file, load_json, read_headers
 from lpq.formats import Packed
 from lpq.quant import InputTransform, quantize_model, set_input_transform
 from lpq.quant.recipe import QuantRecipe
+
+# safetensors header dtype names -> torch dtypes (for placeholders made before a tensor is read)
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 def _tensor_at(net: nn.Module, key: str) -> Tensor:
@@ -35,24 +44,47 @@ def _tensor_at(net: nn.Module, key: str) -> Tensor:
     return t
 
 
+def _fill(target: Tensor, value: Tensor) -> None:
+    """Make `target` (a meta placeholder, or a tensor the model made) hold `value`, in place: the
+    same Python object, so tied modules and other holders of it see the value too."""
+    if isinstance(target, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=target.requires_grad)
+    torch.utils.swap_tensors(target, value)
+
+
+def _own_memory(t: Tensor, device: torch.device | None) -> Tensor:
+    """A copy of a tensor read from a file in memory of its own, allocated as the model's would be.
+    (safetensors gives views at arbitrary byte offsets, and unaligned data takes other SIMD paths
+    in some CPU kernels, whose float results then differ in the last bits.)"""
+    return torch.empty_like(t, device=device or "cpu", memory_format=torch.contiguous_format).copy_(t)
+
+
 def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
-    if info["library"] == "diffusers":
-        import diffusers
+    """The network of `config.json` with its parameters on the meta device.
 
-        cls = getattr(diffusers, info["class"], None)
-        if cls is None:
-            raise L.CheckpointError(f"{folder}: diffusers has no model class {info['class']!r}")
-        net = cls.from_config(cls.load_config(folder))
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
+    Buffers stay real: the constructors compute the tables that are not in the state dict (rotary
+    inv_freq, Wan's rope frequencies) exactly as a normal construction does. (transformers'
+    from_pretrained instead builds everything on meta and recomputes such buffers in each model's
+    `_init_weights`, which remote-code models and diffusers do not all implement.)"""
+    from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        kwargs = {"attn_implementation": info["attn_implementation"]} if "attn_implementation" in info else {}
-        # Every stored tensor is loaded afterwards: random initialization would only cost time.
-        with no_init_weights():
+    # no_init_weights: the constructors' initializations would only cost time on placeholders.
+    with no_init_weights(), init_empty_weights(include_buffers=False):
+        if info["library"] == "diffusers":
+            import diffusers
+
+            cls = getattr(diffusers, info["class"], None)
+            if cls is None:
+                raise L.CheckpointError(f"{folder}: diffusers has no model class {info['class']!r}")
+            net = cls.from_config(cls.load_config(folder))
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            kwargs = {"attn_implementation": info["attn_implementation"]} if "attn_implementation" in info else {}
             net = AutoModelForCausalLM.from_config(config, dtype=as_torch_dtype(info["dtype"]), **kwargs)
-        net.tie_weights()
+            net.tie_weights()
     return net.eval()
 
 
@@ -70,12 +102,17 @@ def _parts(key: str, entry: dict[str, Any]) -> list[str]:
     return [key + s for s in (L.CODES, L.SCALES, L.TENSOR_SCALE, L.PRESCALE)]
 
 
-def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    dtype = as_torch_dtype(entry["dtype"])
+def _check_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any]) -> None:
     param = qw.parameter()
     if entry["format"] != qw.fmt or list(param.shape) != list(entry["shape"]):
         raise L.CheckpointError(f"{key}: stored as {entry['format']} {entry['shape']}, but the recipe gives "
                                 f"{qw.fmt} {list(param.shape)}; the checkpoint does not match its recipe")
+
+
+def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: dict[str, Tensor],
+                device: torch.device | None) -> None:
+    """Decode one quantized weight from its parts and make it the module's pre-quantized weight."""
+    dtype = as_torch_dtype(entry["dtype"])
     if entry["storage"] == "dense":
         w = tensors[key]
     else:
@@ -84,83 +121,110 @@ def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: d
         except (ValueError, TypeError, RuntimeError) as e:
             raise L.CheckpointError(f"{key}: cannot decode its {entry['format']} codes ({e}); the checkpoint "
                                     f"is damaged") from None
-    if param.dtype != dtype:
-        param.data = param.data.to(dtype)
-    qw.set(w.to(param.device))
+    w = w.to(dtype)
+    _fill(qw.parameter(), w if device is None else w.to(device))
+    qw.set(qw.parameter())          # marks it pre-quantized (the copy is onto itself)
 
 
-def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]], tensors: dict[str, Tensor]) -> None:
-    """The input transforms of the index, before the state dict is loaded (their scales are in it)."""
+def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]],
+                       headers: dict[str, tuple[str, str, list[int]]]) -> None:
+    """The input transforms of the index, before the tensors are read: a scale is a placeholder of
+    its stored dtype and shape until its tensor comes."""
     for name, entry in entries.items():
         key = entry["input_scale"]
-        if key is not None and key not in tensors:
+        if key is not None and key not in headers:
             raise L.CheckpointError(f"{name}: its input transform's scale {key!r} is missing; the checkpoint is "
                                     f"damaged")
         try:
-            weight = _tensor_at(net, f"{name}.weight")
-            transform = InputTransform(entry["hadamard_block"], tensors[key] if key is not None else None)
-            set_input_transform(net, name, transform.to(weight.device))
+            scale = None
+            if key is not None:
+                _, dtype, shape = headers[key]
+                scale = torch.empty(shape, dtype=_ST_TORCH.get(dtype, torch.float32), device="meta")
+            set_input_transform(net, name, InputTransform(entry["hadamard_block"], scale))
         except (TypeError, ValueError) as e:
             raise L.CheckpointError(f"{name}: cannot attach its input transform ({e}); the checkpoint does not "
                                     f"match the model built from its config") from None
 
 
-def _read(folder: Path, verify: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """A packed network's index and tensors, after checking versions, sizes and checksums."""
+def _open(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str, list[int]]]]:
+    """A packed network's index and the tensors its files hold (from the headers), after checking
+    versions and file sizes; no tensor data is read."""
     index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)",
                       ("network", "files", "quantized", "tied", "weight_map"))
     L.check_versions(index, folder / L.INDEX)
     config = load_json(folder / "config.json", "the model config is missing")
     L.check_versions(config.get("quantization_config") or {}, folder / "config.json")
-    tensors, metadata = read_shards(folder, index["files"], verify)
+    check_files(folder, index["files"])
+    headers, metadata = read_headers(folder, index["files"])
     stamped = {k: int(v) if v.isdigit() else v for k, v in metadata.items() if k in L.versions()}
     L.check_versions(stamped, folder / next(iter(index["files"])))
-    missing = sorted(set(index["weight_map"]) - set(tensors))
+    missing = sorted(set(index["weight_map"]) - set(headers))
     if missing:
         raise L.CheckpointError(f"{folder}: tensors listed in the index are missing from the files "
                                 f"(e.g. {missing[0]}); the checkpoint is damaged")
-    return index, tensors
+    return index, headers
 
 
 def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool) -> nn.Module:
-    index, tensors = _read(folder, verify)
+    index, headers = _open(folder)
+    device = torch.device(device) if device is not None else None
     net = _build(folder, index["network"])
-    if device is not None:
-        net.to(device)
     quantize_model(net, recipe)
     # Buffers not in the state dict (rotary tables) keep the dtypes they had at export.
     for name, buffer_dtype in index["network"].get("buffer_dtypes", {}).items():
         buffer = _tensor_at(net, name)
         buffer.data = buffer.data.to(as_torch_dtype(buffer_dtype))
-    _attach_transforms(net, index.get("input_transforms", {}), tensors)     # export version 1 has none
+    _attach_transforms(net, index.get("input_transforms", {}), headers)     # export version 1 has none
     weights = {qw.key: qw for qw in quantized_weights(net)}
     entries: dict[str, dict[str, Any]] = index["quantized"]
     if set(weights) != set(entries):
         extra = sorted(set(weights) ^ set(entries))
         raise L.CheckpointError(f"{folder}: the stored quantized weights and those of the recipe differ "
                                 f"(e.g. {extra[0]}); the checkpoint does not match its recipe")
-    packed_parts = {p for key, e in entries.items() for p in _parts(key, e)}
-    dense = {k: v for k, v in tensors.items() if k not in packed_parts}
-    for key, t in dense.items():
-        target = _tensor_at(net, key)
-        if target.shape != t.shape:
-            raise L.CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model built from the config has "
+    for key, entry in entries.items():
+        _check_weight(weights[key], key, entry)
+    part_of = {p: key for key, e in entries.items() for p in _parts(key, e) if p in headers}
+    dense = [k for k in headers if k not in part_of]
+    for key in dense:
+        target, shape = _tensor_at(net, key), headers[key][2]
+        if list(target.shape) != shape:
+            raise L.CheckpointError(f"{key}: stored shape {tuple(shape)}, the model built from the config has "
                                     f"{tuple(target.shape)}")
-        if target.dtype != t.dtype:
-            target.data = target.data.to(t.dtype)
-    result = net.load_state_dict(dense, strict=False)
     tied: dict[str, str] = index["tied"]
-    absent = sorted(set(result.missing_keys) - set(entries) - set(tied))
-    if result.unexpected_keys or absent:
+    keys = set(net.state_dict(keep_vars=True))
+    unexpected, absent = sorted(set(dense) - keys), sorted(keys - set(dense) - set(entries) - set(tied))
+    if unexpected or absent:
         raise L.CheckpointError(f"{folder}: the stored tensors do not fit the model built from its config "
-                                f"(unexpected: {result.unexpected_keys[:3]}, missing: {absent[:3]})")
+                                f"(unexpected: {unexpected[:3]}, missing: {absent[:3]})")
+    # Stream: each tensor replaces its placeholder; a quantized weight is decoded once all its parts are in.
+    pending: dict[str, dict[str, Tensor]] = {}
+    remaining = {key: sum(p in headers for p in _parts(key, e)) for key, e in entries.items()}
     with torch.no_grad():
+        for fname, info in index["files"].items():
+            for name, t in iter_file(folder, fname, info, verify):
+                key = part_of.get(name)
+                if key is None:
+                    _fill(_tensor_at(net, name), _own_memory(t, device))
+                    continue
+                pending.setdefault(key, {})[name] = t
+                if len(pending[key]) == remaining[key]:
+                    _set_weight(weights[key], key, entries[key], pending.pop(key), device)
         for alias, kept in tied.items():
             a, k = _tensor_at(net, alias), _tensor_at(net, kept)
-            if a.data_ptr() != k.data_ptr():
+            if a.is_meta:
+                _fill(a, k.detach())         # shares k's storage, as at export
+            elif a.data_ptr() != k.data_ptr():
                 a.copy_(k)
-        for key, entry in entries.items():
-            _set_weight(weights[key], key, entry, tensors)
+    if pending:
+        raise L.CheckpointError(f"{folder}: {next(iter(pending))} lacks some of its packed parts; the checkpoint "
+                                f"is damaged")
+    unfilled = [n for n, t in [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]
+                if t.is_meta]
+    if unfilled:
+        raise L.CheckpointError(f"{folder}: {unfilled[0]} is in neither the stored tensors nor the tied ones; "
+                                f"the checkpoint is damaged")
+    if device is not None:
+        net.to(device)               # the buffers the constructors made (weights are already there)
     return net.eval()
 
 

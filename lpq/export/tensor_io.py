@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from lpq.export.layout import CheckpointError
@@ -25,33 +27,125 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[list[str]]:
-    """Tensor names cut into consecutive groups of at most max_bytes (a bigger tensor goes alone)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        if shards[-1] and size + _nbytes(t) > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += _nbytes(t)
-    return shards
+# safetensors dtype names (https://github.com/huggingface/safetensors, format description)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_COPY_CHUNK = 1 << 23
+
+
+class ShardWriter:
+    """safetensors shards written as tensors come, holding one tensor at a time, never a state dict.
+
+    A shard holds consecutive tensors up to `max_bytes` (a bigger tensor goes alone, as before);
+    it is closed when the next tensor would not fit. Tensor bytes go to a scratch file on arrival;
+    closing a shard writes its file (header, then the data grouped by element size, largest first,
+    as safetensors' own writer orders it so that every tensor is aligned) and its SHA-256 in the
+    same pass. `close()` gives the files their final names, `<stem>.safetensors` or
+    `<stem>-0000i-of-0000n.safetensors`, once n is known, and returns (tensor -> file, file ->
+    {"bytes", "sha256"}). Little-endian machines only (safetensors stores little-endian)."""
+
+    def __init__(self, folder: Path, stem: str, metadata: dict[str, str], max_bytes: int):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors files are little-endian; this machine is big-endian")
+        self.folder, self.stem, self.metadata, self.max_bytes = Path(folder), stem, dict(metadata), max_bytes
+        self._scratch_path = self.folder / f".{stem}.scratch"
+        self._scratch = open(self._scratch_path, "w+b")
+        self._pending: list[tuple[str, str, list[int], int, int]] = []   # name, dtype, shape, scratch offset, bytes
+        self._pending_bytes = 0
+        self._done: list[tuple[Path, list[str], dict]] = []               # numbered file, its tensors, info
+        self._names: set[str] = set()
+
+    def add(self, name: str, t: Tensor) -> None:
+        """Append one tensor (copied to the CPU if needed); its bytes are on disk when this returns."""
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors; allowed: "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in _ST_DTYPES)}")
+        nbytes = _nbytes(t)
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._names.add(name)
+        offset = self._scratch.tell()
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._scratch.write(memoryview(data.numpy()))
+        self._pending.append((name, _ST_DTYPES[t.dtype], list(t.shape), offset, nbytes))
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        """Write the pending tensors as the next shard file, then empty the scratch file."""
+        # Largest element size first (stable within a size): each tensor starts aligned to its element.
+        order = sorted(self._pending, key=lambda p: -_ST_ITEMSIZE[p[1]])
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        start = 0
+        for name, dtype, shape, _, nbytes in order:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + nbytes]}
+            start += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)          # the data then starts 8-byte aligned (space padding is allowed)
+        path = self.folder / f".{self.stem}-{len(self._done) + 1:05d}.safetensors"
+        h = hashlib.sha256()
+        self._scratch.flush()
+        with open(path, "wb") as out:
+            for piece in (struct.pack("<Q", len(text)), text):
+                out.write(piece)
+                h.update(piece)
+            for _, _, _, offset, nbytes in order:
+                self._scratch.seek(offset)
+                left = nbytes
+                while left:
+                    chunk = self._scratch.read(min(left, _COPY_CHUNK))
+                    out.write(chunk)
+                    h.update(chunk)
+                    left -= len(chunk)
+        self._done.append((path, [p[0] for p in self._pending], {"bytes": path.stat().st_size, "sha256": h.hexdigest()}))
+        self._scratch.seek(0)
+        self._scratch.truncate()
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> tuple[dict[str, str], dict[str, dict]]:
+        """Write the last shard, name the files and return (tensor name -> file, file -> {"bytes", "sha256"})."""
+        if self._pending or not self._done:        # no tensor at all still gives one (empty) file
+            self._flush()
+        self._discard_scratch()
+        n = len(self._done)
+        weight_map: dict[str, str] = {}
+        files: dict[str, dict] = {}
+        for i, (path, names, info) in enumerate(self._done):
+            fname = f"{self.stem}.safetensors" if n == 1 else f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / fname)
+            files[fname] = info
+            weight_map.update({name: fname for name in names})
+        self._done = []
+        return weight_map, files
+
+    def _discard_scratch(self) -> None:
+        if not self._scratch.closed:
+            self._scratch.close()
+        self._scratch_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """On an error, remove what this writer left (the scratch file and unnamed shards)."""
+        if exc[0] is not None:
+            self._discard_scratch()
+            for path, _, _ in self._done:
+                path.unlink(missing_ok=True)
+
+
+_ST_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in _ST_DTYPES.items()}
 
 
 def write_shards(folder: Path, stem: str, tensors: dict[str, Tensor], metadata: dict[str, str],
                  max_bytes: int) -> tuple[dict[str, str], dict[str, dict]]:
-    """Write `tensors` as <stem>.safetensors, or <stem>-0000i-of-0000n.safetensors when they exceed
-    max_bytes. Returns (tensor name -> file, file -> {"bytes", "sha256"})."""
-    groups = _shards(tensors, max_bytes)
-    weight_map: dict[str, str] = {}
-    files: dict[str, dict] = {}
-    for i, names in enumerate(groups):
-        fname = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        path = folder / fname
-        save_file({n: tensors[n].detach().cpu().contiguous() for n in names}, str(path), metadata=metadata)
-        files[fname] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        weight_map.update({n: fname for n in names})
-    return weight_map, files
+    """Write an in-memory dict of tensors with a ShardWriter; same result as adding them one by one."""
+    with ShardWriter(folder, stem, metadata, max_bytes) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+        return w.close()
 
 
 def write_hf_index(folder: Path, stem: str, weight_map: dict[str, str], total_size: int) -> None:
@@ -64,11 +158,8 @@ def _damaged(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: the checkpoint is damaged ({why}); export the model again or restore the file")
 
 
-def read_shards(folder: Path, files: dict[str, dict], verify: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors of the listed files, checking each file's size (always) and SHA-256 (`verify`).
-    Returns (tensors, the safetensors metadata of the first file)."""
-    tensors: dict[str, Tensor] = {}
-    metadata: dict[str, str] = {}
+def check_files(folder: Path, files: dict[str, dict]) -> None:
+    """Every listed file is there with the size the index gives (cheap: no data is read)."""
     for fname, info in files.items():
         path = folder / fname
         if not path.is_file():
@@ -76,16 +167,37 @@ def read_shards(folder: Path, files: dict[str, dict], verify: bool = True) -> tu
         size = path.stat().st_size
         if size != info["bytes"]:
             raise _damaged(path, f"{size} bytes, the index says {info['bytes']}: truncated or overwritten")
-        if verify and sha256(path) != info["sha256"]:
-            raise _damaged(path, "SHA-256 differs from the index")
+
+
+def read_headers(folder: Path, files: dict[str, dict]) -> tuple[dict[str, tuple[str, str, list[int]]], dict[str, str]]:
+    """The tensors of the listed files from their headers only: ({name: (file, safetensors dtype, shape)},
+    the safetensors metadata of the first file)."""
+    found: dict[str, tuple[str, str, list[int]]] = {}
+    metadata: dict[str, str] = {}
+    for fname in files:
+        path = folder / fname
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = metadata or dict(f.metadata() or {})
                 for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
+                    sl = f.get_slice(name)
+                    found[name] = (fname, sl.get_dtype(), list(sl.get_shape()))
         except (SafetensorError, OSError, ValueError) as e:
             raise _damaged(path, f"safetensors cannot read it: {e}") from None
-    return tensors, metadata
+    return found, metadata
+
+
+def iter_file(folder: Path, fname: str, info: dict, verify: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of one listed file, one at a time, after checking its SHA-256 (`verify`)."""
+    path = folder / fname
+    if verify and sha256(path) != info["sha256"]:
+        raise _damaged(path, "SHA-256 differs from the index")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, f"safetensors cannot read it: {e}") from None
 
 
 def load_json(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 
-def _offload_hooks(root: nn.Module) -> list[tuple[str, nn.Module, object]]:
-    """(name, module, hook) of every module under `root` whose tensors accelerate offloads."""
+def _offload_hooks(root: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module, object]]:
+    """(name, module, hook) of every module under `root` whose tensors accelerate offloads, leaving
+    out the modules under `exclude`."""
+    skip = _ids(exclude)
     found = []
     for name, mod in root.named_modules():
         hook = getattr(mod, "_hf_hook", None)
-        if hook is None:
+        if hook is None or id(mod) in skip:
             continue
         hooks = getattr(hook, "hooks", (hook,))       # a SequentialHook holds several
         for h in hooks:
@@ -32,15 +34,21 @@ def _offload_hooks(root: nn.Module) -> list[tuple[str, nn.Module, object]]:
     return found
 
 
-def is_offloaded(root: nn.Module) -> bool:
-    return bool(_offload_hooks(root))
+def _ids(modules: Sequence[nn.Module]) -> set[int]:
+    return {id(m) for e in modules for m in e.modules()}
 
 
-def _tensors(mod: nn.Module, hook) -> list[str]:
+def _tensors(mod: nn.Module, hook, skip: set[int]) -> list[str]:
+    """The tensor names `hook` offloads, less those of modules in `skip`."""
     from accelerate.utils import named_module_tensors
 
     return [n for n, _ in named_module_tensors(mod, include_buffers=hook.offload_buffers,
-                                               recurse=hook.place_submodules, remove_non_persistent=True)]
+                                               recurse=hook.place_submodules, remove_non_persistent=True)
+            if id(mod.get_submodule(n.rpartition(".")[0])) not in skip]
+
+
+def is_offloaded(root: nn.Module) -> bool:
+    return bool(_offload_hooks(root))
 
 
 def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
@@ -51,33 +59,37 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
 
 
 @contextmanager
-def materialized(block: nn.Module, store: Path | None, device: torch.device | str | None = None) -> Iterator[None]:
+def materialized(block: nn.Module, store: Path | None, device: torch.device | str | None = None,
+                 exclude: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Load `block`'s offloaded tensors for the duration of the context (on the hooks' execution
     device, or `device`); on exit write them to `store` (None: drop the changes) and offload again.
 
-    A block without offloaded tensors is left alone.
+    Modules under `exclude` (e.g. the transformer blocks, when `block` is the whole network and
+    only the rest is wanted) stay offloaded. A block without offloaded tensors is left alone.
     """
     from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_state_dict, set_module_tensor_to_device
 
-    hooks = _offload_hooks(block)
+    hooks = _offload_hooks(block, exclude)
     if not hooks:
         yield
         return
+    skip = _ids(exclude)
     for _, mod, hook in hooks:
-        for t in _tensors(mod, hook):
+        for t in _tensors(mod, hook, skip):
             set_module_tensor_to_device(mod, t, device or hook.execution_device, value=hook.weights_map[t])
         hook.offload = False
     try:
         yield
     finally:
         if store is not None:
-            state = {f"{name}.{t}": _tensor(mod, t).detach().cpu() for name, mod, hook in hooks for t in _tensors(mod, hook)}
+            state = {f"{name}.{t}": _tensor(mod, t).detach().cpu() for name, mod, hook in hooks
+                     for t in _tensors(mod, hook, skip)}
             store.mkdir(parents=True, exist_ok=True)
             offload_state_dict(str(store), state)
             loader = OffloadedWeightsLoader(save_folder=str(store))
         for name, mod, hook in hooks:
             if store is not None:
                 hook.weights_map = PrefixedDataset(loader, f"{name}.")
-            for t in _tensors(mod, hook):
+            for t in _tensors(mod, hook, skip):
                 set_module_tensor_to_device(mod, t, "meta")
             hook.offload = True

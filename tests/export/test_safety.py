@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lpq.export import CheckpointError, export_model, load_quantized
-from lpq.export import writer
+from lpq.export.tensor_io import ShardWriter
 from tests.export.helpers import quantized_lm
 
 
@@ -88,13 +88,13 @@ def test_not_an_export(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, error):
     model, r, _ = exported
-    real = writer.write_shards
+    real = ShardWriter.close
 
-    def write_then_fail(folder, *args, **kwargs):
-        real(folder, *args, **kwargs)          # a real file is on disk when the failure hits
+    def write_then_fail(self):
+        real(self)                             # a real file is on disk when the failure hits
         raise error
 
-    monkeypatch.setattr(writer, "write_shards", write_then_fail)
+    monkeypatch.setattr(ShardWriter, "close", write_then_fail)
     with pytest.raises(type(error)):
         export_model(model, r, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -105,7 +105,7 @@ def test_interrupted_forced_export_keeps_the_old_folder(exported, tmp_path, monk
     old = tmp_path / "out"
     old.mkdir()
     (old / "keep.txt").write_text("previous export")
-    monkeypatch.setattr(writer, "write_shards", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(ShardWriter, "add", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         export_model(model, r, old, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (old / "keep.txt").read_text() == "previous export"
