@@ -16,7 +16,8 @@ from lpq.formats.spec import FormatSpec, get_format
 BIT_ORDER_VERSION = 1   # layout of Packed, see docs/design.md; bump on any change
 SPEC_VERSION = 1        # semantics of the format names; bump on any change
 
-_BACKENDS = ("auto", "cpp", "ref")
+_BACKENDS = ("auto", "cpp", "ref", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _backend(backend: str | None) -> str:
 def _kernel(spec: FormatSpec, x: Tensor, backend: str | None):
     """The C++ extension to use for this call, or None for the reference path."""
     b = _backend(backend)
-    if b == "ref" or x.device.type != "cpu":
+    if b in ("ref", "triton") or x.device.type != "cpu":
         return None
     ext = load_kernel(spec.family)
     if ext is None and b == "cpp":
@@ -58,6 +59,34 @@ def _kernel(spec: FormatSpec, x: Tensor, backend: str | None):
 
         raise RuntimeError(f"C++ kernel for {spec.name} requested but unavailable: {why_unavailable(spec.family)}")
     return ext
+
+
+def _triton(x: Tensor, backend: str | None) -> bool:
+    """Whether this call runs lpq.kernels' Triton kernels: under "auto" for CUDA tensors (when
+    triton is installed), under "triton" always (CPU tensors through TRITON_INTERPRET=1)."""
+    b = _backend(backend)
+    if b == "triton":
+        from lpq import kernels
+
+        why = kernels.why_unavailable(x.device)
+        if why is not None:
+            raise RuntimeError(f"Triton kernels requested but unavailable: {why}")
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the Triton kernels take {', '.join(map(str, _TRITON_DTYPES))}, got {x.dtype}")
+        return True
+    if b != "auto" or x.device.type != "cuda" or x.dtype not in _TRITON_DTYPES:
+        return False
+    from lpq import kernels
+
+    return kernels.available(x.device)
+
+
+def _triton_fake_quant(x: Tensor, fmt: str, axis: int, scale: float | None, stats=None) -> Tensor:
+    from lpq.kernels.formats import fake_quant_rows
+
+    if get_format(fmt).block == 1:   # elementwise: any axis, no transposed copy
+        return fake_quant_rows(x.contiguous().reshape(1, -1), fmt, scale, stats).reshape(x.shape)
+    return _from_rows(fake_quant_rows(_as_rows(x, axis), fmt, scale, stats), x, axis)
 
 
 def _check(x: Tensor, axis: int) -> int:
@@ -93,11 +122,15 @@ def _from_rows(y2d: Tensor, x: Tensor, axis: int) -> Tensor:
 
 
 def fake_quant(x: Tensor, fmt: str, axis: int = -1, *, backend: str | None = None) -> Tensor:
-    """Quantize then dequantize `x` along `axis`; float32 arithmetic, returns x's dtype and shape."""
+    """Quantize then dequantize `x` along `axis`; float32 arithmetic, returns x's dtype and shape.
+    Backends (argument or LPQ_BACKEND): auto (C++ on CPU, Triton on CUDA, else the reference), cpp,
+    ref, triton (CPU tensors only under TRITON_INTERPRET=1)."""
     spec = get_format(fmt)
     axis = _check(x, axis)
     if x.numel() == 0:
         return x.clone()
+    if _triton(x, backend):
+        return _triton_fake_quant(x, fmt, axis, None)
     x2d = _as_rows(x, axis)
     ext = _kernel(spec, x2d, backend)
     if ext is not None and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -168,10 +201,13 @@ def fake_quant_scaled(x: Tensor, fmt: str, scale: float, axis: int = -1, *, back
     """`(fake_quant(x.float() * scale, fmt, axis) / scale).to(x.dtype)` with scale a float32 number.
 
     For HiF8 on CPU with a power-of-two scale this is one pass of the C++ kernel (no float32 copy of
-    a bfloat16 x, no scaled intermediate), identical bit for bit to the expression above.
+    a bfloat16 x, no scaled intermediate), identical bit for bit to the expression above; on CUDA
+    tensors one pass of lpq.kernels' Triton kernel, any format, also identical.
     """
     spec = get_format(fmt)
-    _check(x, axis)
+    axis = _check(x, axis)
+    if x.numel() and _triton(x, backend):
+        return _triton_fake_quant(x, fmt, axis, scale)
     if x.numel() and _fused_scale_ok(spec, x, scale):
         xc = x.contiguous()
         ext = _kernel(spec, xc, backend)
@@ -213,3 +249,56 @@ class FakeQuantScaledSTE(torch.autograd.Function):
 
 def fake_quant_scaled_ste(x: Tensor, fmt: str, scale: float, axis: int = -1) -> Tensor:
     return FakeQuantScaledSTE.apply(x, fmt, scale, axis)
+
+
+def moments(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """(max |x| as a float32 0-d tensor, NaN if x holds one; sum of x^2 as a float64 0-d tensor) of
+    the whole tensor: what the per-tensor scale rules need (RMS = sqrt(sumsq / numel)). One read
+    by a Triton kernel on CUDA, whole-tensor ops elsewhere (the same amax; the float64 sums agree
+    to float64 rounding)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"moments expects a floating-point tensor, got {type(x).__name__}")
+    if _triton(x, backend):
+        from lpq.kernels.formats import moments as triton_moments
+
+        return triton_moments(x)
+    xd = x.detach()
+    amax = xd.abs().amax().float() if xd.numel() else torch.zeros((), device=x.device)
+    return amax, xd.double().square().sum()
+
+
+def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int = -1, *, counts: bool = False,
+                     backend: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """fake_quant (scale None) or fake_quant_scaled of x, with the statistics QAT records gathered
+    in the same pass: "amax" and "sumsq" of x (see moments) and, with counts=True, over
+    xs = x * scale and ys = fake_quant(xs) (float32): "overflow" (ys infinite where xs is finite),
+    "flushed" (ys == 0 != xs) and for HiF8 "coarse" (finite |xs| >= 2^8), int64 0-d tensors.
+    One Triton pass on CUDA (counts always gathered there); elsewhere the same numbers from the
+    fake_quant above plus whole-tensor ops."""
+    axis = _check(x, axis)
+    if x.numel() and _triton(x, backend):
+        from lpq.kernels.formats import Stats
+
+        st = Stats(x.device)
+        y = _triton_fake_quant(x, fmt, axis, scale, st)
+        out = {"amax": st.amax, "sumsq": st.sumsq[0]}
+        if counts:
+            out.update(overflow=st.counts[0], flushed=st.counts[1])
+            if fmt == "hif8":
+                out["coarse"] = st.counts[2]
+        return y, out
+    y = fake_quant(x, fmt, axis, backend=backend) if scale is None else \
+        fake_quant_scaled(x, fmt, scale, axis, backend=backend)
+    amax, sumsq = moments(x, backend=backend)
+    out = {"amax": amax, "sumsq": sumsq}
+    if counts:
+        with torch.no_grad():
+            xs = x.detach().float()
+            if scale is not None:
+                xs = xs * torch.tensor(scale, dtype=torch.float32, device=x.device)
+            ys = y.detach() if scale is None and x.dtype == torch.float32 else fake_quant(xs, fmt, axis, backend=backend)
+            finite = torch.isfinite(xs)
+            out.update(overflow=(torch.isinf(ys) & finite).sum(), flushed=((ys == 0) & (xs != 0)).sum())
+            if fmt == "hif8":
+                out["coarse"] = ((xs.abs() >= 2.0 ** 8) & finite).sum()
+    return y, out

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from lpq.formats import fake_quant, get_format
-from lpq.formats.api import fake_quant_scaled
-from lpq.quant.quantizer import HIF8_COARSE, TensorQuantizer
+from lpq.formats.api import fake_quant_scaled, fake_quant_stats, moments
+from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import Scaling
 
 DEFAULT_BLOCK_Q = 512
@@ -76,32 +76,24 @@ class _PQuant:
 
 
 class _Stats:
-    """Whole-tensor statistics of P, accumulated tile by tile as tensors (no device syncs):
-    amax and sum of squares (the quantizer's amax/RMS), and the counts of `_record_stats`."""
+    """Whole-tensor statistics of P, summed over tiles as tensors (no device syncs): amax and sum
+    of squares (the quantizer's amax/RMS) and, with counts, the counts of `_record_stats`.
+    `pending`: record amax/RMS as delayed scaling's pending statistics at the end."""
 
-    def __init__(self, device: torch.device, moments: bool, counts: bool):
-        self.moments = moments
+    def __init__(self, device: torch.device, pending: bool, counts: bool):
+        self.pending, self.counts = pending, counts
         self.amax = torch.zeros((), dtype=torch.float32, device=device)
         self.sumsq = torch.zeros((), dtype=torch.float64, device=device)
-        if counts:
-            self.xs_amax = torch.zeros((), dtype=torch.float32, device=device)
-            self.overflow = torch.zeros((), dtype=torch.int64, device=device)
-            self.flushed = torch.zeros((), dtype=torch.int64, device=device)
-            self.coarse = torch.zeros((), dtype=torch.int64, device=device)
+        self.totals = {k: torch.zeros((), dtype=torch.int64, device=device) for k in ("overflow", "flushed", "coarse")}
 
-    def add(self, pc: Tensor) -> None:
-        # amax like torch.aminmax + abs (NaN propagates); the squares summed in float64, so the
-        # order of the tiles does not matter at float32 precision.
-        self.amax = torch.maximum(self.amax, pc.detach().abs().amax().float())
-        self.sumsq += pc.double().square().sum()
-
-    def add_counts(self, xs: Tensor, ys: Tensor, hif8: bool) -> None:
-        finite = torch.isfinite(xs)
-        self.xs_amax = torch.maximum(self.xs_amax, xs.abs().amax().float())
-        self.overflow += (torch.isinf(ys) & finite).sum()
-        self.flushed += ((ys == 0) & (xs != 0)).sum()
-        if hif8:
-            self.coarse += ((xs.abs() >= HIF8_COARSE) & finite).sum()
+    def add(self, amax: Tensor, sumsq: Tensor, counts: dict[str, Tensor] | None = None) -> None:
+        # max is order-free (NaN propagates); the squares are summed in float64, so the order of
+        # the tiles does not matter at float32 precision
+        self.amax = torch.maximum(self.amax, amax)
+        self.sumsq = self.sumsq + sumsq
+        for k, v in (counts or {}).items():
+            if k in self.totals:
+                self.totals[k] = self.totals[k] + v
 
     def rms(self, numel: int) -> Tensor:
         return (self.sumsq / max(numel, 1)).sqrt().float()
@@ -203,18 +195,15 @@ class TiledQuantAttention(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         # O' = P V with the float P, for the softmax backward's row term; only when a gradient is due.
         out_float_p = torch.zeros_like(out) if any(ctx.needs_input_grad[:3]) else None
-        track = p_quantizer is not None and p_quantizer.track_stats
-        hif8 = pquant.fmt == "hif8"
         for i0, i1 in prob.tiles_q():
             for j0, j1 in prob.tiles_k(i0, i1):
                 p = prob.probs(m, l, i0, i1, j0, j1)
                 pc = p.to(q.dtype)
-                if stats is not None and stats.moments:
-                    stats.add(pc)
-                if track:
-                    pq = _quantize_counting(pc, pquant, stats, hif8)
-                else:
+                if stats is None:
                     pq = pquant(pc)
+                else:   # quantized and measured in one pass (one Triton kernel on CUDA)
+                    pq, st = fake_quant_stats(pc, pquant.fmt, pquant.scale, -1, counts=stats.counts)
+                    stats.add(st.pop("amax"), st.pop("sumsq"), st)
                 out[..., i0:i1, :] += pq.float() @ vf[..., j0:j1, :]
                 if out_float_p is not None:
                     out_float_p[..., i0:i1, :] += p @ vf[..., j0:j1, :]
@@ -271,7 +260,7 @@ def _choose_p_scale(prob: _Problem, m: Tensor, l: Tensor,
         first = _Stats(device, True, False)
         for i0, i1 in prob.tiles_q():
             for j0, j1 in prob.tiles_k(i0, i1):
-                first.add(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype))
+                first.add(*moments(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)))
         scale = quantizer._scale_for(first.amax.reshape(1), first.rms(numel).reshape(1), None)
         return _PQuant(quantizer, float(scale.reshape(()))), (_Stats(device, False, True) if track else None)
     # Delayed scaling with a stored scale: quantize with it; this call's statistics are recorded as
@@ -281,37 +270,24 @@ def _choose_p_scale(prob: _Problem, m: Tensor, l: Tensor,
     return _PQuant(quantizer, float(quantizer.scale.reshape(()))), stats
 
 
-def _quantize_counting(pc: Tensor, pquant: _PQuant, stats: _Stats, hif8: bool) -> Tensor:
-    """pquant(pc) the way TensorQuantizer does it when it records statistics, counting as it goes."""
-    if pquant.scale is None:
-        pq = fake_quant(pc, pquant.fmt, -1)
-        stats.add_counts(pc, pq, hif8)
-        return pq
-    s = torch.tensor(pquant.scale, dtype=torch.float32, device=pc.device)
-    xs = pc.float() * s
-    ys = fake_quant(xs, pquant.fmt, -1)
-    stats.add_counts(xs, ys, hif8)
-    return (ys / s).to(pc.dtype)
-
-
 def _finish_p_quantizer(quantizer: TensorQuantizer | None, pquant: _PQuant, stats: _Stats | None,
                         numel: int) -> None:
     """Record what TensorQuantizer.forward would have recorded for the whole P."""
     if quantizer is None or stats is None:
         return
     spec = quantizer.spec
-    if stats.moments and spec.scaling == Scaling.DELAYED:
+    if stats.pending:
         # Returns the stored scale (already used) and records the pending amax/RMS.
         quantizer._scale_for(stats.amax.reshape(1), stats.rms(numel).reshape(1), None)
     if quantizer.track_stats:
         n = max(numel, 1)
         scale = pquant.scale
         quantizer.last_stats = {
-            "amax": float(stats.xs_amax) / (scale if scale is not None else 1) if numel else 0.0,
+            "amax": float(stats.amax) if numel else 0.0,
             "scale": scale,
-            "overflow": float(stats.overflow) / n,
-            "flushed": float(stats.flushed) / n,
-            "coarse": float(stats.coarse) / n if spec.format == "hif8" else None,
+            "overflow": float(stats.totals["overflow"]) / n,
+            "flushed": float(stats.totals["flushed"]) / n,
+            "coarse": float(stats.totals["coarse"]) / n if spec.format == "hif8" else None,
         }
 
 
