@@ -1,20 +1,9 @@
-"""Write a folder all at once: build it under a hidden sibling, rename it into place at the end."""
+"""Atomic writes: a file through a sibling temporary file, a folder through lpq.outputs' staging."""
 from __future__ import annotations
 
 import contextlib
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise FileExistsError(f"{out} exists and is not a folder; remove it or choose another --out")
-    if not force:
-        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -28,31 +17,16 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder next to `out`; on success it becomes `out` (replacing an old
-    one only with `force`), on any exception (KeyboardInterrupt included) it is deleted, so `out`
-    is either the previous folder or the complete new one, never a half-written one."""
-    out = Path(out).absolute()
-    _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.with_name(f".{out.name}.lpq-tmp-{tag}")
-    tmp.mkdir()
-    try:
+def staged_dir(out: str | Path, force: bool = False, *, fingerprint: str | None = None,
+               command: str = "lpq export") -> Iterator[Path]:
+    """Yield an empty staging folder next to `out`; on success it becomes `out`, on any exception
+    (KeyboardInterrupt included) it is deleted, so `out` is either the previous folder or the
+    complete new one, never a half-written one.
+
+    lpq.outputs' rules apply: `out` must be new, empty, or an lpq output folder; one written by another
+    recipe (any existing one when `fingerprint` is None) is replaced only with `force`; the folder is
+    locked while it is written; the leftovers of a killed write are cleaned up first."""
+    from lpq.outputs import staged_output
+
+    with staged_output(out, fingerprint=fingerprint, force=force, command=command) as tmp:
         yield tmp
-        _check_target(out, force)    # another process may have created it meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.lpq-old-{tag}") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

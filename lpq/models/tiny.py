@@ -5,12 +5,35 @@ the two-expert Wan2.2 pipeline) in well under a second, with no download. Seeded
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lpq.models.hub import LoadedModel
+if TYPE_CHECKING:   # torch is imported where a model is built: naming the built-ins stays cheap
+    import torch
+
+# The tiny built-ins and their kind; lpq.models.hub lists these after its own smollm2-135m.
+TINY_MODELS = {"tiny-llama": "causal_lm", "tiny-qwen3": "causal_lm", "tiny-qwen3-moe": "causal_lm",
+               "tiny-pangu": "causal_lm", "tiny-wan21": "wan", "tiny-wan22": "wan"}
 
 _LLM_COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+_WAN_LAYERS = 2
+
+
+class TinyModel(NamedTuple):
+    kind: str                 # "causal_lm" or "wan"
+    model: Any                # the model, or for Wan the pipeline
+    tokenizer: Any = None
+
+
+def tiny_blocks(name: str) -> dict[str, int]:
+    """Blocks per network of a tiny built-in, from the configs below (nothing is built)."""
+    if name == "tiny-wan21":
+        return {"transformer": _WAN_LAYERS}
+    if name == "tiny-wan22":
+        return {"transformer": _WAN_LAYERS, "transformer_2": _WAN_LAYERS}
+    if name in TINY_MODELS:
+        return {"": _LLM_COMMON["num_hidden_layers"]}
+    raise ValueError(f"unknown tiny built-in {name!r}; tiny built-ins: {', '.join(TINY_MODELS)}")
 
 
 def _word_tokenizer(vocab_size: int):
@@ -25,7 +48,8 @@ def _word_tokenizer(vocab_size: int):
                                    bos_token="<s>", eos_token="</s>")
 
 
-def tiny_causal_lm(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_causal_lm(name: str, dtype: torch.dtype | None = None, seed: int = 0):
+    import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
 
@@ -42,21 +66,23 @@ def tiny_causal_lm(name: str, dtype: torch.dtype = torch.float32, seed: int = 0)
                                                    num_experts_per_tok=2))
     else:
         raise ValueError(f"unknown tiny causal LM {name!r}")
-    return model.to(dtype).eval()
+    return model.to(dtype or torch.float32).eval()
 
 
 def tiny_wan_transformer(in_channels: int = 16, seed: int = 0):
+    import torch
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                  in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=256,
-                                 ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                 ffn_dim=32, num_layers=_WAN_LAYERS, cross_attn_norm=True,
                                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
 
 
-def tiny_wan_pipeline(two_experts: bool, dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_wan_pipeline(two_experts: bool, dtype: torch.dtype | None = None, seed: int = 0):
     """Wan2.1 (one transformer) or Wan2.2 (high-noise `transformer` + low-noise `transformer_2`)."""
+    import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -71,14 +97,14 @@ def tiny_wan_pipeline(two_experts: bool, dtype: torch.dtype = torch.float32, see
                        transformer_2=tiny_wan_transformer(seed=seed + 2) if two_experts else None,
                        boundary_ratio=0.875 if two_experts else None)
     # .to() on a float32 pipeline is a no-op that only warns about Wan's float32-pinned modules.
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return pipe if dtype in (None, torch.float32) else pipe.to(dtype=dtype)
 
 
-def build_tiny(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    if name in ("tiny-wan21", "tiny-wan22"):
-        return LoadedModel(name, "wan", tiny_wan_pipeline(name == "tiny-wan22", dtype))
-    if name in ("tiny-llama", "tiny-pangu", "tiny-qwen3", "tiny-qwen3-moe"):
-        return LoadedModel(name, "causal_lm", tiny_causal_lm(name, dtype), _word_tokenizer(1000))
-    from lpq.models.hub import BUILTINS
-
-    raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+def build_tiny(name: str, dtype: torch.dtype | None = None) -> TinyModel:
+    """A tiny built-in by name (float32 unless `dtype`)."""
+    kind = TINY_MODELS.get(name)
+    if kind == "wan":
+        return TinyModel(kind, tiny_wan_pipeline(name == "tiny-wan22", dtype))
+    if kind == "causal_lm":
+        return TinyModel(kind, tiny_causal_lm(name, dtype), _word_tokenizer(_LLM_COMMON["vocab_size"]))
+    raise ValueError(f"unknown tiny built-in {name!r}; tiny built-ins: {', '.join(TINY_MODELS)}")

@@ -57,19 +57,22 @@ def export(
     if recipe.export.out is None:
         raise _fail("no output folder: pass --out or set export.out in the recipe")
     target = Path(recipe.export.out)
-    if target.exists() and not recipe.export.force:
-        raise _fail(f"{target} already exists; pass --force to replace it")
+    from lpq.outputs import check_output, locked_output
 
-    from lpq.export import export_model
-    from lpq.models.hub import load_model
-    from lpq.quant import quantize_model
-
-    loaded = load_model(recipe.model)
-    quantize_model(loaded.model, recipe.quant)
     try:
-        report = export_model(loaded.model, recipe.quant, target, kind=recipe.export.kind, force=recipe.export.force,
-                              tokenizer=loaded.tokenizer, max_shard_gb=recipe.export.max_shard_gb)
-    except (FileExistsError, NotImplementedError, ValueError) as e:
+        # lpq.outputs' rules, checked before the model is loaded; the lock is held from here to the end.
+        check_output(target, force=recipe.export.force, command="lpq export", staged=True)
+        with locked_output(target, command="lpq export"):
+            from lpq.export import export_model
+            from lpq.models.hub import load_model
+            from lpq.quant import quantize_model
+
+            loaded = load_model(recipe.model)
+            quantize_model(loaded.model, recipe.quant)
+            report = export_model(loaded.model, recipe.quant, target, kind=recipe.export.kind,
+                                  force=recipe.export.force, tokenizer=loaded.tokenizer,
+                                  max_shard_gb=recipe.export.max_shard_gb)
+    except (FileNotFoundError, NotImplementedError, ValueError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"wrote {recipe.export.kind} export of {recipe.model.id} to {target}\n")
     typer.echo(report.text())

@@ -37,7 +37,8 @@ def test_export_command(app, tmp_path):
     assert load_quantized(out).model.layers[0].mlp.up_proj.weight_quantizer.spec.format == "mxfp4"
 
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "already exists; pass --force" in again.output
+    assert again.exit_code == 2 and "holds the output of an earlier lpq run" in again.output
+    assert "pass --force" in again.output
 
     fake = CliRunner().invoke(app, args + ["--force", "--kind", "fake", "--model", "tiny-qwen3"])
     assert fake.exit_code == 0, fake.output

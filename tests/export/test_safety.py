@@ -103,23 +103,31 @@ def test_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, erro
 def test_interrupted_forced_export_keeps_the_old_folder(exported, tmp_path, monkeypatch):
     model, r, _ = exported
     old = tmp_path / "out"
-    old.mkdir()
-    (old / "keep.txt").write_text("previous export")
+    export_model(model, r, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
     monkeypatch.setattr(ShardWriter, "add", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         export_model(model, r, old, force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (old / "keep.txt").read_text() == "previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
 
 
-def test_existing_out_needs_force(exported, tmp_path):
+def test_existing_out_needs_force_and_lpqs_marker(exported, tmp_path):
+    from lpq.outputs import OutputError
+
     model, r, _ = exported
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match="not empty and was not written by lpq"):
+        export_model(model, r, out, force=True)           # never the user's folder, even with force
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    (out / "stale.txt").unlink()
+    export_model(model, r, out)                           # an empty folder is adopted
+    with pytest.raises(OutputError, match="pass --force"):
         export_model(model, r, out)
     export_model(model, r, out, force=True)
-    assert not (out / "stale.txt").exists() and (out / "lpq_export.json").is_file()
+    assert (out / "lpq_export.json").is_file() and (out / "lpq_output.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
