@@ -41,6 +41,6 @@ def wan_forward(transformer, seed: int = 0) -> torch.Tensor:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit patterns (torch.equal treats -0 == +0 and fails on NaN)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.contiguous().view(ints), b.contiguous().view(ints)))
