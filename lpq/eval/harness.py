@@ -174,39 +174,41 @@ def make_lm(model, tokenizer, settings: EvalSettings, batch_size: int):
     """lm-eval's HFLM around an in-memory model (batched log-likelihoods, logits shared across choices)."""
     from lm_eval.models.huggingface import HFLM
 
+    from lpq.eval.lm_eval_model import hidden_quantization_config
+
     kwargs: dict[str, Any] = {}
     if settings.enable_thinking is not None:
         kwargs["enable_thinking"] = settings.enable_thinking
         if settings.enable_thinking:
             kwargs["think_end_token"] = settings.think_end_token
-    # HFLM parses config.quantization_config even for a ready model object and rejects methods
-    # transformers does not know, such as an lpq export's own; it does not need it for a ready model.
-    config = getattr(model, "config", None)
-    hidden = config.__dict__.pop("quantization_config", None) if config is not None else None
-    try:
+    with hidden_quantization_config(model):
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=settings.max_length,
                     **kwargs)
-    finally:
-        if hidden is not None:
-            config.quantization_config = hidden
 
 
-def run_task(model, tokenizer, prepared: PreparedTask, settings: EvalSettings) -> TaskRun:
-    """Evaluate one model on one prepared task; records come back in item order."""
+def run_task(model, tokenizer, prepared: PreparedTask, settings: EvalSettings,
+             lm_eval_dir: Path | None = None) -> TaskRun:
+    """Evaluate one model on one prepared task; records come back in item order. `lm_eval_dir`: also
+    write lm-eval's own results_*.json and samples_*.jsonl there (lpq.eval.lm_eval_layout)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    from lpq.eval import lm_eval_layout
 
     spec = prepared.spec
     batch = settings.window_batch_size if spec.kind == "perplexity" else settings.batch_size
     lm = make_lm(model, tokenizer, settings, batch)
     task_name = prepared.config["task"]
+    tracker = lm_eval_layout.tracker(lm_eval_dir) if lm_eval_dir is not None else None
     with torch.no_grad():
         out = simple_evaluate(
             model=lm, tasks=[prepared.config], task_manager=TaskManager(include_defaults=False),
             samples={task_name: prepared.indices} if prepared.indices else None,
             bootstrap_iters=0, log_samples=True, apply_chat_template=settings.chat_template,
-            fewshot_as_multiturn=settings.chat_template)
+            fewshot_as_multiturn=settings.chat_template, evaluation_tracker=tracker)
+    if lm_eval_dir is not None:
+        lm_eval_layout.save(tracker, lm_eval_dir, out)
     samples = sorted(out["samples"][task_name], key=lambda s: s["doc_id"])
     records = [_record(spec, s) for s in samples]
     info = {"lm_eval_score": out["results"][task_name].get(f"{spec.metric},none")}

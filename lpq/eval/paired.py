@@ -16,6 +16,8 @@ from lpq.eval.settings import LM_TASKS, EvalSettings, kl_text_path
 from lpq.eval.shift import distribution_shift
 from lpq.eval.stats import agreement, mean_abs_pct_loss, paired_compare
 
+LM_EVAL_DIR = "lm_eval"      # lm-eval's own output layout, per model: <out>/lm_eval/{baseline,quantized}/
+
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,8 +28,10 @@ def _log(msg: str) -> None:
     print(f"[lpq eval] {msg}", flush=True)
 
 
-def baseline_run(model, tokenizer, prepared: PreparedTask, settings: EvalSettings, model_fp: str) -> TaskRun:
-    """The baseline's records for a task, from the cache when the fingerprint matches."""
+def baseline_run(model, tokenizer, prepared: PreparedTask, settings: EvalSettings, model_fp: str,
+                 lm_eval_dir: Path | None = None) -> TaskRun:
+    """The baseline's records for a task, from the cache when the fingerprint matches (then without lm-eval's
+    output files in `lm_eval_dir`: those are written by a run)."""
     key = hashlib.sha256(f"{model_fp}|{prepared.fingerprint}|{cache.template_fingerprint(tokenizer, settings)}"
                          .encode()).hexdigest()[:24]
     if settings.use_cache:
@@ -35,7 +39,7 @@ def baseline_run(model, tokenizer, prepared: PreparedTask, settings: EvalSetting
         if hit is not None:
             _log(f"{prepared.name}: baseline from cache ({cache.cache_dir(settings) / key}.jsonl)")
             return hit
-    run = run_task(model, tokenizer, prepared, settings)
+    run = run_task(model, tokenizer, prepared, settings, lm_eval_dir)
     if settings.use_cache:
         cache.save_run(settings, key, run)
     return run
@@ -78,11 +82,11 @@ def run_paired(baseline, candidate, tokenizer, settings: EvalSettings, out_dir: 
         prepared = prepare_task(name, settings)
         _log(f"task {i}/{len(tasks)} {name}: {prepared.n_items} items from {prepared.data_source}")
         t = time.time()
-        base = baseline_run(baseline, tokenizer, prepared, settings, model_fp)
+        base = baseline_run(baseline, tokenizer, prepared, settings, model_fp, out / LM_EVAL_DIR / "baseline")
         tb = time.time() - t
         _log(f"{name}: baseline {TASKS[name].metric} = {base.score:.4f} ({tb:.1f} s); running candidate")
         t = time.time()
-        cand = run_task(candidate, tokenizer, prepared, settings)
+        cand = run_task(candidate, tokenizer, prepared, settings, out / LM_EVAL_DIR / "quantized")
         tc = time.time() - t
         _write_jsonl(out / "items" / f"{name}.baseline.jsonl", base.records)
         _write_jsonl(out / "items" / f"{name}.quantized.jsonl", cand.records)
