@@ -78,6 +78,8 @@ def from_dict(data: Any, cls: type[T], where: _Where | None = None, key: str = "
 
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain data (enums by value), suitable for YAML/JSON."""
+    if hasattr(obj, "to_config") and not isinstance(obj, type):
+        return obj.to_config()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
@@ -126,6 +128,21 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
             except ConfigError:
                 continue
         raise where.error(key, f"'{label}': {value!r} matches none of " + ", ".join(map(_type_name, choices)))
+    if isinstance(tp, type) and hasattr(tp, "from_config"):
+        # A type that parses its own YAML shape (e.g. an algorithm entry whose settings depend on its
+        # name); it reports errors through `error(subkey, message)` so they keep file:line:key.
+        if isinstance(value, tp):
+            return value
+
+        def error(sub: str, msg: str) -> ConfigError:
+            return where.error(f"{key}.{sub}" if sub else key, f"'{label}': {msg}")
+
+        try:
+            return tp.from_config(value, lambda v, t: _convert(v, t, where, key), error)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise where.error(key, f"'{label}': {e}") from None
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

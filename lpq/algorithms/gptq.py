@@ -15,18 +15,21 @@ weights ("static" scales).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lpq.algorithms import grid
+from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
+from lpq.algorithms.step import Phase, Step, register
+from lpq.formats.grid import block_grid, columns
 
 
 @dataclass
 class GPTQSettings:
     damp: float = 0.01            # fraction of mean(diag H) added to the diagonal
-    act_order: bool = False
+    act_order: bool = False       # columns by decreasing H_jj
     scale_search: bool = True     # format-native scale search when a block's scales are fixed
     lazy_batch: int = 128         # columns per lazy update; a multiple of the format block
 
@@ -38,21 +41,61 @@ class GPTQSettings:
 
 
 class Hessian:
-    """Running H = sum x x^T over the rows of inputs to one linear layer (float32, or float64 by choice)."""
+    """Running H = sum x x^T over the rows of inputs to one linear layer (float32, or float64 by
+    choice), on the device of the first input."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32):
-        self.H = torch.zeros(n, n, dtype=dtype)
+        self.n, self.dtype = n, dtype
+        self.H: Tensor | None = None
         self.count = 0
 
     def add(self, x: Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.H is None:
+            self.H = torch.zeros(self.n, self.n, dtype=self.dtype, device=x2.device)
         self.H.addmm_(x2.T, x2)
         self.count += x2.shape[0]
 
     def mean(self) -> Tensor:
         if self.count == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return (self.H / self.count).float()
+        return (self.H / self.count).float().cpu()
+
+
+def layer_hessian(block: BlockContext, name: str) -> Tensor | None:
+    """Mean input Gram matrix of linear `name` over the block's calibration inputs, as quantized at
+    inference; None when no calibration input reached it (an unrouted expert)."""
+    lin = block.all_linears()[name]
+    hess = Hessian(lin.in_features)
+    for x in block.linear_inputs(name):
+        hess.add(x)
+    return hess.mean() if hess.count else None
+
+
+@register
+class GPTQ(Step):
+    """Per group of linears sharing an input: GPTQ against the Hessian of that input, with the
+    format's own grid in the loop; RTN for a group no calibration input reached."""
+
+    name = "gptq"
+    Settings = GPTQSettings
+    phase = Phase.QUANTIZE
+
+    def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
+        weights = [lin.weight for lin in group.linears]
+        W = torch.cat([w.detach().float() for w in weights])
+        hessian = layer_hessian(block, group.names[0])
+        t0 = time.perf_counter()
+        if hessian is None:
+            from lpq.formats.grid import fake_quant
+
+            Q = fake_quant(W, run.weight_format)
+        else:
+            Q, loss = gptq_quantize(W, hessian, run.weight_format, self.settings)
+            block.stats.setdefault("layer_loss", {})["+".join(group.names)] = loss
+        block.stats["gptq_seconds"] = block.stats.get("gptq_seconds", 0.0) + time.perf_counter() - t0
+        for lin, q in zip(group.linears, Q.split([w.shape[0] for w in weights])):
+            lin.set_quantized_weight(q.to(lin.weight.dtype))
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
@@ -77,7 +120,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, fmt: str, settings: GPTQSettings | 
     sum (w - q)^2 / U_jj^2 / 2 (the OBS estimate of the output error added).
     """
     s = settings or GPTQSettings()
-    grid.check_format(fmt)
+    block_grid(fmt)
     # The column loop is thousands of small ops: extra threads only add synchronization, which
     # costs orders of magnitude when the cores are shared (measured: 4.4 s vs 151 s on 2 busy cores).
     threads = torch.get_num_threads()
@@ -89,7 +132,8 @@ def gptq_quantize(weight: Tensor, H: Tensor, fmt: str, settings: GPTQSettings | 
 
 
 def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor, float]:
-    block = grid.BLOCK[fmt]
+    grid = block_grid(fmt)
+    block = grid.block
     rows, cols = weight.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
@@ -105,8 +149,8 @@ def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor,
     invperm = torch.argsort(perm)
     static = None
     if s.act_order:
-        es = (grid.search_scales(W, fmt, H.diagonal()) if s.scale_search else grid.default_scales(W, fmt))
-        static = grid.ElemScale(es.scale[:, perm], es.recip[:, perm])
+        meta = grid.search_meta(W, H.diagonal()) if s.scale_search else grid.default_meta(W)
+        static = tuple(t[:, perm] for t in grid.element_scales(meta))
     W = W[:, perm]
     U = _inverse_cholesky(H[perm][:, perm], s.damp)
     Q = torch.zeros_like(W)
@@ -123,16 +167,15 @@ def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor,
             if static is None and j % block == 0:
                 # Fix this block's scales from its current, error-compensated weights.
                 wb = W1[:, i:i + block]
-                es_blk = (grid.search_scales(wb, fmt, col_weight[j:j + block]) if s.scale_search
-                          else grid.default_scales(wb, fmt))
-                es_off = i
+                meta = grid.search_meta(wb, col_weight[j:j + block]) if s.scale_search else grid.default_meta(wb)
+                scales_blk = grid.element_scales(meta)
+                blk_start = i
             if static is not None:
-                sc, rc = static.scale[:, j:j + 1], static.recip[:, j:j + 1]
+                sc = columns(static, j, j + 1)
             else:
-                k = i - es_off
-                sc, rc = es_blk.scale[:, k:k + 1], es_blk.recip[:, k:k + 1]
+                sc = columns(scales_blk, i - blk_start, i - blk_start + 1)
             w = W1[:, i:i + 1]
-            q = grid.quantize(w, grid.ElemScale(sc, rc), fmt)
+            q = grid.round(w, sc)
             Q[:, j:j + 1] = q
             d = U1[i, i]
             err = (w - q) / d

@@ -8,11 +8,18 @@ blocks of `block`, and a tail that is shorter is cut into smaller powers of two.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from lpq.algorithms.step import Phase, Step, register
 from lpq.formats._build import load_kernel
+
+if TYPE_CHECKING:
+    from lpq.algorithms.context import BlockContext, RunContext
 
 
 def block_sizes(n: int, block: int) -> list[int]:
@@ -96,3 +103,36 @@ def rotate_weight(weight: Tensor, block: int) -> Tensor:
 def hadamard_matrix(n: int, block: int) -> Tensor:
     """The dense (n, n) block-diagonal matrix, for tests and for fusing into small weights."""
     return fwht(torch.eye(n), block)
+
+
+@dataclass
+class HadamardSettings:
+    block: int | None = None             # block size; default: the input format's block (weight's if weight-only)
+    linears: list[str] | None = None     # fnmatch patterns of the linears (relative to a block) to rotate; default all
+
+    def __post_init__(self) -> None:
+        if self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
+            raise ValueError(f"hadamard block must be a power of two, got {self.block}")
+
+
+@register
+class Hadamard(Step):
+    """Data-free, on every block: W <- W H offline and x -> x H online (the linear's InputTransform)."""
+
+    name = "hadamard"
+    Settings = HadamardSettings
+    phase = Phase.TRANSFORM
+    transform_part = "rotation"
+
+    def on_prepare_block(self, run: RunContext, block: BlockContext) -> None:
+        from lpq.formats import get_format
+        from lpq.quant.transforms import InputTransform
+
+        size = self.settings.block or get_format(run.input_format or run.weight_format).block
+        patterns = self.settings.linears
+        for name, lin in block.linears().items():
+            if patterns is not None and not any(fnmatch(name, p) for p in patterns):
+                continue
+            with torch.no_grad():
+                lin.weight.copy_(rotate_weight(lin.weight.float(), size).to(lin.weight.dtype))
+            lin.input_transform = InputTransform(size)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lpq.algorithms.step import Phase, Step, register
 from lpq.export.atomic import save_atomic
 
 
@@ -27,7 +28,16 @@ from lpq.export.atomic import save_atomic
 class NormDistillSettings:
     steps: int = 60
     lr: float = 1e-3          # Adam, cosine decay to 0 over `steps`
+    sequences: int = 64       # windows of calibration text to train on
+    seq_len: int = 512        # tokens per window
     batch_size: int = 2       # sequences per step; the data is cycled in order
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.sequences, self.seq_len, self.batch_size) < 1:
+            raise ValueError(f"norm_distill needs steps >= 1, sequences >= 1, seq_len >= 1 and batch_size >= 1; "
+                             f"got {self.steps}, {self.sequences}, {self.seq_len}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"norm_distill lr must be > 0, got {self.lr}")
 
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -97,8 +107,6 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
     backward pass instead of held. Returns the loss of the first and the last steps and the time taken."""
     from tqdm.auto import tqdm
 
-    if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
-        raise ValueError(f"norm distillation needs steps >= 1, batch_size >= 1 and lr > 0; got {settings}")
     params = norm_parameters(student)
     if not params:
         raise ValueError(f"{type(student).__name__} has no normalization layers to distill")
@@ -138,3 +146,29 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
                              "losses": losses, "seconds": spent + time.perf_counter() - t0}, resume_file)
     return {"steps": settings.steps, "first_loss": losses[0], "last_loss": losses[-1],
             "parameters": sum(p.numel() for p in params), "seconds": spent + time.perf_counter() - t0}
+
+
+@register
+class NormDistill(Step):
+    """After the last block: the norms of the quantized model trained to match the float model."""
+
+    name = "norm_distill"
+    Settings = NormDistillSettings
+    phase = Phase.REFINE
+
+    def check(self, run) -> None:
+        if not run.kind.next_token_logits:
+            raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
+                             f"{run.kind.name} model")
+        if run.offloaded:
+            raise ValueError("norm_distill trains through the whole model at once, which offloaded weights "
+                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
+
+    def on_model_end(self, run) -> dict:
+        s = self.settings
+        tokens = run.text_windows(s.sequences, s.seq_len)
+        teacher = run.load_float_model()
+        model = run.loaded.model
+        result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self.name),
+                               blocks=run.adapter.blocks(model))
+        return {"norm_distill": result}

@@ -1,4 +1,4 @@
-"""Whole-residual-stream orthogonal rotation (QuaRot-style) of a Llama-family causal LM, offline.
+"""Whole-residual-stream orthogonal rotation (QuaRot-style) of a causal LM, offline.
 
 With an orthogonal R (hidden x hidden), the residual stream h is replaced by h R everywhere:
 embeddings produce h R, every linear reading the stream reads it through R^T (W <- W R), every
@@ -8,17 +8,18 @@ unchanged in exact arithmetic while the inputs of q/k/v/gate/up and the lm_head 
 an outlier channel is spread over all channels, which is what 4-bit activations need.
 
 Tied input/output embeddings are untied (the embedding is rotated on its output side, the lm_head
-on its input side, after absorbing the final norm).
+on its input side, after absorbing the final norm). Which norms feed which linears and which linears
+write the stream is the family adapter's `residual` map (lpq/models/adapters.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-# Linears reading the residual stream after each norm, and linears writing it, per block.
-_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+from lpq.algorithms.step import Phase, Step, register
+from lpq.models.adapters import Adapter, get_adapter
 
 
 def random_orthogonal(n: int, seed: int) -> Tensor:
@@ -28,19 +29,22 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def _check_supported(model: nn.Module) -> None:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not hasattr(model.model, "embed_tokens") or not hasattr(model.model, "norm"):
-        raise ValueError(f"rotate_residual supports Llama-family causal LMs (model.layers, embed_tokens, norm); "
-                         f"got {type(model).__name__}")
-    names = {n for n, _ in layers[0].named_modules()}
-    missing = [n for n in (*_READERS, *(r for rs in _READERS.values() for r in rs), *_WRITERS) if n not in names]
+def _check_supported(model: nn.Module, adapter: Adapter) -> None:
+    if adapter.residual is None or adapter.final_norm is None:
+        raise ValueError(f"rotate_residual: the {adapter.family} family has no residual-stream map (e.g. fused MoE "
+                         f"experts read the stream through 3-D weights); add `residual` to its adapter")
+    names = {n for n, _ in model.named_modules()}
+    missing = [n for n in (adapter.residual.embedding, adapter.final_norm) if n not in names]
+    block_names = {n for n, _ in adapter.blocks(model)[0].named_modules()}
+    r = adapter.residual
+    missing += [n for n in (*(nm for nm, _ in r.readers), *(x for _, xs in r.readers for x in xs), *r.writers)
+                if n not in block_names]
     if missing:
-        raise ValueError(f"rotate_residual: {type(layers[0]).__name__} has no {', '.join(missing)} "
-                         "(fused MoE experts and other block layouts are not supported)")
+        raise ValueError(f"rotate_residual: {type(model).__name__} has no {', '.join(missing)} "
+                         f"(its blocks do not match the {adapter.family} adapter's residual map)")
 
 
-def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+def _fold_norm(norm: nn.Module, readers: list[nn.Module]) -> None:
     """Linears after an RMSNorm absorb its weight (W <- W diag(g)); the norm's weight becomes 1."""
     if getattr(norm, "bias", None) is not None:
         raise ValueError(f"{type(norm).__name__} has a bias; rotate_residual needs RMSNorm (no mean, no bias)")
@@ -50,37 +54,61 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
     norm.weight.fill_(1.0)
 
 
-def _rotate_input(lin: nn.Linear, R: Tensor) -> None:
+def _rotate_input(lin: nn.Module, R: Tensor) -> None:
     lin.weight.copy_((lin.weight.double() @ R).to(lin.weight.dtype))
 
 
-def _rotate_output(lin: nn.Linear, R: Tensor) -> None:
+def _rotate_output(lin: nn.Module, R: Tensor) -> None:
     lin.weight.copy_((R.T @ lin.weight.double()).to(lin.weight.dtype))
     if lin.bias is not None:
         lin.bias.copy_((lin.bias.double() @ R).to(lin.bias.dtype))
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, seed: int = 0) -> Tensor:
+def rotate_residual(model: nn.Module, seed: int = 0, adapter: Adapter | None = None) -> Tensor:
     """Rotate the residual stream of `model` in place (function preserved); returns R (float64)."""
-    _check_supported(model)
-    inner = model.model
-    hidden = inner.embed_tokens.weight.shape[1]
+    adapter = adapter or get_adapter(model)
+    _check_supported(model, adapter)
+    r = adapter.residual
+    embedding = model.get_submodule(r.embedding)
+    hidden = embedding.weight.shape[1]
     R = random_orthogonal(hidden, seed)
     head = model.get_output_embeddings()
-    if head.weight is inner.embed_tokens.weight:
+    if head.weight is embedding.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    emb = inner.embed_tokens.weight
+    emb = embedding.weight
     emb.copy_((emb.double() @ R).to(emb.dtype))
-    for block in inner.layers:
-        for norm_name, readers in _READERS.items():
-            lins = [block.get_submodule(r) for r in readers]
+    for block in adapter.blocks(model):
+        for norm_name, readers in r.readers:
+            lins = [block.get_submodule(x) for x in readers]
             _fold_norm(block.get_submodule(norm_name), lins)
             for lin in lins:
                 _rotate_input(lin, R)
-        for w in _WRITERS:
+        for w in r.writers:
             _rotate_output(block.get_submodule(w), R)
-    _fold_norm(inner.norm, [head])
+    _fold_norm(model.get_submodule(adapter.final_norm), [head])
     _rotate_input(head, R)
     return R
+
+
+@dataclass
+class RotateResidualSettings:
+    seed: int = 0                  # seed of the random orthogonal matrix
+
+
+@register
+class RotateResidual(Step):
+    name = "rotate_residual"
+    Settings = RotateResidualSettings
+    phase = Phase.MODEL
+
+    def check(self, run) -> None:
+        if run.offloaded:
+            raise ValueError("rotate_residual rewrites every weight of the model at once, which offloaded weights "
+                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
+        _check_supported(run.loaded.model, run.adapter)
+
+    def on_model_start(self, run) -> None:
+        # Data-free and seeded: a resumed run rebuilds the same rotated model, then loads its finished blocks.
+        rotate_residual(run.loaded.model, self.settings.seed, run.adapter)

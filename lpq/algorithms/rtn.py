@@ -1,9 +1,19 @@
-"""Round-to-nearest: the baseline every other step is measured against."""
+"""Round-to-nearest: the baseline every other weight quantizer is measured against.
+
+`rtn` rounds each weight by the format's own scale rule; `scale_search` is the same step with the
+block metadata searched to minimize the output error weighted by diag(H) of the layer's input.
+"""
 from __future__ import annotations
 
+from typing import ClassVar
+
+import torch
 from torch import Tensor
 
-from lpq.algorithms import grid
+from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
+from lpq.algorithms.gptq import layer_hessian
+from lpq.algorithms.step import Phase, Step, register
+from lpq.formats.grid import fake_quant
 
 
 def rtn_quantize(weight: Tensor, fmt: str, scale_search: bool = False, importance: Tensor | None = None) -> Tensor:
@@ -11,4 +21,27 @@ def rtn_quantize(weight: Tensor, fmt: str, scale_search: bool = False, importanc
 
     importance: per-input-column weights of the squared error for the search, e.g. diag(H).
     """
-    return grid.fake_quant(weight, fmt, search=scale_search, weight=importance)
+    return fake_quant(weight, fmt, search=scale_search, importance=importance)
+
+
+@register
+class RTN(Step):
+    name = "rtn"
+    phase = Phase.QUANTIZE
+    search: ClassVar[bool] = False
+
+    def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
+        weights = [lin.weight for lin in group.linears]
+        W = torch.cat([w.detach().float() for w in weights])
+        hessian = layer_hessian(block, group.names[0]) if self.search else None
+        # A group no calibration input reached (an unrouted expert) has nothing to weight a search by.
+        Q = rtn_quantize(W, run.weight_format, scale_search=hessian is not None,
+                         importance=hessian.diagonal() if hessian is not None else None)
+        for lin, q in zip(group.linears, Q.split([w.shape[0] for w in weights])):
+            lin.set_quantized_weight(q.to(lin.weight.dtype))
+
+
+@register
+class ScaleSearch(RTN):
+    name = "scale_search"
+    search = True

@@ -2,12 +2,20 @@
 
 For a group of linears sharing one input x, per input channel j: s_j = max|x_j|^alpha / max|W_.j|^(1-alpha);
 the layers then see x / s and weights W * s (the product is unchanged). The division is folded into
-whatever produces x: an RMSNorm/LayerNorm weight, or the output rows of a preceding linear.
+whatever produces x: an RMSNorm/LayerNorm weight, or the output rows of a preceding linear (the
+family's adapter names these producers); otherwise the linears divide their input by s online.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from lpq.algorithms.context import BlockContext, RunContext
+from lpq.algorithms.hadamard import rotate_weight
+from lpq.algorithms.step import Phase, Step, register
+from lpq.quant.transforms import InputTransform
 
 
 def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5, eps: float = 1e-5) -> Tensor:
@@ -43,3 +51,58 @@ def fold_into_linear_outputs(linear: nn.Linear, s: Tensor) -> None:
         linear.weight.div_(s.to(linear.weight.dtype).unsqueeze(1))
         if linear.bias is not None:
             linear.bias.div_(s.to(linear.bias.dtype))
+
+
+@dataclass
+class SmoothQuantSettings:
+    alpha: float = 0.5            # migration strength: 0 keeps the activations, 1 moves all range to weights
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@register
+class SmoothQuant(Step):
+    """Per group of linears sharing an input, at block start: scales from the calibration inputs'
+    per-channel max, folded into the producer where the adapter names one, else applied online."""
+
+    name = "smoothquant"
+    Settings = SmoothQuantSettings
+    phase = Phase.TRANSFORM
+    transform_part = "scale"
+
+    def on_block_start(self, run: RunContext, block: BlockContext) -> None:
+        groups = block.groups()
+        amax = block.input_absmax([g.names[0] for g in groups])
+        modules = dict(block.module.named_modules())
+        folds = {frozenset(consumers): producer for consumers, producer in run.adapter.folds}
+        for group in groups:
+            transforms = [lin.input_transform for lin in group.linears]
+            rots = {t.hadamard_block if t is not None else None for t in transforms}
+            if len(rots) > 1:
+                raise ValueError(f"linears {group.names} share one input but not one rotation: list all of them, "
+                                 "or none, in hadamard.linears")
+            if any(t is not None and t.input_scale is not None for t in transforms):
+                raise ValueError(f"linears {group.names} already divide their input by a scale")
+            rot = rots.pop()
+            # Rotated weights: smoothing acts on the unrotated input, so un-rotate the weight (H is its
+            # own inverse) to score it, then W H <- (W diag(s)) H.
+            ws = [lin.weight.float() for lin in group.linears]
+            if rot:
+                ws = [rotate_weight(w, rot) for w in ws]
+            s = smooth_scales(amax[group.names[0]], ws, self.settings.alpha)
+            if rot:
+                with torch.no_grad():
+                    for lin, w in zip(group.linears, ws):
+                        lin.weight.copy_(rotate_weight(w * s, rot).to(lin.weight.dtype))
+            else:
+                scale_linear_inputs(group.linears, s)
+            producer = folds.get(frozenset(group.names))
+            if producer is None or producer not in modules:
+                for lin in group.linears:
+                    lin.input_transform = InputTransform(rot, s)
+            elif hasattr(modules[producer], "in_features"):
+                fold_into_linear_outputs(modules[producer], s)   # output rows: commutes with an input rotation
+            else:
+                fold_into_norm(modules[producer], s)

@@ -1,4 +1,4 @@
-"""Block-sequential calibration: capture the first block's inputs with a hook, then walk the blocks.
+"""Block inputs for block-sequential calibration: capture the first block's inputs, then walk the blocks.
 
 No graph tracing: a forward pre-hook on block 0 records (hidden_states, other args, kwargs) for each
 calibration batch. For LLMs it then stops the forward (the rest of the model never runs); for Wan
@@ -112,14 +112,3 @@ def iterate(block: nn.Module, inputs: BlockInputs) -> Iterator[Tensor]:
 def advance(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """The next block's inputs: this block's outputs, with the same other arguments."""
     return BlockInputs([out for out in iterate(block, inputs)], inputs.args, inputs.kwargs)
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ordered transformer blocks of a causal LM (`model.layers`) or a Wan transformer (`blocks`)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner.layers
-    if isinstance(getattr(model, "blocks", None), nn.ModuleList):
-        return model.blocks
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: "
-                     "expected `model.layers` (causal LM) or `blocks` (Wan)")

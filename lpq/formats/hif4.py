@@ -36,14 +36,19 @@ decodes to +-7/4 * 4 * 49152 = +-344064; the other elements are +-0 nibbles. So
 decode(encode(x)) == fake_quant(x) bit for bit, signed zeros and specials included.
 
 Besides the fake_quant_ref / encode_ref / decode_ref contract of lpq.formats, the module exposes
-the block metadata for scale-search algorithms: choose_meta_ref (the standard choice above),
-fake_quant_with_meta_ref (quantize the elements under given metadata) and scale_value (E6M2 code
-to float32).
+the block metadata for algorithms: choose_meta_ref (the standard choice above),
+fake_quant_with_meta_ref (quantize the elements under given metadata), scale_value (E6M2 code to
+float32), scale_code (float32 to E6M2 code) and GRID, the format's `lpq.formats.grid.BlockGrid`
+(default metadata, metadata search, rounding onto fixed per-element scales for GPTQ).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from lpq.formats.grid import Meta, SearchSpace
 
 BLOCK = 64
 C_INV7 = 0.142578125          # bf16(1/7): the toolkit's constant, not 1/7
@@ -82,7 +87,7 @@ def scale_value(code: Tensor) -> Tensor:
     return torch.where(c == NAN_CODE, torch.full_like(s, float("nan")), s)
 
 
-def _scale_code(s0: Tensor) -> Tensor:
+def scale_code(s0: Tensor) -> Tensor:
     """E6M2 code of S0 in [2^-48, 49152] (NaN -> 0xFF): 2 mantissa bits, RNE, with carry."""
     finite = ~torch.isnan(s0)
     s0 = torch.where(finite, s0, torch.ones_like(s0))
@@ -113,7 +118,7 @@ def choose_meta_ref(x2d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B = a.reshape(rows, nblk, 8, 8).amax(-1)
     C = a.reshape(rows, nblk, 16, 4).amax(-1)
     s0 = _bf16(A * C_INV7).clamp(S_MIN, S_MAX)
-    code = _scale_code(s0)
+    code = scale_code(s0)
     R = _reciprocal(scale_value(code)).unsqueeze(-1)
     e1_8 = (B * R) >= 4                         # NaN compares false: a NaN block gets zero bits
     e1_16 = (C * R) / _pow2(e1_8.repeat_interleave(2, dim=-1).to(torch.int32)) >= 2
@@ -135,19 +140,27 @@ def _check_meta(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) ->
             raise ValueError(f"{name} must hold bits (0 or 1)")
 
 
-def _elements(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(k as float32 in 0..7 or NaN, d int32, S per element) for each element of x2d."""
-    rows, Lp = x2d.shape
+def _element_scales(scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per element (rows, Lp): (2^d float32, S float32, R = bf16(1/S) float32) of block metadata."""
+    rows = scale_code.shape[0]
     d = (e1_8.to(torch.int32).repeat_interleave(8, dim=-1)
-         + e1_16.to(torch.int32).repeat_interleave(4, dim=-1)).reshape(rows, Lp)
+         + e1_16.to(torch.int32).repeat_interleave(4, dim=-1)).reshape(rows, -1)
     S = scale_value(scale_code).repeat_interleave(BLOCK, dim=-1)
-    R = _reciprocal(S)
-    t = ((x2d.abs() / _pow2(d)) * R) * 4
+    return _pow2(d), S, _reciprocal(S)
+
+
+def _k(x: Tensor, p: Tensor, R: Tensor) -> Tensor:
+    """Element magnitudes k in 0..7 (float32; NaN for NaN x or S) of x under per-element 2^d and R."""
+    t = ((x.abs() / p) * R) * 4
     # floor(t + 0.5) exactly: t - floor(t) is exact in float32, unlike t + 0.5. NaN stays NaN;
     # Inf gives Inf (Inf - Inf is NaN, which compares false), and the clamp saturates it to 7.
     fl = torch.floor(t)
-    k = (fl + (t - fl >= 0.5)).clamp(max=7)
-    return k, d, S
+    return (fl + (t - fl >= 0.5)).clamp(max=7)
+
+
+def _round(x: Tensor, p: Tensor, S: Tensor, R: Tensor) -> Tensor:
+    """x rounded onto fixed per-element scales (any shape, all four the same shape)."""
+    return torch.copysign(_k(x, p, R) * 0.25 * p * S, x)
 
 
 def fake_quant_with_meta_ref(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_16: Tensor) -> Tensor:
@@ -160,8 +173,7 @@ def fake_quant_with_meta_ref(x2d: Tensor, scale_code: Tensor, e1_8: Tensor, e1_1
     """
     _check_x(x2d)
     _check_meta(x2d, scale_code, e1_8, e1_16)
-    k, d, S = _elements(x2d, scale_code, e1_8, e1_16)
-    return torch.copysign(k * 0.25 * _pow2(d) * S, x2d)
+    return _round(x2d, *_element_scales(scale_code, e1_8, e1_16))
 
 
 def fake_quant_ref(x2d: Tensor, fmt: str) -> Tensor:
@@ -188,7 +200,8 @@ def encode_ref(x2d: Tensor, fmt: str) -> tuple[Tensor, Tensor, None]:
     _check_x(x2d)
     rows, Lp = x2d.shape
     code, e1_8, e1_16 = choose_meta_ref(x2d)
-    k, _, _ = _elements(x2d, code, e1_8, e1_16)
+    p, _, R = _element_scales(code, e1_8, e1_16)
+    k = _k(x2d, p, R)
     nan_blk = (code == NAN_CODE).repeat_interleave(BLOCK, dim=-1)
     nib = (torch.signbit(x2d).to(torch.int32) << 3) | torch.nan_to_num(k).to(torch.int32)
     nib = torch.where(nan_blk, torch.zeros_like(nib), nib)          # canonical NaN block: nibbles 0
@@ -221,3 +234,95 @@ def decode_ref(codes: Tensor, scales: Tensor | None, tensor_scale: Tensor | None
          + _unpack_bits(scales[..., 2:4]).repeat_interleave(4, dim=-1)).reshape(rows, Lp)
     S = scale_value(scales[..., 0]).repeat_interleave(BLOCK, dim=-1)
     return torch.copysign(k * 0.25 * _pow2(d) * S, sign)
+
+
+# ---------------------------------------------------------------------------------------------
+# the block grid (lpq.formats.grid.BlockGrid) for PTQ algorithms
+
+
+@dataclass(frozen=True)
+class Hif4Search:
+    """Candidates of HiF4 metadata search: the E6M2 codes `scale_steps` grid points away from the
+    default scale (clamped to the finite codes), each with the micro-exponents that minimize the
+    error for it (`free_micro`) or with the default rule's micro-exponents."""
+
+    scale_steps: tuple[int, ...] = (-2, -1, 0, 1)
+    free_micro: bool = True
+
+
+def _step_code(code: Tensor, step: int) -> Tensor:
+    """E6M2 codes `step` grid points away (codes are monotone in value); NaN blocks stay NaN."""
+    if step == 0:
+        return code
+    stepped = (code.to(torch.int32) + step).clamp(0, NAN_CODE - 1).to(torch.uint8)
+    return torch.where(code == NAN_CODE, code, stepped)
+
+
+def _best_micro(xb: Tensor, code: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For fixed scales (rows, nb), the micro-exponents minimizing the w-weighted squared error.
+
+    The choice separates: per 4-group the E1_16 bit given its E1_8 bit, per 8-group the E1_8 bit.
+    Returns (e1_8 (rows, nb, 8), e1_16 (rows, nb, 16), error per block (rows, nb))."""
+    rows, nb, _ = xb.shape
+    S = scale_value(code).unsqueeze(-1).expand(rows, nb, BLOCK)
+    R = _reciprocal(S)
+    errs = []
+    for d in range(3):
+        q = _round(xb, torch.full_like(xb, float(2 ** d)), S, R)
+        errs.append(((q - xb) ** 2 * w).view(rows, nb, 16, 4).sum(-1))
+    e4 = torch.stack(errs)                                                  # (3, rows, nb, 16)
+    best0, arg0 = torch.minimum(e4[0], e4[1]), e4[1] < e4[0]                # E1_8 = 0: d in {0, 1}
+    best1, arg1 = torch.minimum(e4[1], e4[2]), e4[2] < e4[1]                # E1_8 = 1: d in {1, 2}
+    g0 = best0.view(rows, nb, 8, 2).sum(-1)
+    g1 = best1.view(rows, nb, 8, 2).sum(-1)
+    e1_8 = g1 < g0
+    e1_16 = torch.where(e1_8.repeat_interleave(2, -1), arg1, arg0)
+    return e1_8.to(torch.uint8), e1_16.to(torch.uint8), torch.minimum(g0, g1).sum(-1)
+
+
+class Hif4Grid:
+    fmt = "hif4"
+    block = BLOCK
+    default_space = Hif4Search()
+    only_default = Hif4Search((0,), free_micro=False)
+
+    def default_meta(self, x2d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return choose_meta_ref(x2d)
+
+    def element_scales(self, meta: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return _element_scales(*meta)
+
+    def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
+        return _round(x, *scales)
+
+    def search_meta(self, x2d: Tensor, importance: Tensor | None = None,
+                    space: Hif4Search | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        space = space or self.default_space
+        _check_x(x2d)
+        rows, L = x2d.shape
+        xb = x2d.view(rows, L // BLOCK, BLOCK)
+        w = (torch.ones(L) if importance is None else importance.float()).view(1, L // BLOCK, BLOCK)
+        code0, e8_0, e16_0 = choose_meta_ref(x2d)
+        best: list[Tensor] | None = None
+        for step in space.scale_steps:
+            code = _step_code(code0, step)
+            if space.free_micro:
+                e8, e16, err = _best_micro(xb, code, w)
+            else:
+                e8, e16 = e8_0, e16_0
+                q = _round(x2d, *_element_scales(code, e8, e16))
+                err = ((q - x2d) ** 2 * w.view(1, L)).view(rows, L // BLOCK, BLOCK).sum(-1)
+            if best is None:
+                best = [err, code, e8, e16]
+                continue
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, code, best[1]),
+                    torch.where(better.unsqueeze(-1), e8, best[2]), torch.where(better.unsqueeze(-1), e16, best[3])]
+        return best[1], best[2], best[3]
+
+
+GRID = Hif4Grid()
+
+
+def grid(fmt: str) -> Hif4Grid | None:
+    return GRID if fmt == "hif4" else None

@@ -62,10 +62,14 @@ Packed layout (docs/design.md, bit-order version 1):
   decode(encode(x)) == fake_quant(x) bit for bit, signed zeros included; NaNs are the canonical
   quiet NaN.
 
-Public helpers for scale search: shared_exponent_ref (the exponents a format picks, 128 marking a
-NaN block, i.e. E8M0 0xFF) and fake_quant_with_exponent_ref (OCP elements for given exponents).
+Public helpers for algorithms: shared_exponent_ref (the exponents a format picks, 128 marking a
+NaN block, i.e. E8M0 0xFF), fake_quant_with_exponent_ref (OCP elements for given exponents) and
+grid(fmt), the `lpq.formats.grid.BlockGrid` of mxfp4 and mxfp4-rceil (default exponents, exponent
+search, rounding onto fixed per-element exponents for GPTQ).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -366,3 +370,68 @@ def decode_ref(codes: Tensor, scales: Tensor | None, tensor_scale: Tensor | None
         y = torch.where(neg, -mag, mag).double() * _pow2(byte - 127, torch.float64)
         y = torch.where(byte == E8M0_NAN, float("nan"), y).float()
     return y.reshape(rows, Lp)
+
+
+# ---------------------------------------------------------------------------------------------
+# the block grid (lpq.formats.grid.BlockGrid) for PTQ algorithms
+
+
+@dataclass(frozen=True)
+class MxSearch:
+    """Candidates of shared-exponent search: `steps` added to the OCP floor exponent (`from_floor`)
+    or to the format's own exponent (clamped to [-127, 127]; NaN blocks stay NaN). floor and
+    floor + 1 are the two exponents an MX scale rule can pick (floor, RCEIL, EVEN, CEIL)."""
+
+    steps: tuple[int, ...] = (0, 1)
+    from_floor: bool = True
+
+
+class MxGrid:
+    """OCP elements (E2M1, RNE, saturating at 6) under a shared exponent per 32-block."""
+
+    block = 32
+    default_space = MxSearch()
+    only_default = MxSearch((0,), from_floor=False)
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+
+    def default_meta(self, x2d: Tensor) -> Tensor:
+        return shared_exponent_ref(x2d, self.fmt)
+
+    def element_scales(self, exponents: Tensor) -> tuple[Tensor, Tensor]:
+        """(2^X, 2^-X) per element in float64 (exact for every exponent); 2^X is NaN for a NaN block."""
+        se = exponents.to(torch.int64).repeat_interleave(self.block, dim=-1)
+        scale = torch.where(se == NAN_EXP, float("nan"), _pow2(se, torch.float64))
+        return scale, _pow2(-se, torch.float64)
+
+    def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
+        scale, inv = scales
+        mag = _e2m1_rne(x.abs().double() * inv)      # exact in float64
+        return torch.copysign(mag * scale, x.double()).float()
+
+    def search_meta(self, x2d: Tensor, importance: Tensor | None = None, space: MxSearch | None = None) -> Tensor:
+        space = space or self.default_space
+        _check(x2d, self.fmt)
+        rows, L = x2d.shape
+        w = (torch.ones(L) if importance is None else importance.float()).view(1, L)
+        base = _ocp_exponent(_block_amax_bits(x2d, self.block)) if space.from_floor else self.default_meta(x2d)
+        best_err: Tensor | None = None
+        best = base
+        for step in space.steps:
+            e = torch.where(base == NAN_EXP, base, (base + step).clamp(-127, 127))
+            q = self.round(x2d, self.element_scales(e))
+            err = ((q - x2d) ** 2 * w).view(rows, L // self.block, self.block).sum(-1)
+            if best_err is None:
+                best_err, best = err, e
+                continue
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, e, best)
+        return best
+
+
+_GRIDS = {f: MxGrid(f) for f in ("mxfp4", "mxfp4-rceil")}
+
+
+def grid(fmt: str) -> MxGrid | None:
+    return _GRIDS.get(fmt)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -101,6 +102,38 @@ def quantize_model(model: object, recipe: QuantRecipe) -> object:
         if any(isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED for m in net.modules()):
             net.register_forward_pre_hook(lambda mod, args: update_delayed_scales(mod))
     return model
+
+
+def protect_blocks(model: object, blocks: list[int]) -> None:
+    """Keep blocks of a quantized model in high precision (indices per network, as in
+    `QuantRecipe.protected_blocks`): their linears keep their parameters and input transforms but
+    lose their quantizers, fused experts and attention run unquantized, and the blocks join the
+    recipe's protected_blocks. The same model as quantize_model with those blocks protected."""
+    for _, net in _networks(model):
+        recipe: QuantRecipe = net.lpq_recipe
+        all_blocks = get_adapter(net, recipe.adapter).blocks(net)
+        bad = [b for b in blocks if not 0 <= b < len(all_blocks)]
+        if bad:
+            raise ValueError(f"protected blocks {bad} out of range: {type(net).__name__} has {len(all_blocks)} blocks")
+        for i in blocks:
+            block = all_blocks[i]
+            for name, m in list(block.named_modules()):
+                if isinstance(m, QuantLinear) and not m.is_plain():
+                    plain = QuantLinear(m.weight, m.bias, weight_spec=None, input_spec=None).train(m.training)
+                    plain.input_transform = m.input_transform
+                    _replace(block, name, plain)
+                elif isinstance(m, QuantExperts):
+                    _replace(block, name, m._float_experts[0])
+                elif isinstance(getattr(m, "lpq_attention", None), AttentionQuantizers):
+                    del m.lpq_attention
+        net.lpq_recipe = dataclasses.replace(recipe, protected_blocks=sorted(set(recipe.protected_blocks) | set(blocks)))
+
+
+def set_quant_enabled_in(root: nn.Module, enabled: bool) -> None:
+    """Quantization on/off for every quantized module under `root` (e.g. one transformer block)."""
+    for m in root.modules():
+        if isinstance(m, QUANT_MODULES):
+            m.quant_enabled = enabled
 
 
 def set_input_transform(net: nn.Module, name: str,

@@ -84,6 +84,14 @@ class QuantExperts(nn.Module):
         self.weight_prequantized[name] = True
         self._caches[name].invalidate()
 
+    def structure(self) -> dict:
+        """What the state dict does not say (see QuantLinear.structure)."""
+        return {"weight_prequantized": dict(self.weight_prequantized)}
+
+    def restore_structure(self, structure: dict) -> None:
+        self.weight_prequantized = {n: bool(structure["weight_prequantized"][n]) for n in self._caches}
+        self.refresh()
+
     def refresh(self) -> None:
         for c in self._caches.values():
             c.invalidate()

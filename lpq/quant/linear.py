@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import QuantizerSpec
+from lpq.quant.transforms import InputTransform
 
 
 class QuantizeGrad(torch.autograd.Function):
@@ -99,6 +100,10 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_enabled={self.quant_enabled}, weight_prequantized={self.weight_prequantized}")
 
+    def is_plain(self) -> bool:
+        """No quantizer at all: the module only carries an input transform (protected/excluded linears)."""
+        return self.weight_quantizer is None and self.input_quantizer is None and self.grad_quantizer is None
+
     def quantized_weight(self) -> Tensor:
         """The weight used in forward: cached in eval mode, recomputed (with STE) in training mode."""
         if self.weight_quantizer is None:
@@ -131,13 +136,33 @@ class QuantLinear(nn.Module):
         self.weight_prequantized = True
         self._cache.invalidate()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def structure(self) -> dict:
+        """What the state dict does not say: the input transform's shape and whether the weight is
+        already on the grid. `restore_structure` of it, then `load_state_dict`, rebuilds the module."""
+        t = self.input_transform
+        if t is not None and not isinstance(t, InputTransform):
+            raise TypeError(f"input_transform is a {type(t).__name__}; only lpq.quant.InputTransform is serializable")
+        return {"input_transform": None if t is None else t.structure(), "weight_prequantized": self.weight_prequantized}
+
+    def restore_structure(self, structure: dict) -> None:
+        t = structure["input_transform"]
+        self.input_transform = None if t is None else InputTransform.from_structure(t).to(self.weight.device)
+        self.weight_prequantized = bool(structure["weight_prequantized"])
+        self._cache.invalidate()
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """The input as the matmul sees it: through the input transform, then quantized when
+        quantization is on (what calibration statistics such as GPTQ's Hessian must see)."""
         if self.input_transform is not None:
             x = self.input_transform(x)
+        if self.quant_enabled and self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prepare_input(x)
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
         y = F.linear(x, self.quantized_weight(), self.bias)
         if self.training and self.grad_quantizer is not None and y.requires_grad:
             y = QuantizeGrad.apply(y, self.grad_quantizer)

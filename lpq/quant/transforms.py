@@ -6,6 +6,7 @@ that online part, kept as data (block size + scale buffer) so exports and state 
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lpq.algorithms.hadamard import block_sizes, fwht
@@ -32,6 +33,17 @@ class InputTransform(nn.Module):
     def extra_repr(self) -> str:
         scale = None if self.input_scale is None else tuple(self.input_scale.shape)
         return f"hadamard_block={self.hadamard_block}, input_scale={scale}"
+
+    def structure(self) -> dict:
+        """Constructor arguments as data (the scale's values are in the state dict)."""
+        scale = None if self.input_scale is None else list(self.input_scale.shape)
+        return {"hadamard_block": self.hadamard_block, "input_scale": scale}
+
+    @classmethod
+    def from_structure(cls, structure: dict) -> InputTransform:
+        """An InputTransform of that shape; its scale is zeros until a state dict is loaded into it."""
+        shape = structure["input_scale"]
+        return cls(structure["hadamard_block"], None if shape is None else torch.zeros(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lpq.algorithms import grid
+from lpq.formats import grid
 from lpq.algorithms.gptq import GPTQSettings, Hessian, gptq_quantize
 
 

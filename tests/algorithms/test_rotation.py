@@ -36,7 +36,12 @@ def test_rotated_model_has_the_same_logits(name, tied):
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(ValueError, match="Llama-family"):
+    """The adapter says what a residual rotation touches; families without that map are refused."""
+    with pytest.raises(ValueError, match="the wan family has no residual-stream map"):
         rotate_residual(tiny_wan_transformer())
-    with pytest.raises(ValueError, match="fused MoE experts"):
+    with pytest.raises(ValueError, match="qwen3_moe family has no residual-stream map.*fused MoE experts"):
         rotate_residual(tiny_causal_lm("tiny-qwen3-moe"))
+    broken = tiny_causal_lm("tiny-llama")
+    del broken.model.layers[0].post_attention_layernorm
+    with pytest.raises(ValueError, match="has no post_attention_layernorm"):
+        rotate_residual(broken)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lpq.algorithms import grid
+from lpq.formats import grid
 from lpq.export.ongrid import encode_on_grid
 from lpq.formats import decode, encode
 from tests.export.helpers import same_bits

@@ -99,7 +99,7 @@ def test_scaled_weights_and_delayed_input_state(tmp_path):
 
 def test_on_grid_weights_with_searched_scales_are_packed(tmp_path):
     """GPTQ-style HiF4 weights (scale search, not what re-encoding picks) still get exact codes."""
-    from lpq.algorithms import grid
+    from lpq.formats import grid
 
     model, r = quantized_lm("tiny-llama", {"format": "hif4"})
     for m in model.modules():

@@ -66,29 +66,27 @@ def test_causal_lms_go_through_the_pipeline(tmp_path, model, protect):
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["id"] == model
 
 
-def test_runtime_modules_and_export_reproduce_the_simulation(tmp_path, monkeypatch):
-    """The pipeline's simulated model, its runtime QuantLinear form and the reloaded packed export
-    give the same logits, bit for bit."""
+def test_the_quantized_model_and_its_export_compute_the_same(tmp_path, monkeypatch):
+    """The pipeline calibrates the runtime modules themselves (QuantLinear, InputTransform,
+    set_quantized_weight): the model it ends with and the reloaded packed export give the same
+    logits, bit for bit."""
     from lpq.export import load_quantized
     from lpq.quant import QuantLinear
 
     ids = torch.randint(4, 900, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = {}
-    real = ptq.to_runtime
+    real = ptq.export
 
-    def spy(loaded, *args):
+    def spy(ctx, out_dir):
         with torch.no_grad():
-            logits["simulated"] = loaded.model(ids).logits
-            recipe = real(loaded, *args)
-            logits["runtime"] = loaded.model(ids).logits
-        return recipe
+            logits["runtime"] = ctx.loaded.model(ids).logits
+        return real(ctx, out_dir)
 
-    monkeypatch.setattr(ptq, "to_runtime", spy)
+    monkeypatch.setattr(ptq, "export", spy)
     report = _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual"}] + FULL, evaluation=None))
     reloaded = load_quantized(report["export"]["path"])
     with torch.no_grad():
         logits["reloaded"] = reloaded(ids).logits
-    assert torch.equal(logits["simulated"], logits["runtime"])
     assert torch.equal(logits["reloaded"], logits["runtime"])
     q_proj = reloaded.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, QuantLinear) and q_proj.weight_prequantized
@@ -116,24 +114,29 @@ def test_hadamard_on_chosen_linears_only(tmp_path):
 
 def test_hessians_are_taken_after_the_earlier_linears_of_the_block_are_quantized(tmp_path, monkeypatch):
     """Sequential within a block: o_proj's Hessian sees the output of the quantized q/k/v, and so on."""
-    from lpq.pipelines import ptq_blocks
+    from lpq.algorithms import gptq
+    from lpq.algorithms.context import BlockContext
 
     events = []
-    real_h, real_q = ptq_blocks.capture_hessian, ptq_blocks.quantize_group
+    real_inputs, real_q = BlockContext.linear_inputs, gptq.GPTQ.quantize_group
 
-    def capture(block, lin, inputs):
-        events.append(("H", next(n for n, m in block.named_modules() if m is lin)))
-        return real_h(block, lin, inputs)
+    def inputs(self, name):
+        events.append(("H", name, all(lin.weight_prequantized for g in done for lin in g.linears)))
+        return real_inputs(self, name)
 
-    def quantize(lins, group, *args):
-        events.append(("Q", group[0]))
-        return real_q(lins, group, *args)
+    done = []
 
-    monkeypatch.setattr(ptq_blocks, "capture_hessian", capture)
-    monkeypatch.setattr(ptq_blocks, "quantize_group", quantize)
+    def quantize(self, run, block, group):
+        real_q(self, run, block, group)
+        events.append(("Q", group.names[0], None))
+        done.append(group)
+
+    monkeypatch.setattr(BlockContext, "linear_inputs", inputs)
+    monkeypatch.setattr(gptq.GPTQ, "quantize_group", quantize)
     _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "gptq"}], evaluation=None, export=None))
     leaders = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]   # block 1 is protected
-    assert events == [(kind, n) for n in leaders for kind in ("H", "Q")]
+    assert [(k, n) for k, n, _ in events] == [(kind, n) for n in leaders for kind in ("H", "Q")]
+    assert all(ok for k, _, ok in events if k == "H")
 
 
 def test_quantization_changes_the_model_and_protection_keeps_blocks(tmp_path):
@@ -217,15 +220,11 @@ def test_disk_offloaded_blocks_give_the_same_model_one_block_at_a_time(tmp_path,
 
     real, held = ptq.process_block, []
 
-    def spy(block, index, *args, **kwargs):
-        layers = block_list[0]
+    def spy(run, block, steps):
+        layers = run.stages[0].blocks
         held.append([i for i, b in enumerate(layers) if b.self_attn.q_proj.weight.device.type != "meta"])
-        return real(block, index, *args, **kwargs)
+        return real(run, block, steps)
 
-    block_list = []
-    real_stages = ptq.stages_of
-    monkeypatch.setattr(ptq, "stages_of", lambda loaded: block_list.append(loaded.model.model.layers)
-                        or real_stages(loaded))
     monkeypatch.setattr(ptq, "process_block", spy)
     r_off = _run(tmp_path, offloaded, "offloaded")
     monkeypatch.undo()
@@ -303,16 +302,21 @@ def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
     p.write_text(yaml.safe_dump(d))
     with pytest.raises(ConfigError, match="exactly one weight quantizer"):
         load_config(p, PTQConfig)
-    for steps in ([{"name": "norm_distill"}, {"name": "gptq"}], [{"name": "gptq"}, {"name": "hadamard"}]):
+    for steps, rule in (([{"name": "norm_distill"}, {"name": "gptq"}], "norm_distill must come after the weight "
+                                                                        "quantizer gptq"),
+                        ([{"name": "gptq"}, {"name": "hadamard"}], "hadamard must come before the weight quantizer "
+                                                                   "gptq"),
+                        ([{"name": "hadamard"}, {"name": "smoothquant"}, {"name": "rtn"}],
+                         "list smoothquant before hadamard")):
         p.write_text(yaml.safe_dump(_recipe(tmp_path, "tiny-llama", steps)))
-        with pytest.raises(ConfigError, match="norm_distill must come after the weight quantizer gptq"):
+        with pytest.raises(ConfigError, match=rule):
             load_config(p, PTQConfig)
     p.write_text(yaml.safe_dump(_recipe(tmp_path, "tiny-llama", [{"name": "gptq"}, {"name": "norm_distill", "lr": 0}])))
     with pytest.raises(ConfigError, match="lr must be > 0"):
         load_config(p, PTQConfig)
     d = _recipe(tmp_path, "tiny-llama", [{"name": "hadamard"}, {"name": "rotate_residual"}, {"name": "gptq"}])
     p.write_text(yaml.safe_dump(d))
-    with pytest.raises(ConfigError, match="list it first"):
+    with pytest.raises(ConfigError, match="rotate_residual must come first"):
         load_config(p, PTQConfig)
 
 
