@@ -1,8 +1,8 @@
 """Peak memory and time of one quantized attention forward + backward, tiled vs materialized.
 
-HiF8 Q/K/V/P with delayed scaling, training mode, float32, head dim 128, batch 1, 1 head (on a
-CPU; Wan2.1-1.3B has 12 heads: the tiled path's extra memory is per head, so multiply by 12 for a
-whole layer). Wan2.1-1.3B at 81 frames x 480 x 832 attends over 21 x 30 x 52 = 32,760 tokens.
+HiF8 Q/K/V/P with delayed scaling, training mode, float32, head dim 128, batch 1, 1 head by default
+(on a CPU; Wan2.1-1.3B has 12: `--heads 12`; the tiled path's extra memory is per head). Wan2.1-1.3B
+at 81 frames x 480 x 832 attends over 21 x 30 x 52 = 32,760 tokens.
 
 Each configuration runs in its own subprocess, so its peak RSS (ru_maxrss) is its own; "extra" is
 that peak minus the RSS just before the attention call (inputs, imports and the warm-up already
@@ -33,7 +33,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _one(impl: str, tokens: int, threads: int, block_q: int, block_k: int, device: str) -> dict:
+def _one(impl: str, tokens: int, threads: int, block_q: int, block_k: int, device: str, heads: int) -> dict:
     import torch
 
     from lpq.quant import AttentionRecipe, QuantizerSpec
@@ -47,7 +47,7 @@ def _one(impl: str, tokens: int, threads: int, block_q: int, block_k: int, devic
     aq.impl, aq.block_q, aq.block_k = impl, block_q, block_k
     aq.to(device).train()
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, 1, tokens, 128, generator=g, device=device).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, heads, tokens, 128, generator=g, device=device).requires_grad_() for _ in range(3))
     warm = min(tokens, 1024)
     quantized_attention(aq, q[..., :warm, :], k[..., :warm, :], v[..., :warm, :], None, 128 ** -0.5,
                         False).sum().backward()
@@ -74,7 +74,8 @@ def _one(impl: str, tokens: int, threads: int, block_q: int, block_k: int, devic
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         extra = peak - before
     return {"impl": impl, "tokens": tokens, "forward_s": t1 - t0, "fwd_bwd_s": t2 - t0,
-            "peak_mb": peak, "extra_mb": extra, "block_q": block_q, "block_k": block_k, "device": device}
+            "peak_mb": peak, "extra_mb": extra, "block_q": block_q, "block_k": block_k, "device": device,
+            "heads": heads}
 
 
 def main() -> None:
@@ -86,17 +87,19 @@ def main() -> None:
     ap.add_argument("--block-q", type=int, default=512)
     ap.add_argument("--block-k", type=int, default=1024)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (peak from torch.cuda's allocator there)")
+    ap.add_argument("--heads", type=int, default=1, help="attention heads in the call (Wan2.1-1.3B: 12)")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(_one(args.one[0], int(args.one[1]), args.threads, args.block_q, args.block_k,
-                              args.device)))
+                              args.device, args.heads)))
         return
     runs = [("materialized", n) for n in args.materialized] + [("tiled", n) for n in args.tiled]
     rows = []
     for impl, n in runs:
         cmd = [sys.executable, __file__, "--one", impl, str(n), "--threads", str(args.threads),
-               "--block-q", str(args.block_q), "--block-k", str(args.block_k), "--device", args.device]
+               "--block-q", str(args.block_q), "--block-k", str(args.block_k), "--device", args.device,
+               "--heads", str(args.heads)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
@@ -115,7 +118,7 @@ def main() -> None:
             t, m = by[("tiled", n)], by[("materialized", n)]
             print(f"  {n:>6} tokens: time {t['fwd_bwd_s'] / m['fwd_bwd_s']:.2f}x, "
                   f"extra memory {t['extra_mb']:.0f} MB vs {m['extra_mb']:.0f} MB")
-    print(f"\ntile {args.block_q} x {args.block_k}, 1 head, head dim 128, float32, {args.threads} thread(s), "
+    print(f"\ntile {args.block_q} x {args.block_k}, {args.heads} head(s), head dim 128, float32, {args.threads} thread(s), "
           f"device {args.device}")
 
 
