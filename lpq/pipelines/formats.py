@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 
 import typer
@@ -66,70 +68,171 @@ def show(fmt: str = typer.Argument(..., help="format name, e.g. hif8")) -> None:
         typer.echo("block scale: E8M0 2^(b-127), b = 0..254 (0xFF = NaN), one per 32 elements")
 
 
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(2)
+
+
 def _spec_or_exit(fmt: str, get_format):
     try:
         return get_format(fmt)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="fmt") from None
+        raise _fail(str(e)) from None
 
 
 def _load_tensors(path: Path) -> dict:
+    """name -> tensor of a .npy file (one tensor, named after the file) or a .safetensors file."""
     import numpy as np
     import torch
 
-    if not path.is_file():
-        raise typer.BadParameter(f"{path} does not exist", param_hint="FILE")
+    if not path.exists():
+        raise _fail(f"{path} does not exist")
+    if path.is_dir():
+        raise _fail(f"{path} is a folder; give a .npy or .safetensors file")
     if path.suffix == ".npy":
-        arr = np.load(path)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise _fail(f"{path}: not a readable .npy file ({str(e).strip() or type(e).__name__})") from None
+        if not isinstance(arr, np.ndarray):
+            raise _fail(f"{path}: not a single .npy array (an .npz archive?); save one array with np.save")
         if not np.issubdtype(arr.dtype, np.floating):
-            raise typer.BadParameter(f"{path} holds {arr.dtype}, expected a floating-point array")
-        return {path.stem: torch.from_numpy(arr)}
+            raise _fail(f"{path} holds {arr.dtype}, expected a floating-point array")
+        if arr.dtype.itemsize not in (2, 4, 8):
+            raise _fail(f"{path} holds {arr.dtype}; use float16, float32 or float64")
+        # torch reads native byte order only; a big-endian file is converted, same values.
+        return {path.stem: torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))}
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    raise typer.BadParameter(f"{path}: expected a .npy or .safetensors file", param_hint="FILE")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _fail(f"{path}: not a readable .safetensors file ({str(e).strip() or type(e).__name__})") from None
+        if not tensors:
+            raise _fail(f"{path} holds no tensors")
+        return tensors
+    raise _fail(f"{path}: expected a .npy or .safetensors file")
 
 
-def error_stats(x, q, fmt: str, axis: int) -> dict:
-    """MSE, max abs error, SQNR (dB) and % saturated / overflowed / flushed of q = fake_quant(x)."""
+def _top_codes(packed):
+    """Per element of `packed` (in its (rows, Lp) layout): whether its code is the largest magnitude
+    its block can hold. HiF8: code 0x6E (32768, the largest finite value); 4-bit formats: element
+    magnitude 7 (E2M1 6.0, HiF4 k = 7 at the element's micro-exponents)."""
+    import torch
+
+    codes = packed.codes
+    if packed.fmt == "hif8":
+        return (codes & 0x7F) == 0x6E
+    nib = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+    return (nib & 0x7) == 0x7
+
+
+def _saturated(x, q, packed):
+    """Finite elements clipped at the top of their block's range: top code, |x| beyond |q|."""
+    import torch
+
+    top = _top_codes(packed)
+    if x.dim() == 0:
+        top = top[0, 0]
+    else:
+        moved = list(x.shape)
+        moved.append(moved.pop(packed.axis))
+        top = top[:, : moved[-1]].reshape(moved).movedim(-1, packed.axis)
+    return top & (x.abs() > q.abs()) & torch.isfinite(x) & torch.isfinite(q)
+
+
+def error_stats(x, q, fmt: str, axis: int, backend: str | None = None) -> dict:
+    """Statistics of q = fake_quant(x, fmt, axis).
+
+    Errors (mse, max_abs_err, sqnr_db) cover the elements with a finite input. When some of them
+    come out non-finite they are not finite either (inf, or nan with NaN outputs), and the counts say
+    why: `overflow` (finite -> +-Inf), `nan_block` (finite -> NaN because its block holds a NaN).
+    `saturated`: finite inputs clipped at the top of their block's range; `flushed`: nonzero -> 0;
+    `nonfinite_in`: NaN/Inf inputs (left out of everything else). Each count also as *_pct of all
+    elements."""
     import torch
 
     from lpq.formats import encode
 
     x = x.float()
     q = q.float()
+    n = x.numel()
     finite = torch.isfinite(x)
-    err = torch.where(finite & torch.isfinite(q), q - x, torch.zeros_like(x))
-    mse = err.pow(2).mean().item()
-    signal = torch.where(finite, x, torch.zeros_like(x)).pow(2).mean().item()
-    overflow = (finite & ~torch.isfinite(q)).float().mean().item()
-    flushed = ((x != 0) & finite & (q == 0)).float().mean().item()
-    return {
-        "mse": mse,
-        "max_abs_err": err.abs().max().item() if err.numel() else 0.0,
-        "sqnr_db": 10 * math.log10(signal / mse) if mse > 0 and signal > 0 else math.inf,
-        "saturated_pct": 100 * _saturated(x, q, encode(x, fmt, axis)).float().mean().item(),
-        "overflow_pct": 100 * overflow,
-        "flushed_pct": 100 * flushed,
+    overflow = finite & torch.isinf(q)
+    nan_block = finite & torch.isnan(q)
+    err = (q - x)[finite]
+    mse = err.pow(2).mean().item() if err.numel() else math.nan
+    signal = x[finite].pow(2).mean().item() if err.numel() else math.nan
+    if not math.isfinite(mse):
+        sqnr = -math.inf if mse == math.inf else math.nan
+    elif mse == 0:
+        sqnr = math.inf if signal > 0 else math.nan      # exact; or an all-zero tensor: nothing to measure
+    else:
+        sqnr = 10 * math.log10(signal / mse) if signal > 0 else -math.inf
+    counts = {
+        "saturated": int(_saturated(x, q, encode(x, fmt, axis, backend=backend)).sum()),
+        "overflow": int(overflow.sum()),
+        "nan_block": int(nan_block.sum()),
+        "flushed": int(((x != 0) & finite & (q == 0)).sum()),
+        "nonfinite_in": int((~finite).sum()),
     }
+    stats = {"n": n, "mse": mse, "max_abs_err": err.abs().max().item() if err.numel() else math.nan,
+             "sqnr_db": sqnr, **counts}
+    stats.update({f"{k}_pct": 100 * v / n if n else 0.0 for k, v in counts.items()})
+    return stats
 
 
-def _saturated(x, q, packed):
-    """Elements whose code is the top of its range while |x| lies beyond the value it got."""
+def _row(name: str, x, s: dict) -> list[str]:
+    broken = s["overflow"] or s["nan_block"]
+
+    def num(v: float, spec: str) -> str:
+        if broken:
+            return "non-finite"
+        return "n/a" if math.isnan(v) else f"{v:{spec}}"
+
+    return [name, "x".join(map(str, x.shape)) or "scalar", num(s["mse"], ".4g"), num(s["max_abs_err"], ".4g"),
+            num(s["sqnr_db"], ".2f"), f"{s['saturated_pct']:.3f}", f"{s['overflow_pct']:.3f}",
+            f"{s['nan_block_pct']:.3f}", f"{s['flushed_pct']:.3f}", str(s["nonfinite_in"])]
+
+
+def _check_out(out: Path, src: Path, force: bool, n_tensors: int) -> None:
+    """Refuse, before any work, an --out that would overwrite the input or a file without --force."""
+    if out.suffix not in (".npy", ".safetensors"):
+        raise _fail(f"--out {out}: expected a .npy or .safetensors path")
+    if out.suffix == ".npy" and n_tensors != 1:
+        raise _fail(f"--out {out}: a .npy file holds one tensor and {src} has {n_tensors}; use .safetensors")
+    if not out.parent.is_dir():
+        raise _fail(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise _fail(f"--out {out} is a folder; give a file name")
+    if out.exists() or out.is_symlink():
+        if out.exists() and os.path.samefile(out, src) or out.resolve() == src.resolve():
+            raise _fail(f"--out {out} is the input file {src}; write the result to another file")
+        if not force:
+            raise _fail(f"--out {out} exists; pass --force to replace it")
+
+
+def _write(out: Path, results: dict) -> None:
+    """Write through a sibling temporary file renamed over `out`: an interrupted write leaves no half file."""
+    import numpy as np
     import torch
 
-    codes = packed.codes
-    if packed.fmt == "hif8":
-        top = (codes & 0x7F) == 0x6E
-    else:  # two 4-bit codes per byte, element 2i in the low nibble; magnitude 7 is the top code
-        nib = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
-        top = (nib & 0x7) == 0x7
-    L = x.shape[packed.axis] if x.dim() else 1
-    moved = list(x.shape)
-    moved.append(moved.pop(packed.axis))
-    top = top[:, :L].reshape(moved).movedim(-1, packed.axis) if x.dim() else top.reshape(())
-    return top & (x.abs() > q.abs()) & torch.isfinite(q)
+    tmp = out.with_name(f".{out.name}.lpq-tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if out.suffix == ".npy":
+            (q,) = results.values()
+            with open(tmp, "wb") as f:
+                # numpy has no bfloat16: widen it, keep every other dtype.
+                np.save(f, (q.float() if q.dtype == torch.bfloat16 else q).numpy())
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in results.items()}, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @fmt_app.command("quantize")
@@ -138,43 +241,40 @@ def quantize(
     fmt: str = typer.Option(..., "--fmt", help="format name (see `lpq formats list`)"),
     axis: int = typer.Option(-1, "--axis", help="quantization axis (blocks run along it)"),
     out: Path | None = typer.Option(None, "--out", help="write the fake-quantized result (.npy or .safetensors)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out file (never the input)"),
     backend: str | None = typer.Option(None, "--backend", help="cpp or ref (default: cpp when it builds)"),
 ) -> None:
-    """Fake-quantize every tensor in FILE and print its error statistics."""
-    import numpy as np
-    import torch
+    """Fake-quantize every tensor in FILE and print its error statistics.
 
+    Errors are over the elements with a finite input; a 0-d tensor is one block of one value."""
     from lpq.formats import fake_quant, get_format
 
     _spec_or_exit(fmt, get_format)
     tensors = _load_tensors(file)
-    results, rows = {}, []
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    if out is not None:
+        _check_out(out, file, force, len(floats))
+    results, rows, notes = {}, [], []
     for name, x in tensors.items():
-        if not x.is_floating_point():
+        if name not in floats:
             typer.echo(f"skipping {name}: dtype {x.dtype} is not floating point", err=True)
             continue
         try:
-            q = fake_quant(x, fmt, axis, backend=backend)
-        except ValueError as e:
-            raise typer.BadParameter(f"{name}: {e}") from None
-        s = error_stats(x, q, fmt, axis if x.dim() else -1)
+            q = fake_quant(x, fmt, axis if x.dim() else -1, backend=backend)
+            s = error_stats(x, q, fmt, axis if x.dim() else -1, backend=backend)
+        except (ValueError, RuntimeError) as e:
+            raise _fail(f"{name}: {str(e).strip().splitlines()[0]}") from None
         results[name] = q
-        rows.append([name, "x".join(map(str, x.shape)), f"{s['mse']:.4g}", f"{s['max_abs_err']:.4g}",
-                     f"{s['sqnr_db']:.2f}", f"{s['saturated_pct']:.3f}", f"{s['overflow_pct']:.3f}",
-                     f"{s['flushed_pct']:.3f}"])
+        rows.append(_row(name, x, s))
+        if s["overflow"] or s["nan_block"]:
+            notes.append(f"{name}: {s['overflow'] + s['nan_block']} of {s['n']} outputs are not finite "
+                         f"({s['overflow']} overflowed to Inf, {s['nan_block']} in blocks that hold a NaN)")
+    if not rows:
+        raise _fail(f"{file} holds no floating-point tensor")
     typer.echo(_table(rows, ["tensor", "shape", "MSE", "max |err|", "SQNR dB", "% saturated", "% overflow",
-                             "% flushed"]))
+                             "% NaN block", "% flushed", "non-finite in"]))
+    for note in notes:
+        typer.echo(note)
     if out is not None:
-        if out.suffix == ".npy":
-            if len(results) != 1:
-                raise typer.BadParameter("--out .npy needs a single tensor; use .safetensors", param_hint="--out")
-            (q,) = results.values()
-            # numpy has no bfloat16: widen it, keep every other dtype.
-            np.save(out, (q.float() if q.dtype == torch.bfloat16 else q).numpy())
-        elif out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in results.items()}, str(out))
-        else:
-            raise typer.BadParameter("expected a .npy or .safetensors path", param_hint="--out")
+        _write(out, results)
         typer.echo(f"wrote {out}")
