@@ -32,6 +32,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lpq.formats import fake_quant, get_format
 from lpq.formats.api import fake_quant_scaled, fake_quant_stats, moments
@@ -213,6 +214,7 @@ class TiledQuantAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @once_differentiable   # the backward is not itself differentiable: say so instead of a wrong answer
     def backward(ctx, grad_out: Tensor):
         q, k, v, m, l, out_float_p, mask = ctx.saved_tensors
         scaling, causal, block_q, block_k, pquant = ctx.settings

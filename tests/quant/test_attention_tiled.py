@@ -57,7 +57,7 @@ def _padding_mask(kind: str, b: int, sq: int, skv: int) -> torch.Tensor | None:
 
 def _run(aq, q, k, v, mask, causal, grad_seed=1):
     out = quantized_attention(aq, q, k, v, mask, 0.3, causal)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
     return (out, *torch.autograd.grad(out, (q, k, v), g)), g
 
 
@@ -323,3 +323,22 @@ def test_tiled_equals_fake_quant_by_hand():
     s = fq(q, -1) @ kq.transpose(-1, -2) * 0.25
     s = s.masked_fill(~torch.ones(6, 20, dtype=torch.bool).tril(diagonal=14), torch.finfo(s.dtype).min)
     torch.testing.assert_close(out, fq(torch.softmax(s, -1), -1) @ vq, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_tiled_on_cuda_matches_materialized_on_cuda(scaling):
+    # on CUDA the P tiles go through the Triton kernels (quantization with fused statistics)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in _inputs(sq=300, skv=700))
+    results, states = {}, {}
+    for impl in ("materialized", "tiled"):
+        aq = _quantizers("hif8", scaling, impl, 128, 256).cuda()
+        aq.train()
+        for step in range(3):
+            update_delayed_scales(aq)
+            results[impl], _ = _run(aq, q, k, v, None, True, grad_seed=step)
+        states[impl] = {n: b.clone() for n, b in aq.p_quantizer.named_buffers()}
+    for got, want in zip(results["tiled"], results["materialized"]):
+        assert (got - want).norm() <= 1e-3 * want.norm()
+    for name, want in states["materialized"].items():
+        torch.testing.assert_close(states["tiled"][name], want, rtol=1e-5, atol=0)
