@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from pathlib import Path
@@ -52,6 +53,46 @@ class _Where:
         return ConfigError(f"{loc}: {msg}")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-3` (no dot) is the float 0.001, as in YAML 1.2
+    and JSON, not the string '1e-3' of YAML 1.1."""
+
+
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """One YAML value as a recipe file reads it (for `--set key=value`)."""
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, prefix: str = "", seen: set | None = None) -> None:
+    """PyYAML keeps the last of two equal keys silently; a recipe must not say two things."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:          # an alias of an anchored node: already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for k, v in node.value:
+            key = f"{prefix}.{k.value}" if prefix else str(k.value)
+            if k.tag == "tag:yaml.org,2002:merge":    # `<<: *anchor` may be overridden by explicit keys
+                _refuse_duplicate_keys(v, source, prefix, seen)
+                continue
+            if isinstance(k, yaml.ScalarNode):
+                line = k.start_mark.line + 1
+                if (k.tag, k.value) in first:
+                    raise ConfigError(f"{source}:{line}: duplicate key '{key}' (first at line "
+                                      f"{first[k.tag, k.value]}); keep one of them")
+                first[k.tag, k.value] = line
+            _refuse_duplicate_keys(v, source, key, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _refuse_duplicate_keys(v, source, f"{prefix}[{i}]", seen)
+
+
 def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
     """Read `path` as YAML and build `cls` from it; `overrides` are dotted keys set afterwards."""
     path = Path(path)
@@ -59,8 +100,14 @@ def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None
         raise ConfigError(f"{path}: recipe file not found")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text) or {}
+        loader = _RecipeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _refuse_duplicate_keys(node, str(path))
+            data = (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -256,6 +256,7 @@ class _Held:
     fd: int | None          # None: held by an ancestor process (LPQ_HELD_OUTPUTS)
     file: Path
     count: int = 1
+    owner: Any = None       # the latest OutputFolder claimed on it: only it updates the marker
 
 
 _HELD: dict[str, _Held] = {}
@@ -386,8 +387,10 @@ class OutputFolder:
             return
         key, self._key = self._key, None
         atexit.unregister(self.release)
+        held = _HELD.get(key)
         try:
-            if self.path.is_dir() and (self.path / MARKER).is_file():
+            # A later claim of the same folder in this process (another run of a command) owns the marker.
+            if held is not None and held.owner is self and (self.path / MARKER).is_file():
                 files = sorted(_files(self.path) - set(self._foreign))
                 _write_marker(self.path, self.command, self.fingerprint, files=files, foreign=self._foreign,
                               created=self._created)
@@ -438,6 +441,7 @@ def claim_output(path: str | os.PathLike, *, fingerprint: str | None, force: boo
         _release(key)
         raise
     folder = OutputFolder(target, state, fingerprint, command, key, foreign, created)
+    _HELD[key].owner = folder
     atexit.register(folder.release)
     return folder
 

@@ -379,6 +379,16 @@ def peek_depth(cfg: ModelConfig) -> int:
     return min(peek_blocks(cfg).values())
 
 
+def check_blocks(cfg: ModelConfig, blocks: list[int], key: str = "quant.protected_blocks") -> None:
+    """Refuse block indices outside the model's depth, read from its config before any weights load."""
+    if not blocks:
+        return
+    depth = peek_depth(cfg)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ModelError(f"{key}: block {bad[0]} is out of range: {cfg.id} has {depth} blocks (0-{depth - 1})")
+
+
 # ---------------------------------------------------------------- loading
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

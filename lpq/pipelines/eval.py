@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
         kl: bool | None = typer.Option(None, "--kl/--no-kl", help="distribution shift (KL, top-1) on eval.kl_text"),
         cache: bool | None = typer.Option(None, "--cache/--no-cache", help="reuse the cached baseline run"),
         vbench_python: str | None = typer.Option(None, "--vbench", help="python of a venv with vbench: also run VBench"),
+        force: bool = typer.Option(False, "--force", help="start over in an --out folder that another lpq recipe wrote"),
     ) -> None:
         """Evaluate a model against its quantized version: paired per-item comparison, CIs, report."""
         from lpq.config import ConfigError
@@ -91,9 +92,14 @@ def register(app: typer.Typer) -> None:
             "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
             "eval.kl": kl, "eval.use_cache": cache,
             "eval.video.vbench_python": vbench_python}.items() if v is not None}
+        from lpq.outputs import claim_output, recipe_fingerprint
+
         try:
             recipe = _load_recipe(config, overrides)
-            run(recipe, out, candidate)
+            # lpq.outputs' rules: never a folder lpq did not write; another recipe's only with --force.
+            fingerprint = recipe_fingerprint({"recipe": recipe, "candidate": candidate})
+            with claim_output(out, fingerprint=fingerprint, force=force, command="lpq eval"):
+                run(recipe, out, candidate)
         except (ConfigError, FileNotFoundError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)

@@ -19,15 +19,15 @@ def register(app: typer.Typer) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`--set train.steps=20` -> {"train.steps": 20} (values parsed as YAML)."""
-    import yaml
+    """`--set train.steps=20` -> {"train.steps": 20} (values parsed as YAML, as in recipe files)."""
+    from lpq.config import parse_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. train.steps=20", param_hint="--set")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_value(value)
     return out
 
 
@@ -39,6 +39,21 @@ def _load(config: Path, overrides: list[str]):
         return load_recipe(config, parse_overrides(overrides))
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_and_claim(config: Path, recipe, force: bool) -> None:
+    """Before any work: protected blocks within the model's depth (from its config, no weights), then
+    the output folder, locked until this process ends (lpq.outputs; launched ranks inherit the lock)."""
+    from lpq.models.hub import check_blocks
+    from lpq.outputs import claim_output, recipe_fingerprint
+
+    try:
+        check_blocks(recipe.model, recipe.quant.protected_blocks if recipe.quant else [])
+        claim_output(recipe.train.output_dir, fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir"]),
+                     force=force, command="lpq train")
+    except ValueError as e:
+        typer.echo(f"error: {config}: {e}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -66,9 +81,11 @@ def train(
                                              help="processes to launch with accelerate (default: train.num_processes)"),
     only: str | None = typer.Option(None, "--only", help="train only 'bf16' or 'hif8' (default: both)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="start over even when checkpoints exist"),
+    force: bool = typer.Option(False, "--force", help="start over in an output_dir that another lpq recipe wrote"),
 ) -> None:
     """Fine-tune with HiF8 QAT and a BF16 reference run of the same seed; write train_report.json."""
     recipe = _load(config, overrides)
+    _check_and_claim(config, recipe, force)
     n = num_processes or recipe.train.num_processes
     if n > 1 and _LAUNCHED_ENV not in os.environ:
         args = ["--config", str(config), "--num-processes", str(n)] + [a for o in overrides for a in ("--set", o)]
