@@ -44,9 +44,11 @@ HIF8_INLINE uint32_t quant_bits(uint32_t u) {
   const uint32_t lifted = mag > kMinDenormBits ? mag : kMinDenormBits;
   const int32_t e = static_cast<int32_t>(lifted >> 23) - 127;
   const int32_t ae = e < 0 ? -e : e;
-  // m = 3, 2, 1, 0 mantissa bits for |e| < 4, < 8, < 16, else (the denormals): one bit less per
-  // doubling of |e| from 4 on, so drop = 23 - m = 19 + floor(log2(|e| | 3)); |e| <= 128 keeps it < 32
-  const uint32_t drop = 19u + (31u - static_cast<uint32_t>(__builtin_clz(static_cast<uint32_t>(ae) | 3u)));
+  // m = 3, 2, 1, 0 mantissa bits for |e| < 4, < 8, < 16, else (the denormals, |e| <= 22 after the
+  // lift; larger e overflow below), so drop = 23 - m. Comparisons, not a count of leading zeros:
+  // x86 has no vector lzcnt before AVX-512, and a clz keeps the whole loop scalar (measured 10x).
+  const uint32_t drop = 20u + static_cast<uint32_t>(ae >= 4) + static_cast<uint32_t>(ae >= 8) +
+                        static_cast<uint32_t>(ae >= 16);
   const uint32_t rounded = (lifted + (1u << (drop - 1))) & (~0u << drop);
   uint32_t res = sign | rounded;
   res = mag < kUnderflowBits ? 0u : res;  // +0 even for negative input: HiF8 has no -0
@@ -359,6 +361,148 @@ torch::Tensor fake_quant_scaled(torch::Tensor x, std::string fmt, double scale, 
   return out;
 }
 
+// What one pass over a tensor measures for per-tensor scaling (lpq.formats.api.fake_quant_stats):
+// max |x| as magnitude bits (an integer max: exact, order-free, vectorizes; NaN bits sort above
+// Inf, so a NaN makes amax NaN as in the reference), the sum of x^2 in double, and, over
+// xs = float32(x) * s and its HiF8 value, the counts of values that overflowed to Inf, were flushed
+// to zero, or sit in the 1-mantissa-bit range (finite |xs| >= 2^8).
+struct PassStats {
+  uint32_t amax_bits = 0;
+  double sumsq = 0.0;
+  int64_t overflow = 0;
+  int64_t flushed = 0;
+  int64_t coarse = 0;
+};
+
+constexpr uint32_t kCoarseBits = 0x43800000u;  // 2^8
+constexpr int kLanes = 8;                      // independent partial sums: vectorizable, fixed order
+constexpr int64_t kChunk = 256;                // elements per inner block (a multiple of kLanes)
+
+// One grain of the fused pass: quantize x * s, divide by s, store in the output type, and measure.
+// Each kChunk block runs one branch-free loop (the quantization, the integer max and counts, and the
+// squares into a small buffer), then adds the squares into kLanes partial sums in a fixed order, so
+// the result does not depend on the number of threads.
+template <typename Load, typename Store, bool kQuant, bool kCounts>
+PassStats scaled_stats_range(const typename Load::T* __restrict in, typename Store::T* __restrict out, int64_t n,
+                             float s, float inv) {
+  PassStats st;
+  double lanes[kLanes] = {};
+  double sq[kChunk];
+  uint32_t amax = 0;
+  int64_t overflow = 0, flushed = 0, coarse = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t m = n - c < kChunk ? n - c : kChunk;
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t u = Load::load(in[c + i]);
+      const uint32_t mag = u & kAbsMask;
+      amax = mag > amax ? mag : amax;
+      const float v = bits_float(mag);
+      sq[i] = static_cast<double>(v) * static_cast<double>(v);
+      if constexpr (kQuant) {
+        const uint32_t xs = float_bits(bits_float(u) * s);
+        const uint32_t q = quant_bits(xs);
+        out[c + i] = Store::store(float_bits(bits_float(q) * inv));
+        if constexpr (kCounts) {
+          const uint32_t xmag = xs & kAbsMask;
+          const uint32_t qmag = q & kAbsMask;
+          overflow += static_cast<int64_t>((qmag == kInfBits) & (xmag < kInfBits));
+          flushed += static_cast<int64_t>((qmag == 0u) & (xmag != 0u));
+          coarse += static_cast<int64_t>((xmag >= kCoarseBits) & (xmag < kInfBits));
+        }
+      }
+    }
+    for (int64_t i = m; i < (m + kLanes - 1) / kLanes * kLanes; ++i) sq[i] = 0.0;
+    for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+      for (int j = 0; j < kLanes; ++j) lanes[j] += sq[i0 + j];
+    }
+  }
+  double total = 0.0;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  st.amax_bits = amax;
+  st.sumsq = total;
+  st.overflow = overflow;
+  st.flushed = flushed;
+  st.coarse = coarse;
+  return st;
+}
+
+// Grains of kGrain elements measured in parallel, combined in grain order (deterministic).
+template <typename Load, typename Store, bool kQuant, bool kCounts>
+torch::Tensor scaled_stats(const typename Load::T* in, typename Store::T* out, int64_t n, float s, float inv) {
+  const int64_t grains = (n + kGrain - 1) / kGrain;
+  std::vector<PassStats> parts(static_cast<size_t>(grains));
+  at::parallel_for(0, grains, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      const int64_t lo = g * kGrain;
+      const int64_t len = n - lo < kGrain ? n - lo : kGrain;
+      parts[static_cast<size_t>(g)] =
+          scaled_stats_range<Load, Store, kQuant, kCounts>(in + lo, out == nullptr ? nullptr : out + lo, len, s, inv);
+    }
+  });
+  PassStats all;
+  for (const PassStats& p : parts) {
+    all.amax_bits = p.amax_bits > all.amax_bits ? p.amax_bits : all.amax_bits;
+    all.sumsq += p.sumsq;
+    all.overflow += p.overflow;
+    all.flushed += p.flushed;
+    all.coarse += p.coarse;
+  }
+  torch::Tensor res = torch::empty({5}, torch::dtype(torch::kDouble));
+  double* r = res.data_ptr<double>();
+  // A NaN's magnitude bits are not a float32 value to report: the reference's amax is NaN.
+  r[0] = all.amax_bits > kInfBits ? std::numeric_limits<double>::quiet_NaN()
+                                  : static_cast<double>(bits_float(all.amax_bits));
+  r[1] = all.sumsq;
+  r[2] = static_cast<double>(all.overflow);
+  r[3] = static_cast<double>(all.flushed);
+  r[4] = static_cast<double>(all.coarse);
+  return res;
+}
+
+void check_stats_input(const torch::Tensor& x, const char* fn) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "hif8 ", fn, ": expected a contiguous float32 or bfloat16 CPU tensor, got ", x.scalar_type());
+}
+
+// float64 [amax, sum of x^2, overflow, flushed, coarse] of (fp32(x) * s -> HiF8 -> / s), written into
+// `out` (x's dtype, or bfloat16 for a float32 x: every HiF8 value divided by a power of two is exact
+// in bfloat16, so this equals the float32 result cast to bfloat16). The counts are 0 unless `counts`.
+torch::Tensor fake_quant_scaled_stats(torch::Tensor x, std::string fmt, double scale, torch::Tensor out, bool counts) {
+  check_fmt(fmt);
+  check_stats_input(x, "fake_quant_scaled_stats");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() && out.device().is_cpu() &&
+                  (out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kBFloat16),
+              "hif8 fake_quant_scaled_stats: out must be a contiguous CPU tensor with x's shape and x's dtype "
+              "or bfloat16");
+  const float inv = checked_inverse(scale, "fake_quant_scaled_stats");
+  const float s = static_cast<float>(scale);
+  const int64_t n = x.numel();
+  const bool narrow = out.scalar_type() == at::kBFloat16;
+  auto run = [&](auto load, auto store) {
+    using L = decltype(load);
+    using S = decltype(store);
+    const auto* in = static_cast<const typename L::T*>(x.const_data_ptr());
+    auto* o = static_cast<typename S::T*>(out.mutable_data_ptr());
+    return counts ? scaled_stats<L, S, true, true>(in, o, n, s, inv) : scaled_stats<L, S, true, false>(in, o, n, s, inv);
+  };
+  if (x.scalar_type() == at::kFloat) return narrow ? run(ScaledF32{}, ScaledBF16{}) : run(ScaledF32{}, ScaledF32{});
+  return run(ScaledBF16{}, ScaledBF16{});
+}
+
+// float64 [amax, sum of x^2] of a float32 or bfloat16 tensor in one read (the statistics of
+// fake_quant_scaled_stats without the quantization).
+torch::Tensor moments(torch::Tensor x) {
+  check_stats_input(x, "moments");
+  const int64_t n = x.numel();
+  torch::Tensor res = x.scalar_type() == at::kFloat
+      ? scaled_stats<ScaledF32, ScaledF32, false, false>(static_cast<const uint32_t*>(x.const_data_ptr()), nullptr, n,
+                                                         1.0f, 1.0f)
+      : scaled_stats<ScaledBF16, ScaledBF16, false, false>(static_cast<const uint16_t*>(x.const_data_ptr()), nullptr,
+                                                           n, 1.0f, 1.0f);
+  return res.slice(0, 0, 2);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -371,4 +515,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_scaled", &fake_quant_scaled,
         "HiF8 quantize-dequantize of x * scale, divided by scale, into out (float32 or bfloat16 x; "
         "scale a power of two)", py::arg("x"), py::arg("fmt"), py::arg("scale"), py::arg("out"));
+  m.def("fake_quant_scaled_stats", &fake_quant_scaled_stats,
+        "fake_quant_scaled into out (x's dtype, or bfloat16) and, from the same pass, float64 [amax, sum of "
+        "squares, overflow, flushed, coarse] (counts 0 unless counts)", py::arg("x"), py::arg("fmt"),
+        py::arg("scale"), py::arg("out"), py::arg("counts"));
+  m.def("moments", &moments, "float64 [max |x|, sum of x^2] of a float32 or bfloat16 tensor in one read",
+        py::arg("x"));
 }

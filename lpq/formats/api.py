@@ -254,33 +254,63 @@ def fake_quant_scaled_ste(x: Tensor, fmt: str, scale: float, axis: int = -1) -> 
 def moments(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """(max |x| as a float32 0-d tensor, NaN if x holds one; sum of x^2 as a float64 0-d tensor) of
     the whole tensor: what the per-tensor scale rules need (RMS = sqrt(sumsq / numel)). One read
-    by a Triton kernel on CUDA, whole-tensor ops elsewhere (the same amax; the float64 sums agree
-    to float64 rounding)."""
+    by a Triton kernel on CUDA or by the C++ kernel on CPU (float32 / bfloat16), whole-tensor ops
+    elsewhere (the same amax; the float64 sums agree to float64 rounding)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"moments expects a floating-point tensor, got {type(x).__name__}")
     if _triton(x, backend):
         from lpq.kernels.formats import moments as triton_moments
 
         return triton_moments(x)
+    ext = _stats_kernel(x, backend)
+    if ext is not None:   # CPU: one read, no |x| or float64 copies (the same amax and float64 sums)
+        res = ext.moments(x.detach().contiguous())
+        return res[0].float(), res[1]
     xd = x.detach()
     amax = xd.abs().amax().float() if xd.numel() else torch.zeros((), device=x.device)
     return amax, xd.double().square().sum()
 
 
+def _stats_kernel(x: Tensor, backend: str | None, fmt: str = "hif8", scale: float | None = None):
+    """The C++ HiF8 extension when it computes statistics (and the scaled quantization) of x in one
+    CPU pass: float32 or bfloat16 x, a HiF8 format, a power-of-two scale (or none); else None."""
+    if x.numel() == 0 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        return None
+    spec = get_format(fmt)
+    if spec.family != "hif8" or (scale is not None and not _fused_scale_ok(spec, x, scale)):
+        return None
+    ext = _kernel(spec, x, backend)
+    return ext if ext is not None and hasattr(ext, "moments") else None
+
+
 def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int = -1, *, counts: bool = False,
-                     backend: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     backend: str | None = None, out_dtype: torch.dtype | None = None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
     """fake_quant (scale None) or fake_quant_scaled of x, with the statistics QAT records gathered
     in the same pass: "amax" and "sumsq" of x (see moments) and, with counts=True, over
     xs = x * scale and ys = fake_quant(xs) (float32): "overflow" (ys infinite where xs is finite),
     "flushed" (ys == 0 != xs) and for HiF8 "coarse" (finite |xs| >= 2^8), int64 0-d tensors.
-    One Triton pass on CUDA (counts always gathered there); elsewhere the same numbers from the
-    fake_quant above plus whole-tensor ops."""
+    One Triton pass on CUDA (counts always gathered there), one C++ pass for HiF8 on CPU (float32 or
+    bfloat16, power-of-two scale); elsewhere the same numbers from the fake_quant above plus
+    whole-tensor ops. `out_dtype`: the result's dtype (default x's); the C++ pass writes bfloat16
+    directly for a float32 x (the same values as casting the float32 result)."""
     axis = _check(x, axis)
+    ext = _stats_kernel(x, backend, fmt, scale)
+    if ext is not None and out_dtype in (None, x.dtype, torch.bfloat16):
+        xc = x.contiguous()
+        y = torch.empty_like(xc, dtype=out_dtype or x.dtype)
+        res = ext.fake_quant_scaled_stats(xc, fmt, 1.0 if scale is None else scale, y, counts)
+        out = {"amax": res[0].float(), "sumsq": res[1]}
+        if counts:
+            out.update(overflow=res[2].long(), flushed=res[3].long(), coarse=res[4].long())
+        return y.view(x.shape), out
     if x.numel() and _triton(x, backend):
         from lpq.kernels.formats import Stats
 
         st = Stats(x.device)
         y = _triton_fake_quant(x, fmt, axis, scale, st)
+        if out_dtype is not None:
+            y = y.to(out_dtype)
         out = {"amax": st.amax, "sumsq": st.sumsq[0]}
         if counts:
             out.update(overflow=st.counts[0], flushed=st.counts[1])
@@ -301,4 +331,4 @@ def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int 
             out.update(overflow=(torch.isinf(ys) & finite).sum(), flushed=((ys == 0) & (xs != 0)).sum())
             if fmt == "hif8":
                 out["coarse"] = ((xs.abs() >= 2.0 ** 8) & finite).sum()
-    return y, out
+    return (y if out_dtype is None else y.to(out_dtype)), out
