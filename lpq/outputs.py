@@ -206,7 +206,9 @@ def check_output(path: str | os.PathLike, *, fingerprint: str | None = None, for
     """Whether `path` may be written, without touching anything: returns "new", "adopted", "continued"
     or "replaced", or raises OutputError with the one-line reason. `staged`: written all at once
     (staged_output) rather than in place (claim_output). A fingerprint of None never matches."""
-    return _plan(_target(path), str(path), fingerprint, force, command, staged)
+    target = _target(path)
+    _refuse_if_locked(target, str(path))
+    return _plan(target, str(path), fingerprint, force, command, staged)
 
 
 # ---------------------------------------------------------------- the lock
@@ -264,6 +266,26 @@ _HELD: dict[str, _Held] = {}
 
 def _lock_file(target: Path) -> Path:
     return target.with_name(f".{target.name}.lpq-lock")
+
+
+def _refuse_if_locked(target: Path, shown: str) -> None:
+    """Refuse a folder another live run holds, without taking its lock: "in use" says more than what
+    the folder holds so far."""
+    key = str(target.resolve())
+    if fcntl is None or key in _HELD or key in os.environ.get(HELD_ENV, "").split(os.pathsep):
+        return
+    try:
+        fd = os.open(_lock_file(target), os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise OutputError(f"{shown} is in use by another lpq run ({_who(_read_lock(fd))}); wait for it to "
+                              "finish or stop it") from None
+    finally:
+        os.close(fd)        # closing also drops a lock this probe took
 
 
 def _acquire(target: Path, shown: str, command: str) -> str:
@@ -420,6 +442,7 @@ def claim_output(path: str | os.PathLike, *, fingerprint: str | None, force: boo
     shown = str(path)
     if _is_worker():
         return OutputFolder(target, "worker", fingerprint, command)
+    _refuse_if_locked(target, shown)
     _plan(target, shown, fingerprint, force, command, staged=False)     # refuse before creating anything
     target.parent.mkdir(parents=True, exist_ok=True)
     key = _acquire(target, shown, command)
@@ -456,6 +479,7 @@ def staged_output(path: str | os.PathLike, *, fingerprint: str | None = None, fo
     (KeyboardInterrupt included) the staging folder is deleted and `path` is left as it was."""
     target = _target(path)
     shown = str(path)
+    _refuse_if_locked(target, shown)
     _plan(target, shown, fingerprint, force, command, staged=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     key = _acquire(target, shown, command)

@@ -1,0 +1,235 @@
+"""Issue 15, output folders: every command that writes a folder follows lpq.outputs' rules."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lpq.outputs import HELD_ENV, MARKER, claim_output, read_marker
+from tests.cli.helpers import RECIPE, error_line, lpq, lpq_process, snapshot, user_folder
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+# ---------------------------------------------------------------- lpq export (case 1)
+
+def test_export_force_never_deletes_a_user_folder(recipe, tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    before = snapshot(tmp_path)
+    code, out = lpq("export", "--config", recipe, "--out", mine, "--force")
+    assert code == 2
+    assert "is not empty and was not written by lpq (no lpq_output.json)" in error_line(out)
+    assert snapshot(tmp_path) == before
+
+
+def test_export_force_into_the_working_folder_is_refused(recipe, tmp_path, monkeypatch):
+    work = user_folder(tmp_path / "work")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    code, out = lpq("export", "--config", recipe, "--out", ".", "--force")
+    assert code == 2 and "not written by lpq" in error_line(out)
+    # Even a folder that lpq wrote is never replaced while it is the working folder (or above it).
+    (work / "notes.txt").unlink()
+    (work / "sub" / "data.bin").unlink()
+    (work / "sub").rmdir()
+    claim_output(work, fingerprint="x", command="lpq export").release()
+    before = snapshot(tmp_path)
+    for target in (".", ".."):
+        code, out = lpq("export", "--config", recipe, "--out", target, "--force")
+        assert code == 2, out
+        assert "lpq never replaces or deletes it, even with --force" in error_line(out) or \
+            "not written by lpq" in error_line(out)
+    assert snapshot(tmp_path) == before
+
+
+def test_export_adopts_an_empty_folder_and_replaces_its_own_only_with_force(recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, text = lpq("export", "--config", recipe, "--out", out)
+    assert code == 0, text
+    assert read_marker(out)["command"] == "lpq export" and (out / "lpq_export.json").is_file()
+    first = snapshot(tmp_path)
+    code, text = lpq("export", "--config", recipe, "--out", out)
+    assert code == 2 and "holds the output of an earlier lpq run" in error_line(text) and "--force" in text
+    assert snapshot(tmp_path) == first
+    # A file the user added to the export makes it theirs too: --force refuses to delete it.
+    (out / "my_eval.txt").write_text("results I wrote")
+    before = snapshot(tmp_path)
+    code, text = lpq("export", "--config", recipe, "--out", out, "--force")
+    assert code == 2 and "holds files lpq did not write (my_eval.txt)" in error_line(text)
+    assert snapshot(tmp_path) == before
+    (out / "my_eval.txt").unlink()
+    code, text = lpq("export", "--config", recipe, "--out", out, "--force")
+    assert code == 0, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
+
+
+def test_export_removes_the_temp_folder_of_a_killed_run(recipe, tmp_path):
+    left = tmp_path / ".exp.lpq-tmp-deadbeef"
+    left.mkdir()
+    (left / "lpq_packed.safetensors").write_bytes(b"half written")
+    code, out = lpq("export", "--config", recipe, "--out", tmp_path / "exp")
+    assert code == 0, out
+    assert "removed .exp.lpq-tmp-deadbeef, left by an interrupted run" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "r.yaml"]
+
+
+def _hold(folder, tmp_path):
+    """Another process that claims `folder` and waits; returns it once it holds the lock."""
+    ready = tmp_path / "ready"
+    code = ("import sys, time; from lpq.outputs import claim_output; "
+            f"claim_output({str(folder)!r}, fingerprint='other', command='lpq ptq'); "
+            f"open({str(ready)!r}, 'w').close(); time.sleep(120)")
+    env = {k: v for k, v in os.environ.items() if k != HELD_ENV}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, "the holder did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(recipe, tmp_path):
+    folder = tmp_path / "run"
+    holder = _hold(folder, tmp_path)
+    try:
+        before = snapshot(tmp_path)
+        code, out = lpq_process("export", "--config", recipe, "--out", folder)
+        assert code == 2
+        assert f"{folder} is in use by another lpq run (pid {holder.pid} on" in error_line(out)
+        assert "`lpq ptq`" in out
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)   # a hard kill: the lock file stays behind
+        holder.wait()
+    assert (tmp_path / ".run.lpq-lock").is_file()
+    run = claim_output(folder, fingerprint="other", command="lpq ptq")
+    assert run.state == "continued"
+    run.release()
+    assert not (tmp_path / ".run.lpq-lock").exists()
+
+
+def test_stale_lock_takeover_is_reported(tmp_path, capsys):
+    folder = tmp_path / "run"
+    lock = tmp_path / ".run.lpq-lock"
+    lock.write_text(json.dumps({"pid": 2 ** 22 + 7, "host": os.uname().nodename, "command": "lpq train",
+                                "since": "yesterday"}))
+    with claim_output(folder, fingerprint="f", command="lpq train") as run:
+        assert run.state == "new"
+        assert "taking over the lock left by a run that is no longer running" in capsys.readouterr().err
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+# ---------------------------------------------------------------- lpq formats quantize (case 6)
+
+@pytest.fixture
+def array(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("how", ["same", "dot", "symlink", "hardlink"])
+def test_formats_quantize_never_overwrites_its_input(array, tmp_path, monkeypatch, how):
+    monkeypatch.chdir(tmp_path)
+    out = {"same": "x.npy", "dot": "./x.npy", "symlink": "link.npy", "hardlink": "hard.npy"}[how]
+    if how == "symlink":
+        (tmp_path / "link.npy").symlink_to("x.npy")
+    if how == "hardlink":
+        os.link(array, tmp_path / "hard.npy")
+    before = snapshot(tmp_path)
+    code, text = lpq("formats", "quantize", "x.npy", "--fmt", "hif4", "--out", out, "--force")
+    assert code == 2 and "is the input file x.npy" in error_line(text)
+    assert snapshot(tmp_path) == before
+
+
+def test_formats_quantize_replaces_an_existing_out_only_with_force(array, tmp_path):
+    other = tmp_path / "y.npy"
+    other.write_bytes(b"not mine to lose")
+    code, text = lpq("formats", "quantize", array, "--fmt", "hif8", "--out", other)
+    assert code == 2 and "exists; pass --force" in error_line(text)
+    assert other.read_bytes() == b"not mine to lose"
+    code, text = lpq("formats", "quantize", array, "--fmt", "hif8", "--out", other, "--force")
+    assert code == 0, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]     # no temporary file left
+
+
+# ---------------------------------------------------------------- lpq eval --out, lpq train output_dir
+
+def test_eval_out_user_folder_is_refused(tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    (mine / "results.json").write_text('{"mine": true}')
+    before = snapshot(tmp_path)
+    code, out = lpq("eval", "--model", "tiny-llama", "--candidate", "tiny-llama", "--tasks", "wikitext2",
+                    "--out", mine)
+    assert code == 2 and "not written by lpq" in error_line(out)
+    assert snapshot(tmp_path) == before
+
+
+def _train_recipe(tmp_path, out, protected="[]"):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 50}" for j in range(80))})
+                                for i in range(12)) + "\n")
+    path = tmp_path / "t.yaml"
+    path.write_text(f"""model: {{id: tiny-llama}}
+quant:
+  weight: {{format: hif8, scaling: current}}
+  input: {{format: hif8, scaling: delayed, history_len: 4}}
+  protected_blocks: {protected}
+train: {{output_dir: {out}, steps: 4, batch_size: 2, lr: 1e-3, bf16_warmup_steps: 1, stats_every: 2}}
+data: {{paths: [{corpus}], seq_len: 32, eval_blocks: 4}}
+""")
+    return path
+
+
+def test_train_output_dir_user_folder_is_refused(tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    recipe = _train_recipe(tmp_path, mine)
+    before = snapshot(tmp_path)
+    code, out = lpq("train", "--config", recipe)
+    assert code == 2 and "not written by lpq" in error_line(out) and "t.yaml" in out
+    assert snapshot(tmp_path) == before
+
+
+def test_train_output_of_another_recipe_needs_force(tmp_path):
+    out = tmp_path / "run"
+    claim_output(out, fingerprint="an-older-recipe", command="lpq train").release()
+    (out / "train_report.json").write_text("{}")
+    recipe = _train_recipe(tmp_path, out)
+    before = snapshot(tmp_path)
+    code, text = lpq("train", "--config", recipe)
+    assert code == 2 and "holds the output of another recipe (`lpq train`" in error_line(text)
+    assert "pass --force" in text
+    assert snapshot(tmp_path) == before
+    assert read_marker(out)["fingerprint"] == "an-older-recipe"
+
+
+def test_marker_is_required_before_anything_is_deleted(tmp_path):
+    """The marker alone does not make a folder deletable when it lists what lpq wrote."""
+    out = tmp_path / "run"
+    with claim_output(out, fingerprint="a", command="lpq ptq"):
+        (out / "report.md").write_text("lpq's")
+    assert read_marker(out)["files"] == ["report.md"]
+    (out / "mine.txt").write_text("user")
+    with pytest.raises(ValueError, match=r"holds files lpq did not write \(mine.txt\)"):
+        claim_output(out, fingerprint="b", command="lpq ptq", force=True)
+    # Continuing the same recipe keeps the user's file and never counts it as lpq's.
+    with claim_output(out, fingerprint="a", command="lpq ptq") as run:
+        assert run.state == "continued"
+    assert read_marker(out)["foreign"] == ["mine.txt"] and (out / "mine.txt").read_text() == "user"
+    (out / "mine.txt").unlink()
+    with claim_output(out, fingerprint="b", command="lpq ptq", force=True) as run:
+        assert run.state == "replaced" and sorted(p.name for p in out.iterdir()) == [MARKER]
