@@ -192,7 +192,7 @@ def write_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max_bytes: 
         quantized_bytes += blocks.nbytes
     dense = dense_tensors(net, skip={qw.key for qw in quantized_weights(net)})
     for key, t in dense.items():
-        perm = rows(key.removesuffix(".weight"), t.shape[0]) if t.dim() == 2 else None
+        perm = rows(key.rsplit(".", 1)[0], t.shape[0]) if t.dim() else None     # q/k weights and biases
         t = t if perm is None else t[perm]
         # 1-D tensors (norms) in float32, as llama.cpp's converter writes them; the rest in the model's dtype
         t = t.float() if t.dim() == 1 or t.dtype not in _TORCH_TO_GGML else t

@@ -204,3 +204,23 @@ def test_refusals_leave_nothing_behind(tmp_path, data, setup, message):
     with pytest.raises(ValueError, match=message):
         export_model(model, None, tmp_path / "ct", kind="compressed-tensors")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_smollm2_w4a4_mxfp4_runtime_close_to_lpq(tmp_path):
+    from pathlib import Path
+
+    from lpq.eval.shift import distribution_shift
+    from lpq.models.hub import ModelConfig, load_model
+    from lpq.quant import quantize_model
+    from tests.export.helpers import recipe
+
+    loaded = load_model(ModelConfig("smollm2-135m", dtype="bfloat16"))
+    quantize_model(loaded.model, recipe({"format": "mxfp4"}))
+    export_model(loaded.model, None, tmp_path / "ct", kind="compressed-tensors", tokenizer=loaded.tokenizer)
+    export_model(loaded.model, None, tmp_path / "packed")
+    runtime = _runtime(tmp_path / "ct", loaded.model)
+    text = " ".join(Path(__file__).read_text().split()) * 4       # any text: the two models see the same tokens
+    with torch.no_grad():
+        shift = distribution_shift(load_quantized(tmp_path / "packed"), runtime, loaded.tokenizer, text, 2, 256)
+    assert shift["kl_div"] < 0.1 and shift["top1_agreement"] > 0.85

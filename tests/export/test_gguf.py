@@ -131,3 +131,26 @@ def test_quantized_weight_count_matches_the_model(tmp_path):
     model, _ = quantized_lm("tiny-qwen3", W4A16)
     report = export_model(model, None, tmp_path / "g", kind="gguf")
     assert report.quantized_tensors == len(quantized_weights(model))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_and_weights(tmp_path):
+    from lpq.models.hub import ModelConfig, load_model
+    from lpq.quant import quantize_model
+    from tests.export.helpers import recipe
+
+    loaded = load_model(ModelConfig("smollm2-135m", dtype="bfloat16"))
+    quantize_model(loaded.model, recipe(W4A16))
+    report = export_model(loaded.model, None, tmp_path / "g", kind="gguf", tokenizer=loaded.tokenizer)
+    assert report.quantized_tensors == 30 * 7
+    reader, tensors = _read(tmp_path / "g")
+    f = reader.fields
+    tok = loaded.tokenizer
+    assert f["tokenizer.ggml.pre"].contents() == "gpt-2" and f["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f["tokenizer.ggml.tokens"].contents() == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert f["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+    assert "<|im_start|>" in f["tokenizer.chat_template"].contents()
+    assert "output.weight" not in tensors                  # tied to token_embd, as in llama.cpp's own files
+    c = loaded.model.config
+    q = loaded.model.model.layers[3].self_attn.q_proj.quantized_weight().detach()
+    assert torch.equal(_canonical(tensors["blk.3.attn_q.weight"]), _canonical(q[_rope_rows(q.shape[0], c.num_attention_heads)]))
