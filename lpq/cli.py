@@ -1,25 +1,68 @@
-"""The `lpq` command line. Thin: each job lives in lpq/pipelines/<job>.py and registers itself."""
+"""The `lpq` command line. Thin: each job lives in lpq/pipelines/<module>.py and registers itself.
+
+Commands are loaded on use: `lpq --help` lists them from the table below without importing any
+pipeline (or torch), and `lpq <command>` imports only that command's module.
+"""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# command -> (module in lpq.pipelines that registers it, one-line help for the command list)
+COMMANDS = {
+    "formats": ("formats", "Number formats: list, show value tables, quantize tensor files."),
+    "ptq": ("ptq", "W4A4 post-training quantization with block-sequential calibration (resumable)."),
+    "inspect": ("inspect", "Which modules of a model get which quantizer, per block."),
+    "eval": ("eval", "Paired evaluation of a quantized model against its baseline."),
+    "train": ("train", "Quantization-aware fine-tuning against a reference run of the same seed."),
+    "prepare-data": ("train", "Encode captioned video clips into the Wan latent cache."),
+    "export": ("export", "Quantize a model with a recipe and write a packed or fake-quantized checkpoint."),
+}
+
+
+class LazyCommands(TyperGroup):
+    """A command group whose commands are imported when they are run (or their own help is asked)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._resolving = False
+        # Stubs carry the names and one-line help for the listing and for "did you mean" suggestions.
+        self.commands = {name: TyperCommand(name, help=text) for name, (_, text) in COMMANDS.items()}
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in COMMANDS:
+            return None
+        return self._load(ctx, name) if self._resolving else self.commands[name]
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        self._resolving = True
+        try:
+            return super().resolve_command(ctx, args)
+        finally:
+            self._resolving = False
+
+    @staticmethod
+    def _load(ctx: Any, name: str) -> Any:
+        sub = typer.Typer()
+        importlib.import_module(f"lpq.pipelines.{COMMANDS[name][0]}").register(sub)
+        cmd = typer.main.get_command(sub)    # a group when the module registers several commands
+        return cmd.get_command(ctx, name) if isinstance(cmd, TyperGroup) else cmd
+
+
+app = typer.Typer(cls=LazyCommands, add_completion=False, no_args_is_help=True,
                   help="Quantize LLMs and video DiTs to HiFloat8 / HiFloat4 / MXFP4, evaluate, export.")
 
-# Each module defines `register(app)`; a command is listed here only once it works.
-COMMAND_MODULES = [
-    "formats",
-    "ptq",
-    "inspect",
-    "eval",
-    "train",
-    "export",
-]
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"lpq.pipelines.{_name}").register(app)
+@app.callback()
+def main() -> None:
+    """Quantize LLMs and video DiTs to HiFloat8 / HiFloat4 / MXFP4, evaluate, export."""
+
 
 if __name__ == "__main__":
     app()

@@ -172,3 +172,8 @@ class NormDistill(Step):
         result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self.name),
                                blocks=run.adapter.blocks(model))
         return {"norm_distill": result}
+
+    def report_line(self, entries: dict) -> str:
+        nd = entries["norm_distill"]
+        return (f"norm distillation: {nd['parameters']} norm parameters, {nd['steps']} steps, "
+                f"KL on the training batch {nd['first_loss']:.4f} -> {nd['last_loss']:.4f} nats/token")

@@ -12,7 +12,7 @@ hooks of the recipe's steps, phase by phase, in the recipe's order within a phas
    linears sharing one input, in forward order, `quantize_group(run, block, group)` of the recipe's
    one weight quantizer (RTN, GPTQ, ...), then `on_block_end(run, block)`;
 4. `on_model_end(run)` on the finished quantized model (e.g. end-to-end norm distillation); it
-   returns the entries it adds to the report.
+   returns the entries it adds to the report, and `report_line` says them in one line.
 
 A step's `phase` says where it may stand in a recipe: MODEL steps first, then TRANSFORM steps, then
 exactly one QUANTIZE step, then REFINE steps. Within TRANSFORM, a step that writes the input scale
@@ -79,6 +79,10 @@ class Step:
         pass
 
     def on_model_end(self, run: RunContext) -> dict | None:
+        return None
+
+    def report_line(self, entries: dict) -> str | None:
+        """One line for report.md about what on_model_end returned (None: nothing to say)."""
         return None
 
     def state_dict(self) -> dict:

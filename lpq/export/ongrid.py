@@ -13,17 +13,13 @@ import torch
 from torch import Tensor
 
 from lpq.formats import Packed
-from lpq.formats.hif4 import BLOCK, S_MAX, S_MIN, scale_value
+from lpq.formats.hif4 import BLOCK, S_MAX, S_MIN, scale_code, scale_value
 
 
 def _e6m2_code(s: Tensor) -> tuple[Tensor, Tensor]:
-    """(code, exact) for float64 s: the E6M2 code of s, and whether it represents s exactly."""
+    """(code, exact) for float64 s: the E6M2 code nearest s, and whether it represents s exactly."""
     inside = (s >= S_MIN) & (s <= S_MAX)
-    s32 = torch.where(inside, s, torch.ones_like(s)).float()
-    _, e = torch.frexp(s32)
-    m4 = torch.round(s32 * torch.ldexp(torch.ones_like(s32), 3 - e))     # 4 * significand, in [4, 8]
-    code = ((e - 1 + 48) << 2) + (m4.to(torch.int32) - 4).clamp(0, 3)
-    code = code.clamp(0, 0xFE).to(torch.uint8)
+    code = scale_code(torch.where(inside, s, torch.ones_like(s)).float())
     return code, inside & (scale_value(code).double() == s)
 
 

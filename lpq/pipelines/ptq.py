@@ -314,6 +314,7 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         "baseline": {},
         "quantized": {},
         "offloaded": ctx.offloaded,
+        "notes": [],
     }
     for step in steps:
         t0 = time.perf_counter()
@@ -321,6 +322,9 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         if entries is not None:
             report.update(entries)
             report["timings"][f"{step.name}_s"] = time.perf_counter() - t0
+            line = step.report_line(entries)
+            if line:
+                report["notes"].append(line)
     if cfg.evaluation is not None:
         report.update(ctx.kind.evaluate(loaded, cfg.model, cfg.evaluation, out_dir))
     if cfg.export is not None:

@@ -12,10 +12,7 @@ def write_report(report: dict, out_dir: Path) -> None:
              f"* protected blocks: {report['protected_blocks']}",
              f"* wall time: {report['wall_s']:.1f} s; peak RSS: {report['peak_rss_mb']:.0f} MB",
              f"* algorithms: {', '.join(a['name'] for a in report['algorithms'])}"]
-    if "norm_distill" in report:
-        nd = report["norm_distill"]
-        lines.append(f"* norm distillation: {nd['parameters']} norm parameters, {nd['steps']} steps, "
-                     f"KL on the training batch {nd['first_loss']:.4f} -> {nd['last_loss']:.4f} nats/token")
+    lines += [f"* {note}" for note in report.get("notes", [])]
     if "export" in report:
         ex = report["export"]
         lines.append(f"* export ({ex['kind']}): {ex['path']}, {ex['bits_per_param']:.2f} bits per quantized weight")

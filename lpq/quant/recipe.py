@@ -35,12 +35,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lpq.formats.spec import get_format
+from lpq.formats.spec import FORMATS, get_format
 
 RECIPE_VERSION = 1
 
 # The challenge's limits on blocks kept in high precision (docs: shared/docs/challenge.md).
-BLOCK_BUDGETS = {"hif4": 2, "mxfp4": 5, "mxfp4-rceil": 5, "mxfp4-toolkit": 5, "hif8": 5}
+BLOCK_BUDGETS = {n: s.protected_budget for n, s in FORMATS.items() if s.protected_budget is not None}
 
 
 class Scaling(str, enum.Enum):
@@ -68,7 +68,7 @@ class Reduction(str, enum.Enum):
 
 # Largest finite value per format for the amax rule and the overflow guard; block formats have
 # no fixed largest value (their block scale moves), so the amax rule needs an explicit target.
-FORMAT_LIMITS = {"hif8": 32768.0}
+FORMAT_LIMITS = {n: s.limit for n, s in FORMATS.items() if s.limit is not None}
 
 
 @dataclass
