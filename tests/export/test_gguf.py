@@ -154,3 +154,30 @@ def test_smollm2_gguf_tokenizer_and_weights(tmp_path):
     c = loaded.model.config
     q = loaded.model.model.layers[3].self_attn.q_proj.quantized_weight().detach()
     assert torch.equal(_canonical(tensors["blk.3.attn_q.weight"]), _canonical(q[_rope_rows(q.shape[0], c.num_attention_heads)]))
+
+
+def test_export_command_kinds(tmp_path):
+    """`lpq export --kind gguf | compressed-tensors`: the file it writes, or a one-line refusal."""
+    import typer
+    from typer.testing import CliRunner
+
+    from lpq.pipelines.export import register
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  id: tiny-qwen3\nquant:\n  weight: {format: mxfp4}\n")
+    run = lambda kind, out: CliRunner().invoke(app, ["export", "--config", str(recipe), "--out", str(tmp_path / out),
+                                                     "--kind", kind])
+    done = run("gguf", "g")
+    assert done.exit_code == 0, done.output
+    assert gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields["general.architecture"].contents() == "qwen3"
+    done = run("compressed-tensors", "ct")
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["format"] == \
+        "mxfp4-pack-quantized"
+    recipe.write_text("model:\n  id: tiny-qwen3\nquant:\n  weight: {format: hif4}\n")
+    refused = run("gguf", "h")
+    assert refused.exit_code == 2 and "hif4 weights cannot be written as a GGUF file" in refused.output
+    assert not (tmp_path / "h").exists()
