@@ -233,3 +233,23 @@ def test_marker_is_required_before_anything_is_deleted(tmp_path):
     (out / "mine.txt").unlink()
     with claim_output(out, fingerprint="b", command="lpq ptq", force=True) as run:
         assert run.state == "replaced" and sorted(p.name for p in out.iterdir()) == [MARKER]
+
+
+@pytest.mark.slow   # two exports in two processes at once
+def test_two_exports_into_one_folder_at_once_one_wins(tmp_path):
+    """Whichever order the two runs take the lock in, exactly one writes the folder; the other says why."""
+    from tests.cli.helpers import OFFLINE
+
+    for kind in ("packed", "fake"):
+        (tmp_path / f"{kind}.yaml").write_text(RECIPE.replace("kind: packed", f"kind: {kind}"))
+    env = {k: v for k, v in os.environ.items() if k != HELD_ENV} | OFFLINE
+    procs = [subprocess.Popen([sys.executable, "-m", "lpq.cli", "export", "--config", str(tmp_path / f"{kind}.yaml"),
+                               "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for kind in ("packed", "fake")]
+    results = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    lost = max(results)[1]
+    assert "is in use by another lpq run" in lost or "holds the output of an earlier lpq run" in lost
+    kind = json.loads((tmp_path / "out" / "lpq_export.json").read_text())["kind"]
+    assert results[("packed", "fake").index(kind)][0] == 0                  # the folder is the winner's, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.yaml", "out", "packed.yaml"]
