@@ -44,12 +44,16 @@ def test_export_force_into_the_working_folder_is_refused(recipe, tmp_path, monke
     (work / "sub").rmdir()
     claim_output(work, fingerprint="x", command="lpq export").release()
     before = snapshot(tmp_path)
-    for target in (".", ".."):
-        code, out = lpq("export", "--config", recipe, "--out", target, "--force")
-        assert code == 2, out
-        assert "lpq never replaces or deletes it, even with --force" in error_line(out) or \
-            "not written by lpq" in error_line(out)
-    assert snapshot(tmp_path) == before
+    code, out = lpq("export", "--config", recipe, "--out", ".", "--force")
+    assert code == 2
+    assert "error: . is the working folder; lpq never replaces or deletes it, even with --force" == error_line(out)
+    code, out = lpq("export", "--config", recipe, "--out", "..", "--force")     # tmp_path: the user's
+    assert code == 2 and "not written by lpq" in error_line(out)
+    (work / "inner").mkdir()
+    monkeypatch.chdir(work / "inner")
+    code, out = lpq("export", "--config", recipe, "--out", "..", "--force")     # lpq's, but above us
+    assert code == 2 and "is a folder above the working folder; lpq never replaces" in error_line(out)
+    assert snapshot(tmp_path) == {**before, "work/inner": "dir"}
 
 
 def test_export_adopts_an_empty_folder_and_replaces_its_own_only_with_force(recipe, tmp_path):
