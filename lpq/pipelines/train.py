@@ -1,4 +1,4 @@
-"""`lpq train` (HiF8 QAT vs BF16 reference) and `lpq prepare-data` (Wan latent cache)."""
+"""`lpq train` (QAT runs vs a BF16 reference) and `lpq prepare-data` (Wan latent cache)."""
 from __future__ import annotations
 
 import os
@@ -79,11 +79,13 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set train.steps=20"),
     num_processes: int | None = typer.Option(None, "--num-processes", "-n",
                                              help="processes to launch with accelerate (default: train.num_processes)"),
-    only: str | None = typer.Option(None, "--only", help="train only 'bf16' or 'hif8' (default: both)"),
+    only: str | None = typer.Option(None, "--only", help="train only the run with this label, e.g. 'bf16', "
+                                    "'hif8' or 'hif8_delayed' (default: every run of the recipe)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="start over even when checkpoints exist"),
     force: bool = typer.Option(False, "--force", help="start over in an output_dir that another lpq recipe wrote"),
 ) -> None:
-    """Fine-tune with HiF8 QAT and a BF16 reference run of the same seed; write train_report.json."""
+    """Fine-tune with QAT (one run per compared scaling mode) and a BF16 reference run of the same seed;
+    write train_report.json."""
     recipe = _load(config, overrides)
     _check_and_claim(config, recipe, force)
     n = num_processes or recipe.train.num_processes

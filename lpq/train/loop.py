@@ -1,9 +1,9 @@
-"""One training run (BF16 reference or HiF8 QAT) on accelerate: DDP/FSDP, resumable, NaN-guarded.
+"""One training run (the reference, or one QAT run) on accelerate: DDP/FSDP, resumable, NaN-guarded.
 
-The two runs of a comparison are identical except for quantization: same seed, data order, noise, model
-initialisation and optimizer. Both keep float32 master weights and optimizer state and compute under
-bfloat16 autocast (`train.mixed_precision: bf16`); the HiF8 run additionally fake-quantizes (STE) the
-roles its recipe names, after `bf16_warmup_steps` unquantized steps.
+The runs of a comparison are identical except for quantization: same seed, data order, noise, model
+initialisation and optimizer. All keep float32 master weights and optimizer state and compute under
+bfloat16 autocast (`train.mixed_precision: bf16`); a quantized run additionally fake-quantizes (STE) the
+roles its quantization recipe names, after `bf16_warmup_steps` unquantized steps.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from lpq.train.monitor import JsonlLog, summarize_stats
 from lpq.train.nonfinite import NonFiniteError, diagnose
 from lpq.train.objectives import build_objective, move_batch
 from lpq.train.recipe import Distributed, LrSchedule, Optimizer, TrainConfig, TrainRecipe
+
+if TYPE_CHECKING:
+    from lpq.quant import QuantRecipe
 
 StepCallback = Callable[[int, float], None]
 
@@ -38,8 +41,9 @@ class RunResult:
     eval_loss: float
     eval_loss_initial: float | None = None      # before training (None for checkpoints older than this field)
     extra: dict = field(default_factory=dict)
-    model: nn.Module | None = None              # the trained module, with keep_model (quantizers attached in HiF8)
+    model: nn.Module | None = None              # the trained module, with keep_model (quantizers attached if quantized)
     tokenizer: object | None = None
+    domain_nll: dict[str, list[float]] | None = None   # per-window NLL per domain (recipe.domain_eval)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -122,22 +126,27 @@ def _zero_pending_amax(model: nn.Module) -> None:
 
 
 def _fail_nonfinite(what: str, step: int, raw: nn.Module, replay: Callable[[], object] | None, accelerator,
-                    quantized: bool, run_dir: Path) -> None:
+                    quant: QuantRecipe | None, run_dir: Path) -> None:
     from accelerate.utils import gather_object
 
-    if quantized:
+    if quant is not None:
         _zero_pending_amax(raw)
     found = gather_object([f"rank {accelerator.process_index}: {diagnose(raw, replay)}"])
-    msg = (f"{what} at step {step + 1}; first non-finite tensor: " + "; ".join(found)
-           + (" (HiF8 overflows to Inf at |x| >= 40960 after scaling: check quant_stats.jsonl)" if quantized else ""))
+    hint = ""
+    if quant is not None and "hif8" in quant.formats():
+        hint = " (HiF8 overflows to Inf at |x| >= 40960 after scaling: check quant_stats.jsonl)"
+    elif quant is not None:
+        hint = " (check the quantizer traces in quant_stats.jsonl)"
+    msg = f"{what} at step {step + 1}; first non-finite tensor: " + "; ".join(found) + hint
     if accelerator.is_main_process:
         (run_dir / "nonfinite.txt").write_text(msg + "\n")
     raise NonFiniteError(msg)
 
 
-def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str, resume: bool = True,
+def train_run(recipe: TrainRecipe, run_dir: Path, *, quant: QuantRecipe | None, label: str, resume: bool = True,
               on_step: StepCallback | None = None, keep_model: bool = False) -> RunResult:
-    """Train one model per the recipe into `run_dir`; continues from its latest checkpoint when `resume`.
+    """Train one model per the recipe into `run_dir`, quantized by `quant` (None: the unquantized
+    reference); continues from its latest checkpoint when `resume`.
 
     keep_model: return the trained module (and tokenizer) in the result, e.g. to evaluate it; otherwise
     it is released with the run."""
@@ -147,8 +156,7 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     from lpq.models.hub import load_model
 
     cfg = recipe.train
-    if quantized and recipe.quant is None:
-        raise ValueError("a quantized run needs a `quant:` section in the recipe")
+    quantized = quant is not None
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,8 +165,8 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     if quantized and recipe.export is not None and loaded.kind != "causal_lm":
         # Fail before training, not after: the exporter writes whole Wan pipelines, and training drops
         # the text encoder and VAE.
-        raise ValueError("export: after Wan training is not supported; export the trained transformer "
-                         "(hif8/final) with `lpq export`")
+        raise ValueError(f"export: after Wan training is not supported; export the trained transformer "
+                         f"({label}/final) with `lpq export`")
     objective = build_objective(loaded, recipe)
     model = objective.module
     if cfg.gradient_checkpointing:
@@ -166,7 +174,7 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     if quantized:
         from lpq.quant import quantize_model
 
-        quantize_model(objective.quant_target, recipe.quant)
+        quantize_model(objective.quant_target, quant)
     model.train()
     optimizer = _optimizer(model, cfg)
     # The scheduler is stepped once per optimizer step by this loop (accelerate's prepared scheduler
@@ -222,12 +230,12 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
                 with accelerator.autocast():
                     return objective.loss(raw, replay_batch)
 
-            _fail_nonfinite(f"loss is {step_loss}", step, raw, replay, accelerator, quantized, run_dir)
+            _fail_nonfinite(f"loss is {step_loss}", step, raw, replay, accelerator, quant, run_dir)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
-                _fail_nonfinite(f"gradient norm is {grad_norm}", step, raw, None, accelerator, quantized, run_dir)
+                _fail_nonfinite(f"gradient norm is {grad_norm}", step, raw, None, accelerator, quant, run_dir)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -244,7 +252,7 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
 
                 stats = collect_stats(raw)
                 qlog.write({"step": step + 1, "summary": summarize_stats(stats), "quantizers": stats})
-            bar.set_postfix(loss=f"{step_loss:.4f}", hif8="on" if on else "off")
+            bar.set_postfix(loss=f"{step_loss:.4f}", quant="on" if on else "off")
             bar.update()
         done = step + 1
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
@@ -261,9 +269,11 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quantized: bool, label: str
     eval_loss = evaluate(model, objective, accelerator, cfg.batch_size)
     _save_final(accelerator, model, raw, loaded, run_dir)
     if quantized and recipe.export is not None and accelerator.is_main_process:
-        _export(raw, loaded, recipe, run_dir)
+        _export(raw, loaded, recipe, quant, run_dir)
     result = RunResult(label, run_dir, quantized, state["losses"], state["step_times"], eval_loss,
                        state.get("eval_loss_initial"))
+    if recipe.domain_eval is not None:
+        result.domain_nll = _domain_eval(accelerator, model, loaded.tokenizer, objective, recipe, run_dir, cfg.steps)
     if keep_model:
         # Without accelerate's autocast wrapper the model computes as its saved weights do when loaded (float32).
         result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
@@ -305,14 +315,48 @@ def _check_ranks_identical(accelerator, raw: nn.Module, run_dir: Path) -> bool:
     return len(set(every)) == 1
 
 
-def _export(raw: nn.Module, loaded, recipe: TrainRecipe, run_dir: Path) -> None:
-    """The trained HiF8 model as a quantized checkpoint (lpq.export), by default in run_dir/export."""
+def _domain_eval(accelerator, model: nn.Module, tokenizer, objective, recipe: TrainRecipe, run_dir: Path,
+                 step: int) -> dict[str, list[float]] | None:
+    """Per-window NLL of the trained model (float32, quantizers as trained) on every domain of
+    `recipe.domain_eval` and on the training corpus's held-out blocks, on the main process; kept in
+    run_dir/domain_nll.json and reused while the settings and the final step are unchanged."""
+    import json
+
+    from lpq.config import to_dict
+    from lpq.train.domains import domain_windows, score_domains
+    from lpq.train.recipe import HELD_OUT
+
+    cfg = recipe.domain_eval
+    result = None
+    if accelerator.is_main_process:
+        path = run_dir / "domain_nll.json"
+        key = {"settings": to_dict(cfg), "step": step}
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        if {k: cached.get(k) for k in key} == key:
+            result = cached["nll"]
+        else:
+            windows = domain_windows(cfg, tokenizer)
+            if cfg.held_out:
+                flat = objective.splits.eval.reshape(-1)
+                n = flat.numel() // cfg.seq_len
+                if n:
+                    windows[HELD_OUT] = flat[: n * cfg.seq_len].view(n, cfg.seq_len)
+            # Without accelerate's autocast wrapper: float32, as the saved weights compute.
+            plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            result = score_domains(plain, windows, cfg.batch_size)
+            path.write_text(json.dumps({**key, "nll": result}))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _export(raw: nn.Module, loaded, recipe: TrainRecipe, quant: QuantRecipe, run_dir: Path) -> None:
+    """The trained quantized model as a quantized checkpoint (lpq.export), by default in run_dir/export."""
     from lpq.export import export_model
 
     settings = recipe.export
     out = Path(settings.out) if settings.out else run_dir / "export"
     raw.eval()
-    export_model(raw, recipe.quant, out, kind=settings.kind, force=settings.force, tokenizer=loaded.tokenizer,
+    export_model(raw, quant, out, kind=settings.kind, force=settings.force, tokenizer=loaded.tokenizer,
                  max_shard_gb=settings.max_shard_gb)
     raw.train()
 

@@ -1,10 +1,13 @@
 """What a training run writes besides checkpoints: metrics, quantizer traces and plots.
 
 * `metrics.jsonl`: one line per step (loss, lr, grad norm, step time, quantization on/off);
-* `quant_stats.jsonl`: every `stats_every` steps, per quantizer: amax, scale, and the fractions that
-  overflowed to Inf, flushed to zero or sat in HiF8's 1-mantissa-bit range (|x| >= 2^8 after scaling).
-  These fail silently in the loss (amax saturation, precision loss), so they are logged;
-* PNGs: the loss curves of the runs on one plot, and the worst-case quantizer fractions over time.
+* `quant_stats.jsonl`: every `stats_every` steps, per quantizer: amax, scale, the fractions that
+  overflowed to Inf, flushed to zero or sat in HiF8's 1-mantissa-bit range (|x| >= 2^8 after scaling),
+  and for delayed scaling `amax_vs_history` (this step's amax over the history amax its scale came
+  from). These fail silently in the loss (amax saturation, precision loss, a lagging scale), so they
+  are logged; the quantization pass gathers them itself (lpq.formats.api.fake_quant_stats);
+* PNGs: the loss curves of the runs on one plot, the worst-case quantizer fractions over time per run,
+  and the stability of several runs side by side.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def plot_loss_curves(curves: dict[str, list[float]], path: Path, *, quant_start:
             ax.plot(steps, _moving_average(losses, max(5, len(losses) // 30)), lw=1.8, color=line.get_color(),
                     label=f"{label} (moving average)")
     if quant_start:
-        ax.axvline(quant_start + 0.5, color="gray", ls="--", lw=1, label="HiF8 on (end of BF16 warm-up)")
+        ax.axvline(quant_start + 0.5, color="gray", ls="--", lw=1, label="quantization on (end of warm-up)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
@@ -92,6 +95,36 @@ def plot_quant_stats(rows: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_stability(traces: dict[str, list[dict]], path: Path) -> None:
+    """Per quantized run (traces: `lpq.train.compare.stability(...)["over_time"]`): worst overflow and
+    flush fractions over all quantizers, and the largest amax / history-amax ratio, over the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("max_overflow", "worst overflow to Inf", "symlog"), ("max_flushed", "worst flush to zero", "symlog"),
+              ("max_amax_vs_history", "largest amax / history amax (delayed)", "linear"))
+    for ax, (key, title, scale) in zip(axes, panels):
+        for label, points in traces.items():
+            pts = [(p["step"], p[key]) for p in points if p.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label)
+        if key == "max_amax_vs_history":
+            ax.axhline(1.0, color="gray", ls="--", lw=1)
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -85,6 +85,10 @@ class TrainConfig:
     stats_every: int = 10                 # per-quantizer amax/scale/overflow statistics
     seed: int = 0
     reference_run: bool = True            # also train the unquantized reference with the same seed
+    # Quantized runs side by side, one per per-tensor scaling mode ("current", "delayed"): each applies
+    # that mode to the activation, gradient and attention roles of `quant` that scale per tensor
+    # (weights keep their own rule). Empty: one quantized run, exactly as `quant` says.
+    compare: list[str] = field(default_factory=list)
     num_processes: int = 1
     distributed: Distributed = Distributed.DDP
     flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
@@ -107,6 +111,14 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        bad = [m for m in self.compare if m not in COMPARE_MODES]
+        if bad:
+            raise ValueError(f"compare: {bad[0]!r} is not a scaling mode; allowed: {', '.join(COMPARE_MODES)}")
+        if len(set(self.compare)) != len(self.compare):
+            raise ValueError(f"compare lists a mode twice: {self.compare}")
+
+
+COMPARE_MODES = ("current", "delayed")
 
 
 class DataKind(enum.Enum):
@@ -158,6 +170,41 @@ class DataConfig:
             raise ValueError("paths must name at least one text/JSONL file or 'pydoc-topics'")
 
 
+# Text domains of `domain_eval` (lpq.train.domains says what each one is).
+DOMAINS = ("wikitext2", "gsm8k", "chat", "fortunes")
+HELD_OUT = "train_heldout"              # the training corpus's held-out blocks
+
+
+class Split(enum.Enum):
+    VALID = "valid"
+    TEST = "test"
+
+
+@dataclass
+class DomainEvalConfig:
+    """The `domain_eval:` recipe section."""
+
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    split: Split = Split.TEST
+    windows: int = 8                      # per domain
+    seq_len: int = 256
+    batch_size: int = 4
+    data_dir: str | None = None           # default: $LPQ_DATA_DIR, else ../shared/data beside the repo
+    held_out: bool = True                 # also score the training corpus's held-out blocks
+    bootstrap: int = 10000
+
+    def __post_init__(self) -> None:
+        self.split = Split(self.split)
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"unknown domain {bad[0]!r}; allowed: {', '.join(DOMAINS)}")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains has duplicates: {self.domains}")
+        for name in ("windows", "seq_len", "batch_size", "bootstrap"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise ValueError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+
+
 @dataclass
 class TrainRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -171,6 +218,15 @@ class TrainRecipe:
     export: ExportSettings = None  # type: ignore[assignment]
     # `lpq eval` of the HiF8-trained model against the BF16-trained one after both runs (None: skip).
     eval: EvalSettings = None  # type: ignore[assignment]
+    # Perplexity of every trained model on several text domains, each quantized run paired with the
+    # reference (None: skip).
+    domain_eval: DomainEvalConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.train.compare and self.quant is None:
+            raise ValueError("train.compare needs a `quant:` section (the runs it compares are quantized)")
+        if self.domain_eval is not None and self.data.kind is not DataKind.TEXT:
+            raise ValueError("domain_eval scores text domains; it needs data.kind 'text' (a causal LM)")
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:

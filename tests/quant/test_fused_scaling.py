@@ -1,11 +1,14 @@
-"""fake_quant_scaled (the one-pass HiF8 kernel behind TensorQuantizer's per-tensor scaling) must equal
-the unfused expression `(fake_quant(x.float() * s) / s).to(x.dtype)` bit for bit; both give the identity
-(straight-through) gradient."""
+"""fake_quant_scaled and fake_quant_stats (the one-pass HiF8 kernels behind TensorQuantizer's per-tensor
+scaling) must equal the unfused expression `(fake_quant(x.float() * s) / s).to(x.dtype)` bit for bit and
+measure what the plain-PyTorch statistics measure; both give the identity (straight-through) gradient,
+and a quantizer on the kernels behaves bit for bit as one on the reference backend."""
+import math
+
 import pytest
 import torch
 
 from lpq.formats import fake_quant
-from lpq.formats.api import fake_quant_scaled, fake_quant_scaled_ste
+from lpq.formats.api import fake_quant_scaled, fake_quant_scaled_ste, fake_quant_stats, moments
 from lpq.formats._build import load_kernel
 from lpq.quant import QuantizerSpec, TensorQuantizer, update_delayed_scales
 
@@ -93,7 +96,7 @@ def test_straight_through_gradient_is_the_identity_on_both_paths(dtype, scale):
     assert _same_bits(a.grad, g)
 
     spec = QuantizerSpec("hif8", scaling="current")
-    for track in (False, True):   # tracking statistics takes the unfused path
+    for track in (False, True):   # tracking statistics takes the fused statistics pass
         q = TensorQuantizer(spec, "input").train()
         q.track_stats = track
         b = x.clone().requires_grad_()
@@ -103,19 +106,119 @@ def test_straight_through_gradient_is_the_identity_on_both_paths(dtype, scale):
         assert _same_bits(b.grad, g)
 
 
-@pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_quantizer_output_unchanged_by_fusion(scaling):
-    # TensorQuantizer fuses unless it tracks stats; with stats on it runs the unfused code.
+def _reference_stats(x: torch.Tensor, scale: float) -> dict:
+    """The statistics of fake_quant_stats written out in plain PyTorch (float64 sum of squares)."""
+    xs = x.float() * torch.tensor(scale, dtype=torch.float32)
+    ys = fake_quant(xs, "hif8", backend="ref")
+    finite = torch.isfinite(xs)
+    amax = x.float().abs().amax()
+    return {"amax": amax, "sumsq": x.double().square().sum(), "overflow": (torch.isinf(ys) & finite).sum(),
+            "flushed": ((ys == 0) & (xs != 0)).sum(), "coarse": ((xs.abs() >= 256) & finite).sum()}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [2.0 ** -100, 2.0 ** -7, 1.0, 2.0 ** 13, 2.0 ** 100])
+def test_fused_statistics_kernel_matches_the_reference(dtype, scale):
+    # One C++ pass: the quantized values bit for bit, amax and the counts exactly, the float64 sum of
+    # squares to float64 rounding (a different summation order); finite random bit patterns of every
+    # magnitude, then NaN/Inf.
+    x = _random_values(dtype, 40_000)
+    x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=dtype))
+    for case in (x, torch.cat([x, torch.tensor([float("inf"), -3.0, float("nan")], dtype=dtype)])):
+        y, st = fake_quant_stats(case, "hif8", scale, counts=True, backend="cpp")
+        assert _same_bits(y, _unfused(case, scale))
+        ref = _reference_stats(case, scale)
+        assert _same_bits(st["amax"].reshape(1), ref["amax"].reshape(1))
+        for k in ("overflow", "flushed", "coarse"):
+            assert int(st[k]) == int(ref[k]), k
+        got, want = float(st["sumsq"]), float(ref["sumsq"])
+        if math.isfinite(want):
+            assert got == pytest.approx(want, rel=1e-12)
+        else:   # Inf in x: Inf; Inf and NaN: NaN
+            assert math.isnan(got) == math.isnan(want) and (math.isnan(want) or got == want)
+
+
+@needs_kernel
+def test_fused_pass_writes_bfloat16_exactly_and_measures_without_quantizing():
     torch.manual_seed(0)
-    spec = QuantizerSpec("hif8", scaling=scaling)
-    fused, unfused = TensorQuantizer(spec, "input").train(), TensorQuantizer(spec, "input").train()
-    unfused.track_stats = True
-    for _ in range(3):
-        x = (torch.randn(16, 96) * 50).bfloat16()
-        assert _same_bits(fused(x), unfused(x))
-        update_delayed_scales(fused)
-        update_delayed_scales(unfused)
-    assert torch.equal(fused.scale, unfused.scale)
+    x = torch.randn(300, 77) * 40
+    y, st = fake_quant_stats(x, "hif8", 2.0 ** -3, out_dtype=torch.bfloat16, backend="cpp")
+    assert y.dtype == torch.bfloat16 and _same_bits(y, _unfused(x, 2.0 ** -3).bfloat16())
+    assert torch.equal(y.float(), _unfused(x, 2.0 ** -3))       # exact: no rounding in the narrowing
+    amax, sumsq = moments(x, backend="cpp")
+    assert float(amax) == float(x.abs().amax()) == float(st["amax"])
+    assert float(sumsq) == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+    assert float(sumsq) == float(st["sumsq"])
+
+
+@needs_kernel
+def test_fused_statistics_do_not_depend_on_the_thread_count():
+    x = torch.randn(5, 70_001) * 3
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(fake_quant_stats(x, "hif8", 4.0, counts=True, backend="cpp"))
+    finally:
+        torch.set_num_threads(before)
+    (y1, s1), (y2, s2) = results
+    assert torch.equal(y1, y2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+@pytest.mark.parametrize("track", [False, True])
+def test_quantizer_matches_the_reference_backend_bit_for_bit(scaling, track, monkeypatch):
+    # The quantizer's fused path (C++ statistics + quantization in one pass) against the same
+    # quantizer on the plain-PyTorch reference (LPQ_BACKEND=ref): outputs, gradients, scales,
+    # histories and tracked statistics identical over several delayed-scaling steps.
+    torch.manual_seed(0)
+    spec = QuantizerSpec("hif8", scaling=scaling, history_len=3)
+    xs = [(torch.randn(16, 96) * 10.0 ** k).to(dt) for k, dt in ((0, torch.bfloat16), (3, torch.float32),
+                                                                  (-2, torch.bfloat16), (1, torch.float32))]
+
+    def run(backend: str):
+        monkeypatch.setenv("LPQ_BACKEND", backend)
+        q = TensorQuantizer(spec, "input").train()
+        q.track_stats = track
+        outs = []
+        for x in xs:
+            a = x.clone().requires_grad_()
+            y = q(a)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), a.grad, dict(q.last_stats or {})))
+            update_delayed_scales(q)
+        return q, outs
+
+    fused, f_out = run("auto")
+    ref, r_out = run("ref")
+    for (yf, gf, sf), (yr, gr, sr) in zip(f_out, r_out):
+        assert _same_bits(yf, yr) and _same_bits(gf, gr)
+        assert sf.keys() == sr.keys()
+        for k in sf:
+            assert sf[k] == pytest.approx(sr[k], rel=1e-12) if isinstance(sf[k], float) else sf[k] == sr[k], k
+    for name in ("scale", "amax_history", "rms_history"):
+        assert torch.equal(getattr(fused, name), getattr(ref, name)), name
+
+
+def test_quantizer_writes_bfloat16_for_matmul_operands_under_autocast():
+    # A weight or linear input quantized in training under bfloat16 autocast comes out as bfloat16 (the
+    # matmul would cast it anyway; the values are exact); gradients flow back in the input's dtype.
+    torch.manual_seed(0)
+    w = (torch.randn(32, 48) * 0.05).requires_grad_()
+    for role, expect in (("weight", torch.bfloat16), ("grad", torch.float32)):
+        q = TensorQuantizer(QuantizerSpec("hif8", scaling="current"), role).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = q(w)
+        assert y.dtype == expect
+        assert torch.equal(y.float(), fake_quant_scaled(w.detach(), "hif8", float(q.scale)))
+        y.float().sum().backward()
+        assert w.grad.dtype == torch.float32 and torch.equal(w.grad, torch.ones_like(w))
+        w.grad = None
+    q = TensorQuantizer(QuantizerSpec("hif8", scaling="current"), "weight").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q(w).dtype == torch.float32      # eval: cached weights are reused outside autocast
 
 
 def test_batched_delayed_update_matches_one_quantizer_at_a_time():

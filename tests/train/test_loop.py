@@ -38,7 +38,7 @@ def test_hif8_and_reference_runs_report(corpus, tmp_path):
     assert any(name.endswith("mlp.down_proj.input_quantizer") for name in q)
     assert any(name.endswith("lpq_attention.p_quantizer") for name in q)
     for s in q.values():
-        assert set(s) == {"amax", "scale", "overflow", "flushed", "coarse"}
+        assert {"amax", "scale", "overflow", "flushed", "coarse"} <= set(s)
         assert 0 <= s["overflow"] <= 1 and 0 <= s["flushed"] <= 1 and s["scale"] > 0
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "hif8" / "quant_stats.png").stat().st_size > 0
