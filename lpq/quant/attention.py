@@ -9,10 +9,12 @@ The quantizers live in an `AttentionQuantizers` module attached to each attentio
 * diffusers Wan: `QuantWanAttnProcessor`, set on each `WanAttention`.
 
 With quantization disabled both call the original implementation, so outputs are unchanged bit
-for bit. Enabled, attention is computed explicitly, by one of two paths (`AttentionQuantizers.impl`):
+for bit. Enabled, attention is computed explicitly, by one of these paths (`AttentionQuantizers.impl`):
 
 * `tiled` (lpq.quant.tiled_attention): scores recomputed in block_q x block_k tiles, memory
   independent of query length x key length, custom backward;
+* `fused` (opt-in): the tiled computation in Triton kernels (lpq.kernels.attention; CUDA, or CPU
+  under TRITON_INTERPRET=1), P in HiF8 or unquantized;
 * `materialized`: the plain reference, P held whole (memory grows with query x key length).
 
 `auto` (the default) takes the tiled path when the scores of a call span more than one tile and
@@ -31,11 +33,11 @@ from torch import Tensor, nn
 
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import AttentionRecipe
-from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, tiled_quantized_attention,
-                                       unsupported_reason)
+from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, fused_quantized_attention,
+                                       fused_unsupported_reason, tiled_quantized_attention, unsupported_reason)
 
 ROLES = ("q", "k", "v", "p")
-IMPLS = ("auto", "tiled", "materialized")
+IMPLS = ("auto", "tiled", "fused", "materialized")
 
 
 class AttentionQuantizers(nn.Module):
@@ -65,8 +67,8 @@ def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, val
     if aq.impl not in IMPLS:
         raise ValueError(f"AttentionQuantizers.impl is {aq.impl!r}; valid: {', '.join(IMPLS)}")
     why = unsupported_reason(aq.p_quantizer, dropout if training else 0.0)
-    if aq.impl == "tiled" and why is not None:
-        raise NotImplementedError(f"tiled quantized attention: {why}; use impl='materialized' or 'auto'")
+    if aq.impl in ("tiled", "fused") and why is not None:
+        raise NotImplementedError(f"{aq.impl} quantized attention: {why}; use impl='materialized' or 'auto'")
     q = aq.quantize("q", query)
     k = aq.quantize("k", key)
     v = aq.quantize("v", value)
@@ -77,6 +79,8 @@ def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, val
     sq, skv = q.shape[-2], k.shape[-2]
     tiled = aq.impl == "tiled" or (aq.impl == "auto" and why is None
                                    and (sq > aq.block_q or skv > aq.block_k))
+    if aq.impl == "fused":
+        return fused_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer)
     if tiled:
         return tiled_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer, aq.block_q, aq.block_k)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling

@@ -29,6 +29,7 @@ would compute it per tile).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -191,7 +192,8 @@ class TiledQuantAttention(torch.autograd.Function):
                 p_quantizer: TensorQuantizer | None, block_q: int, block_k: int) -> Tensor:
         prob = _Problem(q, k, v, mask, scaling, causal, block_q, block_k)
         m, l = prob.row_stats()
-        pquant, stats = _choose_p_scale(prob, m, l, p_quantizer)
+        numel = q.shape[:-1].numel() * prob.skv
+        pquant, stats = _choose_p_scale(p_quantizer, q.device, numel, lambda: _tile_moments(prob, m, l))
         vf = v.float()
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         # O' = P V with the float P, for the softmax backward's row term; only when a gradient is due.
@@ -208,7 +210,7 @@ class TiledQuantAttention(torch.autograd.Function):
                 out[..., i0:i1, :] += pq.float() @ vf[..., j0:j1, :]
                 if out_float_p is not None:
                     out_float_p[..., i0:i1, :] += p @ vf[..., j0:j1, :]
-        _finish_p_quantizer(p_quantizer, pquant, stats, q.shape[:-1].numel() * prob.skv)
+        _finish_p_quantizer(p_quantizer, pquant, stats, numel)
         ctx.save_for_backward(q, k, v, m, l, out_float_p, mask)
         ctx.settings = (scaling, causal, block_q, block_k, pquant)
         return out.to(q.dtype)
@@ -239,6 +241,69 @@ class TiledQuantAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
+class FusedQuantAttention(torch.autograd.Function):
+    """TiledQuantAttention's computation in Triton kernels (lpq.kernels.attention): P in HiF8 or
+    unquantized, Q, K, V already quantized, K and V with Q's number of heads."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                p_quantizer: TensorQuantizer | None, block_q: int, block_k: int) -> Tensor:
+        from lpq.kernels.attention import FusedProblem
+        from lpq.kernels.formats import Stats
+
+        fp = FusedProblem(q, k, v, mask, scaling, causal, block_q, block_k)
+        quant = p_quantizer is not None
+        numel = q.shape[:-1].numel() * k.shape[-2]
+
+        def moments_of_p() -> tuple[Tensor, Tensor]:
+            first = Stats(q.device)
+            fp.forward(quant, None, 1, first, False)
+            return first.amax, first.sumsq[0]
+
+        pquant, stats = _choose_p_scale(p_quantizer, q.device, numel, moments_of_p)
+        kernel_stats = Stats(q.device) if stats is not None else None
+        need_grad = any(ctx.needs_input_grad[:3])
+        out, out_float_p, m, l = fp.forward(quant, pquant.scale, 2, kernel_stats, need_grad)
+        if stats is not None:
+            stats.add(kernel_stats.amax, kernel_stats.sumsq[0],
+                      dict(zip(("overflow", "flushed", "coarse"), kernel_stats.counts)))
+        _finish_p_quantizer(p_quantizer, pquant, stats, numel)
+        ctx.fused = (fp, quant, pquant.scale)
+        ctx.save_for_backward(out_float_p, m, l)
+        return out.reshape(q.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        fp, quant, scale = ctx.fused
+        out_float_p, m, l = ctx.saved_tensors
+        dq, dk, dv = fp.backward(grad_out, out_float_p, m, l, quant, scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def fused_unsupported_reason(q: Tensor, p_quantizer: TensorQuantizer | None) -> str | None:
+    """Why the fused Triton kernels cannot compute this call (beyond unsupported_reason), or None."""
+    from lpq import kernels
+
+    why = kernels.why_unavailable(q.device)
+    if why is not None:
+        return why
+    if p_quantizer is not None and p_quantizer.spec.format != "hif8":
+        return f"the fused kernels quantize P in hif8 only, not {p_quantizer.spec.format}"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the fused kernels take float32, bfloat16 or float16, not {q.dtype}"
+    return None
+
+
+def _tile_moments(prob: _Problem, m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
+    """amax and float64 sum of squares of the whole P (in the query dtype), tile by tile."""
+    acc = _Stats(prob.q.device, True, False)
+    for i0, i1 in prob.tiles_q():
+        for j0, j1 in prob.tiles_k(i0, i1):
+            acc.add(*moments(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)))
+    return acc.amax, acc.sumsq
+
+
 def _needs_stats_first(quantizer: TensorQuantizer) -> bool:
     scaling = quantizer.spec.scaling
     if scaling == Scaling.CURRENT:
@@ -246,23 +311,19 @@ def _needs_stats_first(quantizer: TensorQuantizer) -> bool:
     return scaling == Scaling.DELAYED and not bool((quantizer.scale > 0).all())
 
 
-def _choose_p_scale(prob: _Problem, m: Tensor, l: Tensor,
-                    quantizer: TensorQuantizer | None) -> tuple[_PQuant, _Stats | None]:
-    """The scale P is quantized with, found as TensorQuantizer.forward finds it (a statistics pass
-    first where the scale depends on this P), and the statistics still to gather in the output
-    pass (None: none)."""
+def _choose_p_scale(quantizer: TensorQuantizer | None, device: torch.device, numel: int,
+                    moments_of_p: Callable[[], tuple[Tensor, Tensor]]) -> tuple[_PQuant, _Stats | None]:
+    """The scale P is quantized with, found as TensorQuantizer.forward finds it (a statistics pass,
+    `moments_of_p()` -> (amax, sum of squares) of the whole P, first where the scale depends on this
+    P), and the statistics still to gather in the output pass (None: none)."""
     if quantizer is None:
         return _PQuant(None, None), None
-    device = prob.q.device
     track = quantizer.track_stats
     if quantizer.spec.scaling == Scaling.NONE:
         return _PQuant(quantizer, None), (_Stats(device, False, True) if track else None)
-    numel = prob.q.shape[:-1].numel() * prob.skv
     if _needs_stats_first(quantizer):
         first = _Stats(device, True, False)
-        for i0, i1 in prob.tiles_q():
-            for j0, j1 in prob.tiles_k(i0, i1):
-                first.add(*moments(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)))
+        first.add(*moments_of_p())
         scale = quantizer._scale_for(first.amax.reshape(1), first.rms(numel).reshape(1), None)
         return _PQuant(quantizer, float(scale.reshape(()))), (_Stats(device, False, True) if track else None)
     # Delayed scaling with a stored scale: quantize with it; this call's statistics are recorded as
@@ -282,11 +343,15 @@ def _finish_p_quantizer(quantizer: TensorQuantizer | None, pquant: _PQuant, stat
         # Returns the stored scale (already used) and records the pending amax/RMS.
         quantizer._scale_for(stats.amax.reshape(1), stats.rms(numel).reshape(1), None)
     if quantizer.track_stats:
+        totals = {"amax": stats.amax, "sumsq": stats.sumsq, **stats.totals}
+        record = getattr(quantizer, "_record_fused_stats", None)
+        if record is not None:   # the quantizer's own recorder of fused statistics: the same meaning by construction
+            record(totals, pquant.scale, numel, None)
+            return
         n = max(numel, 1)
-        scale = pquant.scale
         quantizer.last_stats = {
             "amax": float(stats.amax) if numel else 0.0,
-            "scale": scale,
+            "scale": pquant.scale,
             "overflow": float(stats.totals["overflow"]) / n,
             "flushed": float(stats.totals["flushed"]) / n,
             "coarse": float(stats.totals["coarse"]) / n if spec.format == "hif8" else None,
@@ -303,6 +368,19 @@ def tiled_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | No
         raise ValueError(f"attention tile sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
     return TiledQuantAttention.apply(q, k, v, mask, scaling, causal, p_quantizer, block_q,
                                      key_tile(block_k, p_quantizer))
+
+
+def fused_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                              p_quantizer: TensorQuantizer | None, block_q: int = 64, block_k: int = 64) -> Tensor:
+    """tiled_quantized_attention in fused Triton kernels (see fused_unsupported_reason); block_q and
+    block_k are the kernels' tile sizes (powers of two >= 16)."""
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"fused attention {name} must be a power of two >= 16, got {b}")
+    why = fused_unsupported_reason(q, p_quantizer)
+    if why is not None:
+        raise NotImplementedError(f"fused quantized attention: {why}")
+    return FusedQuantAttention.apply(q, k, v, mask, scaling, causal, p_quantizer, block_q, block_k)
 
 
 def key_tile(block_k: int, p_quantizer: TensorQuantizer | None) -> int:

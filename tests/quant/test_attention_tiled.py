@@ -120,8 +120,9 @@ def _compare(fmt, scaling, mask_kind, causal, hkv=2, dtype=torch.float32, train=
     if scaling != "none":
         # the scale the last call used: the stored one, or (current scaling, or delayed scaling that
         # never stored one because it ran in evaluation) the one from this P's statistics
+        pf = p_mat.float()
         scale = pq.scale if scaling == "delayed" and bool((pq.scale > 0).all()) else \
-            compute_scale(*pq._statistics(p_mat, None), pq.spec)
+            compute_scale(pf.abs().amax().reshape(1), pf.square().mean().sqrt().reshape(1), pq.spec)
     pq_mat = (fake_quant_scaled(p_mat, fmt, float(scale)) if scale is not None else fake_quant(p_mat, fmt)).float()
     p_til, pq_til = _tiled_p(aq, q, k, v, mask, causal, float(scale) if scale is not None else None)
     differs = pq_mat != pq_til
@@ -227,7 +228,7 @@ def test_auto_picks_tiled_only_beyond_one_tile():
     finally:
         tiled_attention.TiledQuantAttention.apply = orig
     aq.impl = "fast"
-    with pytest.raises(ValueError, match="valid: auto, tiled, materialized"):
+    with pytest.raises(ValueError, match="valid: auto, tiled, fused, materialized"):
         quantized_attention(aq, q, k, v, None, 0.3, True)
 
 
