@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--tiled", type=int, nargs="*", default=TILED, help="token counts for the tiled path")
     ap.add_argument("--materialized", type=int, nargs="*", default=MATERIALIZED,
                     help="token counts for the materialized path")
+    ap.add_argument("--fused", type=int, nargs="*", default=[],
+                    help="token counts for the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--block-q", type=int, default=512)
     ap.add_argument("--block-k", type=int, default=1024)
@@ -94,7 +96,8 @@ def main() -> None:
         print(json.dumps(_one(args.one[0], int(args.one[1]), args.threads, args.block_q, args.block_k,
                               args.device, args.heads)))
         return
-    runs = [("materialized", n) for n in args.materialized] + [("tiled", n) for n in args.tiled]
+    runs = ([("materialized", n) for n in args.materialized] + [("tiled", n) for n in args.tiled]
+            + [("fused", n) for n in args.fused])
     rows = []
     for impl, n in runs:
         cmd = [sys.executable, __file__, "--one", impl, str(n), "--threads", str(args.threads),
@@ -111,13 +114,14 @@ def main() -> None:
         print(f"{impl:>12} {n:>6} tokens: fwd+bwd {row['fwd_bwd_s']:8.2f} s (fwd {row['forward_s']:7.2f} s), "
               f"extra memory {row['extra_mb']:9.1f} MB, peak {row['peak_mb']:9.1f} MB", flush=True)
     by = {(r["impl"], r["tokens"]): r for r in rows}
-    both = sorted(n for (impl, n) in by if impl == "tiled" and ("materialized", n) in by)
-    if both:
-        print("\ntiled / materialized at the same length (same run, same machine):")
-        for n in both:
-            t, m = by[("tiled", n)], by[("materialized", n)]
-            print(f"  {n:>6} tokens: time {t['fwd_bwd_s'] / m['fwd_bwd_s']:.2f}x, "
-                  f"extra memory {t['extra_mb']:.0f} MB vs {m['extra_mb']:.0f} MB")
+    for impl in ("tiled", "fused"):
+        both = sorted(n for (i, n) in by if i == impl and ("materialized", n) in by)
+        if both:
+            print(f"\n{impl} / materialized at the same length (same run, same machine):")
+            for n in both:
+                t, m = by[(impl, n)], by[("materialized", n)]
+                print(f"  {n:>6} tokens: time {t['fwd_bwd_s'] / m['fwd_bwd_s']:.2f}x, "
+                      f"extra memory {t['extra_mb']:.0f} MB vs {m['extra_mb']:.0f} MB")
     print(f"\ntile {args.block_q} x {args.block_k}, {args.heads} head(s), head dim 128, float32, {args.threads} thread(s), "
           f"device {args.device}")
 

@@ -4,7 +4,7 @@
 #   2. Triton kernel time / torch.clone time per format (plain, scaled, scaled + statistics), side by side;
 #   3. a tiny PTQ (`lpq ptq`, tiny-llama saved with save_pretrained, model.device_map: cuda) and a
 #      tiny HiF8 QAT run (`lpq train`, which trains on the GPU whenever one is visible);
-#   4. the quantized attention bench on the GPU (tiled vs materialized, 12 heads as Wan2.1-1.3B).
+#   4. the quantized attention bench on the GPU (tiled, fused and materialized, 12 heads as Wan2.1-1.3B).
 # Usage: scripts/gpu_check.sh [work dir]   (default: a fresh temporary folder). Needs a CUDA build of
 # torch 2.13.0 in .venv (scripts/setup.sh installs the CPU wheel) and `pip install triton`.
 # Runs every step even when one fails, then exits non-zero naming the failed steps; without a usable
@@ -126,7 +126,8 @@ check "tiny PTQ on cuda"
 check "tiny QAT on cuda"
 
 echo "== 4. attention bench on cuda (12 heads: one Wan2.1-1.3B attention call)"
-"$PY" scripts/bench_attention.py --device cuda --heads 12 --tiled 8192 16384 32760 --materialized 4096 8192 16384
+"$PY" scripts/bench_attention.py --device cuda --heads 12 --tiled 8192 16384 32760 --fused 8192 16384 32760 \
+  --materialized 4096 8192 16384
 check "attention bench on cuda"
 
 if [ ${#FAILED[@]} -ne 0 ]; then
