@@ -21,16 +21,10 @@ from torch import Tensor, nn
 from lpq.config import ConfigError, from_dict
 from lpq.export import layout as L
 from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
-from lpq.export.tensor_io import as_torch_dtype, check_files, iter_file, load_json, read_headers
+from lpq.export.tensor_io import StoredTensor, as_torch_dtype, check_files, iter_file, load_json, read_headers
 from lpq.formats import Packed
 from lpq.quant import InputTransform, quantize_model, set_input_transform
 from lpq.quant.recipe import QuantRecipe
-
-# safetensors header dtype names -> torch dtypes (for placeholders made before a tensor is read)
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-
 
 def _tensor_at(net: nn.Module, key: str) -> Tensor:
     module_name, _, attr = key.rpartition(".")
@@ -50,13 +44,6 @@ def _fill(target: Tensor, value: Tensor) -> None:
     if isinstance(target, nn.Parameter):
         value = nn.Parameter(value, requires_grad=target.requires_grad)
     torch.utils.swap_tensors(target, value)
-
-
-def _own_memory(t: Tensor, device: torch.device | None) -> Tensor:
-    """A copy of a tensor read from a file in memory of its own, allocated as the model's would be.
-    (safetensors gives views at arbitrary byte offsets, and unaligned data takes other SIMD paths
-    in some CPU kernels, whose float results then differ in the last bits.)"""
-    return torch.empty_like(t, device=device or "cpu", memory_format=torch.contiguous_format).copy_(t)
 
 
 def _build(folder: Path, info: dict[str, Any]) -> nn.Module:
@@ -126,8 +113,7 @@ def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: d
     qw.set(qw.parameter())          # marks it pre-quantized (the copy is onto itself)
 
 
-def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]],
-                       headers: dict[str, tuple[str, str, list[int]]]) -> None:
+def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]], headers: dict[str, StoredTensor]) -> None:
     """The input transforms of the index, before the tensors are read: a scale is a placeholder of
     its stored dtype and shape until its tensor comes."""
     for name, entry in entries.items():
@@ -138,15 +124,14 @@ def _attach_transforms(net: nn.Module, entries: dict[str, dict[str, Any]],
         try:
             scale = None
             if key is not None:
-                _, dtype, shape = headers[key]
-                scale = torch.empty(shape, dtype=_ST_TORCH.get(dtype, torch.float32), device="meta")
+                scale = torch.empty(headers[key].shape, dtype=headers[key].dtype, device="meta")
             set_input_transform(net, name, InputTransform(entry["hadamard_block"], scale))
         except (TypeError, ValueError) as e:
             raise L.CheckpointError(f"{name}: cannot attach its input transform ({e}); the checkpoint does not "
                                     f"match the model built from its config") from None
 
 
-def _open(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str, list[int]]]]:
+def _open(folder: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
     """A packed network's index and the tensors its files hold (from the headers), after checking
     versions and file sizes; no tensor data is read."""
     index = load_json(folder / L.INDEX, "not an lpq packed network folder (no index)",
@@ -186,8 +171,8 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
     part_of = {p: key for key, e in entries.items() for p in _parts(key, e) if p in headers}
     dense = [k for k in headers if k not in part_of]
     for key in dense:
-        target, shape = _tensor_at(net, key), headers[key][2]
-        if list(target.shape) != shape:
+        target, shape = _tensor_at(net, key), headers[key].shape
+        if tuple(target.shape) != shape:
             raise L.CheckpointError(f"{key}: stored shape {tuple(shape)}, the model built from the config has "
                                     f"{tuple(target.shape)}")
     tied: dict[str, str] = index["tied"]
@@ -201,10 +186,10 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
     remaining = {key: sum(p in headers for p in _parts(key, e)) for key, e in entries.items()}
     with torch.no_grad():
         for fname, info in index["files"].items():
-            for name, t in iter_file(folder, fname, info, verify):
+            for name, t in iter_file(folder, fname, info, headers, verify):
                 key = part_of.get(name)
                 if key is None:
-                    _fill(_tensor_at(net, name), _own_memory(t, device))
+                    _fill(_tensor_at(net, name), t if device is None else t.to(device))
                     continue
                 pending.setdefault(key, {})[name] = t
                 if len(pending[key]) == remaining[key]:

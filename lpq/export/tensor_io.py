@@ -1,15 +1,16 @@
-"""safetensors shards with sizes and SHA-256 checksums, and reading them back with clear errors."""
+"""safetensors shards written and read one tensor at a time, with sizes and SHA-256 checksums and clear errors."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from lpq.export.layout import CheckpointError
@@ -137,6 +138,7 @@ class ShardWriter:
 
 
 _ST_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in _ST_DTYPES.items()}
+_TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
 
 
 def write_shards(folder: Path, stem: str, tensors: dict[str, Tensor], metadata: dict[str, str],
@@ -169,35 +171,88 @@ def check_files(folder: Path, files: dict[str, dict]) -> None:
             raise _damaged(path, f"{size} bytes, the index says {info['bytes']}: truncated or overwritten")
 
 
-def read_headers(folder: Path, files: dict[str, dict]) -> tuple[dict[str, tuple[str, str, list[int]]], dict[str, str]]:
-    """The tensors of the listed files from their headers only: ({name: (file, safetensors dtype, shape)},
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lies in a safetensors file (from its header)."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int                 # byte offset in the file
+    nbytes: int
+
+
+_MAX_HEADER = 1 << 28
+
+
+def _read_header(path: Path, fname: str) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Parse a safetensors header and check it describes exactly the file's data (contiguous tensors
+    of known dtypes whose sizes match their shapes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise _damaged(path, "safetensors cannot read it: the header length does not fit the file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        found: dict[str, StoredTensor] = {}
+        for name, e in header.items():
+            dtype = _TORCH_DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise ValueError(f"{name}: unknown dtype {e['dtype']!r}")
+            begin, end = (int(v) for v in e["data_offsets"])
+            shape = tuple(int(d) for d in e["shape"])
+            if end - begin != math.prod(shape) * _ST_ITEMSIZE[e["dtype"]]:
+                raise ValueError(f"{name}: {end - begin} bytes for shape {list(shape)}")
+            found[name] = StoredTensor(fname, dtype, shape, 8 + n + begin, end - begin)
+    except (ValueError, KeyError, TypeError) as e:
+        raise _damaged(path, f"safetensors cannot read it: {e}") from None
+    covered = 8 + n
+    for t in sorted(found.values(), key=lambda t: t.start):
+        if t.start != covered:
+            raise _damaged(path, "safetensors cannot read it: the tensors' byte ranges overlap or leave gaps")
+        covered += t.nbytes
+    if covered != size:
+        raise _damaged(path, f"safetensors cannot read it: the tensors end at byte {covered} of {size}")
+    return found, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_headers(folder: Path, files: dict[str, dict]) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of the listed files from their headers only (no data is read): ({name: StoredTensor},
     the safetensors metadata of the first file)."""
-    found: dict[str, tuple[str, str, list[int]]] = {}
+    found: dict[str, StoredTensor] = {}
     metadata: dict[str, str] = {}
-    for fname in files:
-        path = folder / fname
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = metadata or dict(f.metadata() or {})
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    found[name] = (fname, sl.get_dtype(), list(sl.get_shape()))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise _damaged(path, f"safetensors cannot read it: {e}") from None
+    for i, fname in enumerate(files):
+        tensors, meta = _read_header(folder / fname, fname)
+        found.update(tensors)
+        metadata = meta if i == 0 else metadata
     return found, metadata
 
 
-def iter_file(folder: Path, fname: str, info: dict, verify: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """The tensors of one listed file, one at a time, after checking its SHA-256 (`verify`)."""
+def iter_file(folder: Path, fname: str, info: dict, tensors: dict[str, StoredTensor],
+              verify: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of one listed file in file order, after checking the file's SHA-256 (`verify`).
+
+    Each is read with plain reads into a tensor allocated as the model's own would be, not taken
+    from a memory map: mapped pages count as the process's memory until the file is closed, and a
+    view of a map starts at any byte offset (unaligned data takes other SIMD paths in some CPU
+    kernels, whose float results then differ in the last bits)."""
     path = folder / fname
     if verify and sha256(path) != info["sha256"]:
         raise _damaged(path, "SHA-256 differs from the index")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise _damaged(path, f"safetensors cannot read it: {e}") from None
+    mine = sorted(((n, t) for n, t in tensors.items() if t.file == fname), key=lambda nt: nt[1].start)
+    with open(path, "rb") as f:
+        for name, st in mine:
+            t = torch.empty(st.shape, dtype=st.dtype)
+            f.seek(st.start)
+            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != st.nbytes:
+                raise _damaged(path, f"{name} ends past the end of the file")
+            yield name, t
 
 
 def load_json(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:

@@ -110,30 +110,45 @@ class _Ties:
 
 @dataclass
 class _Segment:
-    """A part of a network the export reads at once: what lies outside the transformer blocks, or one block."""
+    """A part of a network the export reads at once: one transformer block, or one module outside the
+    blocks with its own tensors (embeddings, head, final norm: each alone, since an embedding table can
+    be larger than a block)."""
 
-    prefix: str                          # state-dict key prefix ("" for the part outside the blocks)
     module: nn.Module
-    exclude: list[nn.Module]             # modules of `module` that belong to other segments
-    weights: list[QuantizedWeight]
+    keys: list[str]                      # the network's state-dict keys of this part
+    prefix: str | None = None            # a block's key prefix (None: a module outside the blocks)
+    exclude: list[nn.Module] = field(default_factory=list)   # submodules that belong to other parts
+    weights: list[QuantizedWeight] = field(default_factory=list)
 
-    def state(self, net: nn.Module) -> dict[str, Tensor]:
-        """The segment's state-dict entries (the network's own tensors, not copies)."""
-        if self.prefix:
+    def state(self) -> dict[str, Tensor]:
+        """The part's state-dict entries as the network holds them now (not copies; an offloaded
+        part loaded by `materialized`)."""
+        if self.prefix is not None:
             return self.module.state_dict(prefix=self.prefix, keep_vars=True)
-        inside = tuple(f"{n}." for n, m in net.named_modules() if any(m is e for e in self.exclude))
-        return {k: t for k, t in net.state_dict(keep_vars=True).items() if not k.startswith(inside)}
+        return {k: getattr(self.module, k.rpartition(".")[2]) for k in self.keys}
 
 
 def _segments(net: nn.Module, family: str | None) -> list[_Segment]:
-    """The part of `net` outside its transformer blocks, then each block: an export holds one at a time
-    (an offloaded one is loaded for it: lpq.models.offload.materialized)."""
+    """The modules outside the transformer blocks that own tensors, one by one, then each block: an
+    export holds one at a time (an offloaded one is loaded for it: lpq.models.offload.materialized)."""
     adapter = get_adapter(net, family)
     blocks = adapter.blocks(net)
-    segments = [_Segment("", net, blocks, [])] + [_Segment(adapter.block_prefix(i) + ".", b, [], [])
-                                                  for i, b in enumerate(blocks)]
+    prefixes = [adapter.block_prefix(i) + "." for i in range(len(blocks))]
+    in_block: list[list[str]] = [[] for _ in blocks]
+    rest: dict[str, list[str]] = {}
+    for key in net.state_dict(keep_vars=True):
+        i = next((i for i, p in enumerate(prefixes) if key.startswith(p)), None)
+        if i is None:
+            rest.setdefault(key.rpartition(".")[0], []).append(key)
+        else:
+            in_block[i].append(key)
+    segments = [_Segment(net.get_submodule(owner), keys, exclude=list(net.get_submodule(owner).children()))
+                for owner, keys in rest.items()]
+    segments += [_Segment(b, keys, prefix=p) for b, keys, p in zip(blocks, in_block, prefixes)]
     for qw in quantized_weights(net):
-        owner = next((seg for seg in segments[1:] if qw.key.startswith(seg.prefix)), segments[0])
+        owner = next((seg for seg in segments if qw.key in seg.keys), None)
+        if owner is None:
+            raise RuntimeError(f"{qw.key} is not in the state dict of {type(net).__name__}")
         owner.weights.append(qw)
     return segments
 
@@ -142,8 +157,8 @@ def _check_covered(net: nn.Module, written: set[str]) -> None:
     """Every state-dict key was written (or tied): the segments cover the network exactly."""
     absent = [k for k in net.state_dict(keep_vars=True) if k not in written]
     if absent:
-        raise RuntimeError(f"{type(net).__name__}: {absent[0]} was not exported; its module lies outside the "
-                           f"adapter's blocks and the rest of the network")
+        raise RuntimeError(f"{type(net).__name__}: {absent[0]} was not exported: the state dict of the part "
+                           f"holding it differs from the network's")
 
 
 def _is_diffusers(net: nn.Module) -> bool:
@@ -235,7 +250,7 @@ def _write_packed_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max
                     for name, t in parts.items():
                         out.add(name, t)
                     written.add(qw.key)
-                for key, t in seg.state(net).items():
+                for key, t in seg.state().items():
                     if key in written:
                         continue
                     _still_offloaded(key, t)
@@ -281,7 +296,7 @@ def _write_fake_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max_b
                     sizes.quantized_params += part[qw.key].numel()
                     sizes.quantized_bytes += _nbytes(part[qw.key])
                 written.update(part)
-                for key, t in seg.state(net).items():
+                for key, t in seg.state().items():
                     if key in written:
                         continue
                     _still_offloaded(key, t)

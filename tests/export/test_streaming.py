@@ -117,7 +117,7 @@ def test_offloaded_model_is_exported_one_block_at_a_time(tmp_path, monkeypatch, 
     def spy(module, *args, **kwargs):
         with real(module, *args, **kwargs):
             held.append(([i for i, b in enumerate(layers) if not b.mlp.up_proj.weight.is_meta],
-                         not offloaded.model.embed_tokens.weight.is_meta))
+                         not offloaded.model.embed_tokens.weight.is_meta, not offloaded.lm_head.weight.is_meta))
             yield
 
     monkeypatch.setattr(writer, "materialized", __import__("contextlib").contextmanager(spy))
@@ -125,8 +125,9 @@ def test_offloaded_model_is_exported_one_block_at_a_time(tmp_path, monkeypatch, 
     monkeypatch.undo()
     export_model(plain, r, tmp_path / "plain_ckpt", kind=kind)
 
-    # the rest (embeddings on), then each block alone (block 0 lives on the cpu)
-    assert held == [([0], True)] + [([0] if i == 0 else [0, i], False) for i in range(len(layers))]
+    # the embeddings, the final norm and the head one by one, then each block alone (block 0 lives on the cpu)
+    assert held == [([0], True, False), ([0], False, False), ([0], False, True)] + \
+        [([0] if i == 0 else [0, i], False, False) for i in range(len(layers))]
     assert is_offloaded(offloaded) and layers[1].mlp.up_proj.weight.is_meta
     stem = "lpq_packed" if kind == "packed" else "model"
     with safe_open(str(tmp_path / "off_ckpt" / f"{stem}.safetensors"), "pt") as a, \
@@ -265,3 +266,20 @@ def test_quantized_weights_decoded_as_read(tmp_path, monkeypatch):
     loaded = load_quantized(tmp_path / "ckpt")
     assert peak[0] <= 3                                # codes + scales of one weight, at most
     assert isinstance(loaded.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("edit, why", [(("[3]", "[4]"), "bytes for shape"), (('"U8"', '"X9"'), "unknown dtype"),
+                                       (("[0,3]", "[1,4]"), "overlap or leave gaps")])
+def test_inconsistent_headers_are_damage(tmp_path, edit, why):
+    from lpq.export.layout import CheckpointError
+    from lpq.export.tensor_io import read_headers
+
+    with ShardWriter(tmp_path, "s", {}, max_bytes=100) as w:
+        w.add("a", torch.arange(3, dtype=torch.uint8))
+        _, files = w.close()
+    path = tmp_path / "s.safetensors"
+    data = path.read_bytes()
+    assert edit[0].encode() in data and len(edit[0]) == len(edit[1])
+    path.write_bytes(data.replace(edit[0].encode(), edit[1].encode()))
+    with pytest.raises(CheckpointError, match=f"s.safetensors: the checkpoint is damaged .*{why}"):
+        read_headers(tmp_path, files)

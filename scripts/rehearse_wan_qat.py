@@ -1,0 +1,152 @@
+"""Rehearsal (not in CI): one HiF8 QAT step of a Wan2.1-T2V-1.3B-shaped transformer, with attention
+quantization, at reduced token counts on this CPU, and the extrapolation to 81 x 480 x 832.
+
+The transformer is diffusers' WanTransformer3DModel with Wan2.1-T2V-1.3B's config (30 layers, dim 1536,
+12 heads of 128, ffn 8960, in/out 16 channels, text_dim 4096, patch (1, 2, 2)) and random weights.
+It is quantized with the `quant:` section of configs/wan21_hif8.yaml (HiF8 weights with current
+scaling; inputs, gradients and attention Q/K/V/P with delayed scaling) and trained for one step on the
+flow-matching objective of lpq/train/wan_objective.py (x_t = (1 - s) x0 + s noise at timestep 1000 s,
+target noise - x0, MSE; s drawn with Wan2.1's shift 5) on random latents and random 512-token text
+embeddings, with per-block gradient checkpointing as the recipe (train.gradient_checkpointing).
+
+What differs from a GPU run, to fit this 24 GB, 2-core machine: weights and compute in bf16 (the
+recipe keeps float32 master weights under bf16 autocast) and plain SGD (AdamW's two states would add
+2 x 4 bytes per parameter); the token counts are small (latent frames x (height/16) x (width/16)).
+Each token count runs in its own process; its peak RSS minus the RSS after building and quantizing
+the model is the step's own memory. Fitting time and memory over the token counts gives per-token
+costs; the script prints them with the extrapolation to 21 latent frames x 30 x 52 = 32,760 tokens.
+
+    OMP_NUM_THREADS=1 python scripts/rehearse_wan_qat.py --tokens 390 780 1560 --attention materialized \\
+        --json /work/exp/E/wan_qat_materialized.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from rehearse_load import RssPeak, peak_rss_mb, rss_mb  # noqa: E402  (a sibling script)
+
+WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+FULL_TOKENS = 21 * 30 * 52          # 81 frames -> 21 latent frames; 480 x 832 -> 60 x 104 latents -> 30 x 52 patches
+TEXT_TOKENS = 512
+SHIFT = 5.0                         # Wan2.1 T2V 480p flow shift
+
+
+def latent_shape(tokens: int) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of the first video shape with exactly `tokens`
+    2 x 2 patches: fewest frames, then widest rows of 52, 26 or 13 patches (832, 416, 208 pixels)."""
+    for frames in range(1, 22):
+        for width in (52, 26, 13):
+            per_frame = tokens // frames
+            if tokens % frames == 0 and per_frame % width == 0:
+                return frames, 2 * (per_frame // width), 2 * width
+    raise SystemExit(f"{tokens} tokens: no latent shape found; use a multiple of 13")
+
+
+def one_step(args: argparse.Namespace) -> dict:
+    import torch
+    import yaml
+    from diffusers import WanTransformer3DModel
+
+    from lpq.config import from_dict
+    from lpq.quant import AttentionQuantizers, QuantRecipe, quantize_model
+    from lpq.train.recipe import FlowMatchConfig
+    from lpq.train.wan_objective import WanFlowObjective, sample_sigmas, shift_sigma  # noqa: F401
+
+    torch.set_num_threads(1)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)          # built directly in bf16: no float32 copy
+    model = WanTransformer3DModel(**{**WAN21_1_3B, "num_layers": args.layers})
+    torch.set_default_dtype(torch.float32)
+    recipe = from_dict(yaml.safe_load((REPO / "configs/wan21_hif8.yaml").read_text())["quant"], QuantRecipe)
+    quantize_model(model, recipe)
+    impls = set()
+    for m in model.modules():
+        if isinstance(m, AttentionQuantizers):
+            m.impl = args.attention
+            impls.add(m.impl)
+    model.enable_gradient_checkpointing()
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    build_s = time.perf_counter() - t0
+    rss_model = rss_mb()
+
+    frames, h, w = latent_shape(args.one)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, 16, frames, h, w, generator=gen)
+    emb = torch.randn(1, TEXT_TOKENS, 4096, generator=gen)
+    sigma = sample_sigmas(1, gen, FlowMatchConfig(shift=SHIFT), SHIFT, 0.0, 1.0)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    batch = {"noisy": (1 - s) * x0 + s * noise, "timestep": sigma * 1000, "target": noise - x0, "embeds": emb}
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    t1 = time.perf_counter()
+    with RssPeak() as step:
+        loss = WanFlowObjective.loss(model, batch)
+        t_fwd = time.perf_counter() - t1
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)          # gradients stay allocated, as between steps
+    step_s = time.perf_counter() - t1
+    if not torch.isfinite(loss):
+        raise SystemExit(f"non-finite loss {loss.item()}")
+    return {"tokens": args.one, "latent": [frames, h, w], "layers": args.layers, "params": params,
+            "attention_impl": sorted(impls), "loss": round(loss.item(), 4), "build_s": round(build_s, 1),
+            "forward_s": round(t_fwd, 1), "step_s": round(step_s, 1), "rss_after_imports_mb": round(base),
+            "rss_model_mb": round(rss_model), "peak_step_mb": round(step.mb),
+            "step_extra_mb": round(step.mb - rss_model), "peak_rss_mb": round(peak_rss_mb())}
+
+
+def fit(xs: list[float], ys: list[float], degree: int) -> list[float]:
+    """Least-squares polynomial coefficients (constant first)."""
+    import torch
+
+    a = torch.tensor([[x ** k for k in range(degree + 1)] for x in xs], dtype=torch.float64)
+    sol = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64).unsqueeze(1)).solution
+    return sol.squeeze(1).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[390, 780, 1560], help="video tokens per step")
+    ap.add_argument("--attention", choices=["auto", "tiled", "materialized"], default="materialized")
+    ap.add_argument("--layers", type=int, default=WAN21_1_3B["num_layers"], help="fewer only to try the script")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one_step(args)))
+        return
+    runs = []
+    for n in args.tokens:
+        cmd = [sys.executable, __file__, "--one", str(n), "--attention", args.attention, "--layers", str(args.layers)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(runs[-1]), flush=True)
+    result = {"attention": args.attention, "runs": runs}
+    if len(runs) >= 2:
+        xs = [r["tokens"] for r in runs]
+        degree = min(2, len(runs) - 1)
+        mem, step = fit(xs, [r["step_extra_mb"] for r in runs], degree), fit(xs, [r["step_s"] for r in runs], degree)
+        at = lambda c, n: sum(ck * n ** k for k, ck in enumerate(c))
+        result["fit"] = {"degree": degree, "step_extra_mb": mem, "step_s": step,
+                         "per_token_mb_at_last": round(runs[-1]["step_extra_mb"] / xs[-1], 3)}
+        result["extrapolated_to_32760_tokens"] = {"step_extra_gb": round(at(mem, FULL_TOKENS) / 1024, 1),
+                                                  "step_s_this_cpu": round(at(step, FULL_TOKENS))}
+        print(json.dumps({k: result[k] for k in ("fit", "extrapolated_to_32760_tokens")}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
