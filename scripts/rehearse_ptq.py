@@ -8,7 +8,8 @@ written to `<out>/rehearsal.json`:
 
 * wall time of the run and per block (blocks_s / layers, from the run's report.json),
 * peak RSS of the `lpq ptq` process, against the target 2 blocks + embeddings + 1.5 GB (bf16 sizes
-  from the config: embeddings = input embedding + output head),
+  from the config: embeddings = input embedding + output head), and its peak before the export step
+  (RSS sampled every 0.2 s, `<out>/rss_timeline.json`),
 * load_quantized + one forward of the export, in a fresh process (scripts/rehearse_load.py), unless
   `--skip-load` (the reloaded model holds every weight dequantized in bf16: 16 GB for the 8B shape).
 
@@ -73,8 +74,18 @@ def main() -> None:
     config = args.out / "rehearsal_recipe.yaml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lpq.cli", "ptq", "--config", str(config), "--out", str(args.out)],
-                   check=True)
+    child = subprocess.Popen([sys.executable, "-m", "lpq.cli", "ptq", "--config", str(config), "--out", str(args.out)])
+    timeline = []                      # (seconds, RSS GB) of the ptq process, every 0.2 s
+    while child.poll() is None:
+        try:
+            with open(f"/proc/{child.pid}/status") as f:
+                kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            timeline.append((time.perf_counter() - t0, kb * 1024 / GB))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.2)
+    if child.returncode:
+        raise SystemExit(f"lpq ptq failed (exit {child.returncode})")
     wall = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GB
     report = json.loads((args.out / "report.json").read_text())
@@ -85,8 +96,12 @@ def main() -> None:
               "max_memory_cpu": args.max_memory_cpu, "wall_s": round(wall), "timings_s": timings,
               "per_block_s": round(timings["blocks_s"] / s["layers"], 1) if "blocks_s" in timings else None,
               "peak_rss_gb": round(peak_gb, 2), "report_peak_rss_gb": round(report.get("peak_rss_mb", 0) / 1024, 2),
+              # the export is the run's last step: the peak before it is the blocks' (and model loading's)
+              "peak_rss_before_export_gb": round(max((r for t, r in timeline if t < wall - timings.get("export_s", 0)),
+                                                     default=0), 2),
               "block_bf16_gb": round(s["block_gb"], 3), "embeddings_bf16_gb": round(s["embeddings_gb"], 3),
               "target_gb": round(target, 2), "within_target": peak_gb <= target}
+    (args.out / "rss_timeline.json").write_text(json.dumps([(round(t, 1), round(r, 3)) for t, r in timeline]))
     print(json.dumps(result), flush=True)
     if not args.skip_load:
         result["load"] = run_phase("load", ["--export", str(args.out / "export")])

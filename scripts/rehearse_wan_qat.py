@@ -9,9 +9,12 @@ flow-matching objective of lpq/train/wan_objective.py (x_t = (1 - s) x0 + s nois
 target noise - x0, MSE; s drawn with Wan2.1's shift 5) on random latents and random 512-token text
 embeddings, with per-block gradient checkpointing as the recipe (train.gradient_checkpointing).
 
-What differs from a GPU run, to fit this 24 GB, 2-core machine: weights and compute in bf16 (the
-recipe keeps float32 master weights under bf16 autocast) and plain SGD (AdamW's two states would add
-2 x 4 bytes per parameter); the token counts are small (latent frames x (height/16) x (width/16)).
+What differs from a GPU run, to fit this 24 GB, 2-core machine: float32 weights and compute (the
+recipe's master weights; a GPU computes under bf16 autocast, and this CPU has no bf16 matmul units:
+bf16 was measured 12x slower here), and plain SGD applied to each parameter as soon as its gradient is
+complete, which then is freed (so all gradients are never held at once; the GPU run holds them, plus
+AdamW's two states: 4 + 8 bytes per parameter more); the token counts are small (latent frames x
+(height/16) x (width/16)).
 Each token count runs in its own process; its peak RSS minus the RSS after building and quantizing
 the model is the step's own memory. Fitting time and memory over the token counts gives per-token
 costs; the script prints them with the extrapolation to 21 latent frames x 30 x 52 = 32,760 tokens.
@@ -38,6 +41,7 @@ WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_d
 FULL_TOKENS = 21 * 30 * 52          # 81 frames -> 21 latent frames; 480 x 832 -> 60 x 104 latents -> 30 x 52 patches
 TEXT_TOKENS = 512
 SHIFT = 5.0                         # Wan2.1 T2V 480p flow shift
+LR = 1e-5                           # the recipe's
 
 
 def latent_shape(tokens: int) -> tuple[int, int, int]:
@@ -59,15 +63,13 @@ def one_step(args: argparse.Namespace) -> dict:
     from lpq.config import from_dict
     from lpq.quant import AttentionQuantizers, QuantRecipe, quantize_model
     from lpq.train.recipe import FlowMatchConfig
-    from lpq.train.wan_objective import WanFlowObjective, sample_sigmas, shift_sigma  # noqa: F401
+    from lpq.train.wan_objective import WanFlowObjective, sample_sigmas
 
     torch.set_num_threads(1)
     base = rss_mb()
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)          # built directly in bf16: no float32 copy
     model = WanTransformer3DModel(**{**WAN21_1_3B, "num_layers": args.layers})
-    torch.set_default_dtype(torch.float32)
     recipe = from_dict(yaml.safe_load((REPO / "configs/wan21_hif8.yaml").read_text())["quant"], QuantRecipe)
     quantize_model(model, recipe)
     impls = set()
@@ -89,14 +91,18 @@ def one_step(args: argparse.Namespace) -> dict:
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(-1, 1, 1, 1, 1)
     batch = {"noisy": (1 - s) * x0 + s * noise, "timestep": sigma * 1000, "target": noise - x0, "embeds": emb}
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    def sgd_and_free(p: torch.nn.Parameter) -> None:
+        with torch.no_grad():
+            p.add_(p.grad, alpha=-LR)
+        p.grad = None
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(sgd_and_free)
     t1 = time.perf_counter()
     with RssPeak() as step:
         loss = WanFlowObjective.loss(model, batch)
         t_fwd = time.perf_counter() - t1
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)          # gradients stay allocated, as between steps
     step_s = time.perf_counter() - t1
     if not torch.isfinite(loss):
         raise SystemExit(f"non-finite loss {loss.item()}")
