@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -22,6 +24,7 @@ from lpq.quant.apply import set_quant_enabled_in
 from lpq.quant.linear import QuantLinear
 
 if TYPE_CHECKING:
+    from lpq.algorithms.step import Step
     from lpq.models.adapters import Adapter
     from lpq.models.hub import LoadedModel
     from lpq.models.kinds import ModelKind
@@ -78,10 +81,15 @@ class RunContext:
         """`num` windows of `seq_len` tokens of the calibration text (refused for models without text)."""
         return self.kind.text_windows(self.loaded, self.cfg.calibration, num, seq_len)
 
-    def resume_file(self, step_name: str) -> Path:
-        """Where a step keeps its own progress within this run (removed when the run starts over)."""
+    def resume_file(self, step: Step) -> Path:
+        """Where a step keeps its own progress within this run: named by the step and a hash of its
+        settings, so a rerun with other settings starts that step over (removed when the whole run
+        starts over)."""
+        from lpq.config import to_dict
+
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        return self.checkpoint_dir / f"{step_name}.pt"
+        digest = hashlib.sha256(json.dumps(to_dict(step.settings), sort_keys=True).encode()).hexdigest()[:10]
+        return self.checkpoint_dir / f"{step.name}-{digest}.pt"
 
 
 @dataclass

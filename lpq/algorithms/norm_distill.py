@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ class NormDistillSettings:
     sequences: int = 64       # windows of calibration text to train on
     seq_len: int = 512        # tokens per window
     batch_size: int = 2       # sequences per step; the data is cycled in order
+    # Compute precision of both models' forward passes (bfloat16: autocast; the quantizers still
+    # compute in float32, and the norms and the optimizer state stay float32).
+    precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         if min(self.steps, self.sequences, self.seq_len, self.batch_size) < 1:
@@ -96,6 +100,12 @@ def _recomputed(blocks: nn.ModuleList | None):
                 block.forward = fwd
 
 
+def _first_nonfinite(model: nn.Module, params: list[nn.Parameter]) -> str | None:
+    ids = {id(p) for p in params}
+    return next((f"{name} is not finite" for name, p in model.named_parameters()
+                 if id(p) in ids and not bool(torch.isfinite(p).all())), None)
+
+
 def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
                   resume_file: Path | None = None, save_every: int = 10,
                   blocks: nn.ModuleList | None = None) -> dict:
@@ -124,6 +134,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
         sched.load_state_dict(state["scheduler"])
         losses, start, spent = state["losses"], state["step"], state["seconds"]
     device = next(student.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
     n = tokens.shape[0]
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
                unit="step")
@@ -131,9 +142,14 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
         for step in bar:
             idx = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
             batch = tokens[idx].to(device)
-            with torch.no_grad():
-                target = teacher(input_ids=batch.to(next(teacher.parameters()).device)).logits
-            loss = token_kl(target.to(device), student(input_ids=batch).logits)
+            with autocast:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch.to(next(teacher.parameters()).device)).logits
+                loss = token_kl(target.to(device), student(input_ids=batch).logits)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"norm distillation: the loss is {float(loss)} at step {step + 1} "
+                                         f"({_first_nonfinite(student, params) or 'the norms are finite'}); "
+                                         f"nothing was saved from this step")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,13 +179,17 @@ class NormDistill(Step):
         if run.offloaded:
             raise ValueError("norm_distill trains through the whole model at once, which offloaded weights "
                              "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
+        if run.cfg.model.dtype == "float16":
+            raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
+                             "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "
+                             "norm_distill")
 
     def on_model_end(self, run) -> dict:
         s = self.settings
         tokens = run.text_windows(s.sequences, s.seq_len)
         teacher = run.load_float_model()
         model = run.loaded.model
-        result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self.name),
+        result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self),
                                blocks=run.adapter.blocks(model))
         return {"norm_distill": result}
 

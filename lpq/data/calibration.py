@@ -15,8 +15,14 @@ import torch
 
 @dataclass
 class CalibrationConfig:
-    """Where calibration data comes from. Exactly one of `text_file`, `jsonl`, `dataset`, `prompts`."""
+    """Where calibration data comes from. Exactly one of `domains`, `text_file`, `jsonl`, `dataset`,
+    `prompts`.
 
+    `domains`: built-in text domains (lpq/data/domains.py) -> relative weight; the `num_sequences`
+    windows are shared out by weight, cut from each domain's calibration part, and interleaved
+    domain by domain (so every batch, and every prefix of the data, holds the mix)."""
+
+    domains: dict[str, float] | None = None
     text_file: str | None = None
     jsonl: str | None = None
     jsonl_field: str = "text"
@@ -36,10 +42,18 @@ class CalibrationConfig:
     num_frames: int = 17
 
     def __post_init__(self) -> None:
-        sources = [s for s in (self.text_file, self.jsonl, self.dataset, self.prompts) if s is not None]
+        sources = [s for s in (self.domains, self.text_file, self.jsonl, self.dataset, self.prompts) if s is not None]
         if len(sources) != 1:
-            raise ValueError("set exactly one of text_file, jsonl, dataset, prompts "
+            raise ValueError("set exactly one of domains, text_file, jsonl, dataset, prompts "
                              f"(got {len(sources)})")
+        if self.domains is not None:
+            from lpq.data.domains import DOMAINS
+
+            bad = [d for d in self.domains if d not in DOMAINS]
+            if bad:
+                raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
+            if not self.domains or any(not w > 0 for w in self.domains.values()):
+                raise ValueError(f"domains needs at least one domain and weights > 0, got {self.domains}")
         for name in ("num_sequences", "seq_len", "batch_size", "num_prompts", "timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,8 +99,31 @@ def token_windows(ids: torch.Tensor, num: int, seq_len: int) -> torch.Tensor:
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def domain_shares(weights: dict[str, float], total: int) -> dict[str, int]:
+    """`total` windows shared out by weight (largest remainders; every domain gets at least one)."""
+    if total < len(weights):
+        raise ValueError(f"{total} sequences cannot hold one window of each of {len(weights)} domains")
+    norm = sum(weights.values())
+    raw = {d: total * w / norm for d, w in weights.items()}
+    shares = {d: max(1, int(r)) for d, r in raw.items()}
+    for d in sorted(raw, key=lambda d: raw[d] - int(raw[d]), reverse=True):
+        if sum(shares.values()) >= total:
+            break
+        shares[d] += 1
+    while sum(shares.values()) > total:          # the at-least-one rule overshot: take from the largest
+        shares[max(shares, key=shares.get)] -= 1
+    return shares
+
+
 def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
     """(num_sequences, seq_len) int64 token ids for an LLM."""
+    if cfg.domains is not None:
+        from lpq.data.domains import Part, domain_windows
+
+        parts = [domain_windows(d, Part.CALIBRATION, tokenizer, n, cfg.seq_len)
+                 for d, n in domain_shares(cfg.domains, cfg.num_sequences).items()]
+        order = sorted(((i, k) for k, p in enumerate(parts) for i in range(p.shape[0])))
+        return torch.stack([parts[k][i] for i, k in order])
     ids = tokenizer(read_text(cfg), return_tensors="pt").input_ids[0]
     return token_windows(ids, cfg.num_sequences, cfg.seq_len)
 

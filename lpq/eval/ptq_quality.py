@@ -1,32 +1,92 @@
-"""The quality figures `lpq ptq` reports for a causal LM: quantized model vs a fresh float copy."""
+"""The quality figures `lpq ptq` reports for a causal LM: quantized model vs its float model.
+
+* Perplexity on WikiText-2 *test* (the first `windows` windows, as every earlier lpq figure) and on
+  the *validation* part of each built-in text domain (lpq/data/domains.py), per window, with the
+  paired-bootstrap CI of the increase;
+* KL(float || quantized) and top-1 agreement of the next-token distributions on the first
+  `kl_windows` WikiText-2 test windows;
+* optionally a paired MMLU subset.
+
+The float model's per-window log-likelihoods are cached on disk (keyed by a hash of its weights
+and of the token windows), so only the quantized model runs when the same float model was scored
+before; the KL needs both models' logits and always runs both.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+
+def _cache_file(model: Any, ids: torch.Tensor) -> Path:
+    from lpq.eval.cache import model_fingerprint
+
+    h = hashlib.sha256(model_fingerprint(model).encode())
+    h.update(ids.contiguous().numpy().tobytes())
+    h.update(str(tuple(ids.shape)).encode())
+    root = Path(os.environ.get("LPQ_CACHE", Path.home() / ".cache" / "lpq")) / "eval" / "window_nll"
+    return root / f"{h.hexdigest()[:24]}.json"
+
+
+def baseline_nll(model: Any, ids: torch.Tensor, batch_size: int) -> list[float]:
+    """Per-window summed NLL of the float model, from the cache when it has scored these windows."""
+    from lpq.train.domains import window_nll
+
+    path = _cache_file(model, ids)
+    if path.is_file():
+        return json.loads(path.read_text())
+    nll = window_nll(model, ids, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(nll))
+    tmp.replace(path)
+    return nll
+
+
+def evaluation_windows(tokenizer: Any, ev: Any) -> dict[str, torch.Tensor]:
+    """The token windows scored: WikiText-2 test, then each domain's validation part."""
+    from lpq.data.domains import Part, domain_windows
+    from lpq.eval.shift import token_windows
+
+    sets: dict[str, torch.Tensor] = {}
+    if ev.wikitext2:
+        sets["wikitext2_test"] = token_windows(tokenizer, Path(ev.wikitext2).read_text(encoding="utf-8"),
+                                               ev.windows, ev.seq_len)
+    for name in ev.domains:
+        sets[name] = domain_windows(name, Part.VALIDATION, tokenizer, ev.domain_windows, ev.seq_len)
+    return sets
+
 
 def evaluate_causal_lm(loaded: Any, model_cfg: Any, ev: Any, out_dir: Path) -> dict:
-    """WikiText-2 perplexity / KL / top-1 and paired MMLU of `loaded.model` against the float model."""
-    from lpq.config import to_dict
+    """Quality of `loaded.model` against a fresh float copy (see the module docstring)."""
     from lpq.eval import EvalSettings, distribution_shift, run_paired
     from lpq.models.hub import load_model
+    from lpq.train.domains import compare_domains, window_nll
 
     res: dict[str, Any] = {"baseline": {}, "quantized": {}}
     if model_cfg.offload_dir:   # the baseline's offloaded weights must not overwrite the quantized model's
         model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "baseline"))
     baseline = load_model(model_cfg).model
-    if ev.wikitext2:
-        text = Path(ev.wikitext2).read_text(encoding="utf-8")
-        r = distribution_shift(baseline, loaded.model, loaded.tokenizer, text, ev.windows, ev.seq_len)
-        res["baseline"]["wikitext2_ppl"] = r["baseline_ppl"]
-        res["quantized"].update(wikitext2_ppl=r["candidate_ppl"], kl_div=r["kl_div"],
-                                top1_agreement=r["top1_agreement"])
+    sets = evaluation_windows(loaded.tokenizer, ev)
+    base = {name: baseline_nll(baseline, ids, ev.batch_size) for name, ids in sets.items()}
+    cand = {name: window_nll(loaded.model, ids, ev.batch_size) for name, ids in sets.items()}
+    res["domains"] = compare_domains(base, cand, ev.seq_len)
+    if "wikitext2_test" in res["domains"]:
+        wt = res["domains"]["wikitext2_test"]
+        res["baseline"]["wikitext2_ppl"] = wt["ppl_reference"]
+        res["quantized"]["wikitext2_ppl"] = wt["ppl"]
+        r = distribution_shift(baseline, loaded.model, loaded.tokenizer,
+                               Path(ev.wikitext2).read_text(encoding="utf-8"), ev.kl_windows, ev.seq_len)
+        res["quantized"].update(kl_div=r["kl_div"], top1_agreement=r["top1_agreement"])
     if ev.mmlu:
         settings = EvalSettings(tasks=["mmlu"], limit=ev.mmlu_questions, seed=ev.seed, kl=False)
         r = run_paired(baseline, loaded.model, loaded.tokenizer, settings, out_dir / "eval",
-                       model_name=model_cfg.id, recipe={"model": to_dict(model_cfg), "evaluation": to_dict(ev)}
-                       )["tasks"]["mmlu"]
+                       model_name=model_cfg.id)["tasks"]["mmlu"]
         res["baseline"]["mmlu_acc"] = r["baseline"]
         res["quantized"]["mmlu_acc"] = r["quantized"]
         res["mmlu_agreement"] = r["agreement"]

@@ -59,9 +59,12 @@ def peak_rss_mb() -> float:
 
 
 def fingerprint(cfg: PTQConfig) -> str:
-    """What must match for a checkpoint to be continued: model, quantization, data, algorithms."""
+    """What must match for the finished blocks of a checkpoint to be continued: model, quantization,
+    data, protection and the steps up to the weight quantizer. Refine steps (run after the last
+    block) are not part of it: changing one reruns only that step (each keeps its own progress)."""
     d = to_dict(cfg)
-    key = {k: d[k] for k in ("model", "quant", "calibration", "algorithms", "protect", "skip_linears")}
+    key = {k: d[k] for k in ("model", "quant", "calibration", "protect", "skip_linears")}
+    key["algorithms"] = [to_dict(s) for s in cfg.algorithms if s.build().phase <= Phase.QUANTIZE]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -39,14 +39,30 @@ class ProtectConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation at the end, quantized vs the unquantized model (LLMs)."""
+    """Evaluation at the end, quantized vs the unquantized model (LLMs): lpq/eval/ptq_quality.py."""
 
     wikitext2: str | None = "../shared/data/wikitext2/test.txt"
-    windows: int = 40
+    windows: int = 40                     # WikiText-2 test windows (the first ones) for perplexity
     seq_len: int = 512
+    kl_windows: int = 40                  # of those, the first ones for KL and top-1 agreement
+    domains: list[str] = field(default_factory=list)   # built-in domains scored on their validation part
+    domain_windows: int = 8               # windows per domain
+    batch_size: int = 2                   # windows per forward
     mmlu: bool = False                    # paired MMLU subset via lpq.eval (data: shared/data/mmlu)
     mmlu_questions: int = 400
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from lpq.data.domains import DOMAINS
+
+        for name in ("windows", "seq_len", "kl_windows", "domain_windows", "batch_size", "mmlu_questions"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise ValueError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+        if self.kl_windows > self.windows:
+            raise ValueError(f"kl_windows ({self.kl_windows}) must be <= windows ({self.windows})")
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
 
 
 @dataclass

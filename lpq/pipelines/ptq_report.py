@@ -28,6 +28,8 @@ def write_report(report: dict, out_dir: Path) -> None:
         if "mmlu_agreement" in report:
             lines.append(f"| MMLU paired agreement | | {report['mmlu_agreement']:.4f} |")
         lines.append("")
+    if report.get("domains"):
+        lines += ["## Perplexity by domain", "", domain_table(report["domains"]), ""]
     lines += ["## Blocks", "", "| block | protected | rel. output error | weight quantization s | total s |",
               "|---|---|---|---|---|"]
     for s in report["blocks"]:
@@ -35,6 +37,15 @@ def write_report(report: dict, out_dir: Path) -> None:
         lines.append(f"| {s['index']} | {'yes' if s['protected'] else ''} | {err} | "
                      f"{s.get('quantize_seconds', 0.0):.1f} | {s['seconds']:.1f} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def domain_table(domains: dict[str, dict]) -> str:
+    """Markdown table: per text domain, both perplexities and the increase with its 95 % CI."""
+    rows = ["| text | windows | float ppl | quantized ppl | increase | 95 % CI |", "|---|---|---|---|---|---|"]
+    for name, d in domains.items():
+        rows.append(f"| {name} | {d['windows']} | {d['ppl_reference']:.3f} | {d['ppl']:.3f} | "
+                    f"{d['ppl_increase_pct']:+.2f} % | {d['ci95_low']:+.2f} .. {d['ci95_high']:+.2f} % |")
+    return "\n".join(rows)
 
 
 def summary(report: dict) -> str:
@@ -45,4 +56,6 @@ def summary(report: dict) -> str:
         s += (f"\nWikiText-2 ppl {b['wikitext2_ppl']:.3f} -> {q['wikitext2_ppl']:.3f} "
               f"({100 * (q['wikitext2_ppl'] / b['wikitext2_ppl'] - 1):+.1f} %), KL {q['kl_div']:.4f}, "
               f"top-1 {q['top1_agreement']:.4f}")
+    if report.get("domains"):
+        s += "\n" + domain_table(report["domains"])
     return s

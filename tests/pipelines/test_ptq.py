@@ -324,3 +324,50 @@ def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
 def test_shipped_recipes_load(path):
     if path.name.startswith(("w4a4_", "ptq_")):
         load_config(path, PTQConfig)
+
+
+def test_changing_only_a_refine_step_reuses_the_finished_blocks(tmp_path, monkeypatch):
+    """The checkpoint's fingerprint covers the steps up to the weight quantizer: another distillation
+    setting reruns only the distillation, whose progress file is keyed by its own settings."""
+    steps = [{"name": "hadamard"}, {"name": "gptq"},
+             {"name": "norm_distill", "steps": 2, "sequences": 2, "seq_len": 16, "batch_size": 1}]
+    d = _recipe(tmp_path, "tiny-llama", steps, evaluation=None, export=None)
+    first = _run(tmp_path, d)
+    d["algorithms"][2]["lr"] = 3e-3
+    calls = {"n": 0}
+    real = ptq.process_block
+    monkeypatch.setattr(ptq, "process_block", lambda *a: calls.__setitem__("n", calls["n"] + 1) or real(*a))
+    second = _run(tmp_path, d)
+    assert calls["n"] == 0 and second["resumed_from_block"] == 2
+    assert second["norm_distill"]["first_loss"] == first["norm_distill"]["first_loss"]   # same blocks
+    assert len(list((tmp_path / "out" / "checkpoint").glob("norm_distill-*.pt"))) == 2
+
+
+def test_evaluation_on_text_domains(tmp_path):
+    """Per-domain perplexity on the domains' validation parts, with paired CIs, in report.json,
+    report.md and the printed summary; the float model's scores are cached between runs."""
+    from lpq.data.domains import data_dir
+
+    if not data_dir().is_dir():
+        pytest.skip("shared data folder not found")
+    ev = {"wikitext2": str(tmp_path / "calib.txt"), "windows": 2, "kl_windows": 1, "seq_len": 16,
+          "domains": ["pydoc", "fortunes"], "domain_windows": 2}
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], evaluation=ev, export=None)
+    report = _run(tmp_path, d)
+    assert list(report["domains"]) == ["wikitext2_test", "pydoc", "fortunes"]
+    for r in report["domains"].values():
+        assert r["windows"] == 2 and r["ci95_low"] - 1e-9 <= r["ppl_increase_pct"] <= r["ci95_high"] + 1e-9
+    assert report["quantized"]["wikitext2_ppl"] == report["domains"]["wikitext2_test"]["ppl"]
+    assert "| pydoc | 2 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| fortunes | 2 |" in ptq.summary(report)
+    with pytest.raises(ConfigError, match="unknown domain 'code'"):
+        from_dict(dict(d, evaluation=dict(ev, domains=["code"])), PTQConfig)
+
+
+def test_float16_distillation_is_refused_before_any_work(tmp_path):
+    steps = [{"name": "rtn"}, {"name": "norm_distill", "steps": 1, "sequences": 1, "seq_len": 8, "batch_size": 1}]
+    d = _recipe(tmp_path, "tiny-llama", steps, evaluation=None, export=None)
+    d["model"]["dtype"] = "float16"
+    with pytest.raises(ValueError, match="float16 overflows"):
+        _run(tmp_path, d)
+    assert not (tmp_path / "out" / "checkpoint").exists()
