@@ -127,19 +127,36 @@ def test_hub_offline_without_a_cached_copy(recipe, tmp_path):
     assert "HF_HUB_OFFLINE is set and the local hub cache has no copy" in line
 
 
-@pytest.mark.slow   # two interpreter starts
-def test_unreachable_hub_uses_the_cached_copy(recipe, tmp_path):
-    """A hub model already in the local hub cache loads without the hub, offline or unreachable."""
+def _hub_cache(tmp_path):
+    """A local hub cache (huggingface_hub's layout) holding someorg/tiny."""
     snap = tmp_path / "cache" / "models--someorg--tiny" / "snapshots" / ("a" * 40)
     _llama_folder(snap)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("a" * 40)
-    for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"}):
-        out_dir = tmp_path / f"o{len(env)}"
-        code, out = lpq_process("export", "--config", recipe, "--model", "someorg/tiny", "--out", out_dir,
-                                env={"HF_HUB_CACHE": str(tmp_path / "cache"), **env})
-        assert code == 0, out
-        assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 3
+    return tmp_path / "cache"
+
+
+def test_hub_offline_uses_the_cached_copy(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lpq.models import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = hub.resolve(hub.ModelConfig(id="someorg/tiny"))
+    assert (src.kind, src.offline, src.model_kind) == ("hub", True, "causal_lm")
+    assert hub.peek_depth(hub.ModelConfig(id="someorg/tiny")) == 3
+
+
+@pytest.mark.slow   # an interpreter start: the hub endpoint is read at import
+def test_unreachable_hub_uses_the_cached_copy(recipe, tmp_path):
+    """A hub model already in the local hub cache loads when the hub cannot be reached."""
+    cache = _hub_cache(tmp_path)
+    code, out = lpq_process("export", "--config", recipe, "--model", "someorg/tiny", "--out", tmp_path / "o",
+                            env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": None,
+                                 "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert code == 0, out
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 3
     assert "the hub cannot be reached" in out and "using the cached copy of someorg/tiny" in out
 
 
