@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("train", "Quantization-aware fine-tuning against a reference run of the same seed."),
     "prepare-data": ("train", "Encode captioned video clips into the Wan latent cache."),
     "export": ("export", "Quantize a model with a recipe and write a packed or fake-quantized checkpoint."),
+    "recipes": ("recipes", "The shipped recipes: list them, print one."),
 }
 
 

@@ -81,6 +81,9 @@ class GPTQ(Step):
     Settings = GPTQSettings
     phase = Phase.QUANTIZE
 
+    def check(self, run: RunContext) -> None:
+        block_grid(run.weight_format)       # GPTQ rounds onto fixed block metadata: the format needs a grid
+
     def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
         weights = [lin.weight for lin in group.linears]
         W = torch.cat([w.detach().float() for w in weights])

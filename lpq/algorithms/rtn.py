@@ -13,7 +13,8 @@ from torch import Tensor
 from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
 from lpq.algorithms.gptq import layer_hessian
 from lpq.algorithms.step import Phase, Step, register
-from lpq.formats.grid import fake_quant
+from lpq.formats import fake_quant as fake_quant_format
+from lpq.formats.grid import block_grid, fake_quant
 
 
 def rtn_quantize(weight: Tensor, fmt: str, scale_search: bool = False, importance: Tensor | None = None) -> Tensor:
@@ -30,13 +31,20 @@ class RTN(Step):
     phase = Phase.QUANTIZE
     search: ClassVar[bool] = False
 
+    def check(self, run: RunContext) -> None:
+        if self.search:
+            block_grid(run.weight_format)   # the search picks among the format's block metadata
+
     def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
         weights = [lin.weight for lin in group.linears]
         W = torch.cat([w.detach().float() for w in weights])
         hessian = layer_hessian(block, group.names[0]) if self.search else None
-        # A group no calibration input reached (an unrouted expert) has nothing to weight a search by.
-        Q = rtn_quantize(W, run.weight_format, scale_search=hessian is not None,
-                         importance=hessian.diagonal() if hessian is not None else None)
+        if hessian is None:
+            # The format's own rule (formats with a per-tensor scale, e.g. NVFP4, have no block grid); a
+            # group no calibration input reached (an unrouted expert) has nothing to weight a search by.
+            Q = fake_quant_format(W, run.weight_format)
+        else:
+            Q = rtn_quantize(W, run.weight_format, scale_search=True, importance=hessian.diagonal())
         for lin, q in zip(group.linears, Q.split([w.shape[0] for w in weights])):
             lin.set_quantized_weight(q.to(lin.weight.dtype))
 

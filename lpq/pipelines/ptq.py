@@ -206,8 +206,9 @@ def process_block(run: RunContext, block: BlockContext, steps: list[Step]) -> Bl
 
 # ---------------------------------------------------------------- the run
 
-def run(cfg: PTQConfig, out_dir: Path) -> dict:
-    """Run the whole PTQ recipe into out_dir; returns the report dict."""
+def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
+    """Run the whole PTQ recipe into out_dir; returns the report dict (`recipe_id`: the recipe's
+    fingerprint, recorded in it)."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out_dir / "recipe.yaml")
@@ -318,6 +319,8 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
         "quantized": {},
         "offloaded": ctx.offloaded,
         "notes": [],
+        "recipe_fingerprint": recipe_id,
+        "calibration": _calibration_summary(cfg),
     }
     for step in steps:
         t0 = time.perf_counter()
@@ -338,6 +341,17 @@ def run(cfg: PTQConfig, out_dir: Path) -> dict:
     report["peak_rss_mb"] = peak_rss_mb()
     write_report(report, out_dir)
     return report
+
+
+def _calibration_summary(cfg: PTQConfig) -> dict:
+    """What the run calibrated on (with a domain mix: the windows per domain)."""
+    c = cfg.calibration
+    out = {"sequences": c.num_sequences, "seq_len": c.seq_len}
+    if c.domains is not None:
+        from lpq.data.calibration import domain_shares
+
+        out["domains"] = domain_shares(c.domains, c.num_sequences)
+    return out
 
 
 def _capture(ctx: RunContext) -> list[BlockInputs]:
@@ -364,19 +378,115 @@ def export(ctx: RunContext, out_dir: Path) -> dict:
     return {"path": str(path), "kind": ex.kind, **dataclasses.asdict(size), "bits_per_param": size.bits_per_param}
 
 
+def validate_inputs(cfg: PTQConfig) -> None:
+    """Everything that can be checked before a model is loaded: the model resolves, the protected
+    blocks exist (global indices over every network, from the config alone), the data files exist
+    and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file."""
+    from lpq.models.hub import peek_blocks
+
+    blocks = peek_blocks(cfg.model)
+    total = sum(blocks.values())
+    if cfg.protect.blocks:
+        bad = [b for b in cfg.protect.blocks if b >= total]
+        if bad:
+            raise ValueError(f"protect.blocks: block {bad[0]} is out of range: {cfg.model.id} has {total} blocks "
+                             f"(0-{total - 1})")
+    if cfg.protect.auto is not None and cfg.protect.auto > total:
+        raise ValueError(f"protect.auto: {cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
+    cal = cfg.calibration
+    for key in ("text_file", "jsonl", "prompts"):
+        path = getattr(cal, key)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"calibration.{key}: {path} not found")
+    if cal.text_file is not None and not Path(cal.text_file).expanduser().read_text(errors="replace").strip():
+        raise ValueError(f"calibration.text_file: {cal.text_file} holds no text")
+    if cal.domains is not None or (cfg.evaluation is not None and cfg.evaluation.domains):
+        from lpq.data.domains import data_dir
+
+        if not data_dir().is_dir():
+            raise FileNotFoundError(f"the built-in text domains read {data_dir()}, which does not exist; set "
+                                    f"$LPQ_DATA_DIR to the shared data folder")
+    if cfg.evaluation is not None and cfg.evaluation.wikitext2 and not Path(cfg.evaluation.wikitext2).is_file():
+        raise FileNotFoundError(f"evaluation.wikitext2: {cfg.evaluation.wikitext2} not found")
+
+
+def _resolve_recipe(config: Path | None, scheme: str | None, overrides: dict) -> PTQConfig:
+    from lpq.pipelines.recipes import SCHEMES, shipped_recipe
+
+    if (config is None) == (scheme is None):
+        raise ConfigError("give a recipe: --config FILE, or --scheme " + "|".join(SCHEMES) + " for a shipped default")
+    if scheme is not None:
+        if scheme not in SCHEMES:
+            raise ConfigError(f"--scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+        config = shipped_recipe(SCHEMES[scheme])
+    return load_config(config, PTQConfig, overrides)
+
+
+def _protect_override(text: str) -> dict:
+    """--protect auto:K | 3,11 | none -> recipe overrides of the protect section."""
+    if text.startswith("auto:") and text[5:].isdigit():
+        return {"protect.auto": int(text[5:]), "protect.blocks": None}
+    if text == "none":
+        return {"protect.auto": None, "protect.blocks": []}
+    parts = [t.strip() for t in text.split(",")]
+    if all(t.isdigit() for t in parts):
+        return {"protect.auto": None, "protect.blocks": [int(t) for t in parts]}
+    raise ConfigError(f"--protect {text!r}: use auto:K (the K most sensitive blocks), a comma list of block "
+                      f"indices, or none")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("ptq")
     def ptq_command(
-        config: Path = typer.Option(..., "--config", help="PTQ recipe YAML (configs/w4a4_hif4.yaml)"),
+        config: Path | None = typer.Option(None, "--config", help="PTQ recipe YAML (e.g. configs/w4a4_hif4.yaml)"),
+        scheme: str | None = typer.Option(None, "--scheme", help="hif4, mxfp4 or nvfp4: the shipped default "
+                                          "recipe of that format, instead of --config"),
         model: str | None = typer.Option(None, "--model", help="override model.id"),
+        protect: str | None = typer.Option(None, "--protect", help="auto:K, a comma list of blocks, or none"),
         out: Path | None = typer.Option(None, "--out", help="output folder (default: the recipe's output_dir)"),
+        mmlu: bool = typer.Option(False, "--mmlu", help="also score the paired MMLU subset (slow; chance level "
+                                  "on small models)"),
+        force: bool = typer.Option(False, "--force", help="replace the output of another recipe in the folder"),
     ) -> None:
         """W4A4 post-training quantization with block-sequential calibration (resumable)."""
-        overrides = {"model.id": model} if model else None
+        from lpq.outputs import OutputError, claim_output, recipe_fingerprint
+
         try:
-            cfg = load_config(config, PTQConfig, overrides)
-        except ConfigError as e:
+            overrides = {"model.id": model} if model else {}
+            if protect is not None:
+                overrides.update(_protect_override(protect))
+            if mmlu:
+                overrides["evaluation.mmlu"] = True
+            cfg = _resolve_recipe(config, scheme, overrides)
+            if scheme is not None or overrides:
+                typer.echo(f"lpq ptq: resolved recipe (saved as recipe.yaml in the output folder):\n"
+                           f"{yaml_text(cfg)}", err=True)
+            validate_inputs(cfg)
+            out_dir = out or Path(cfg.output_dir)
+            folder = claim_output(out_dir, fingerprint=fingerprint(cfg), force=force, command="ptq")
+        except (ConfigError, OutputError, ValueError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-        report = run(cfg, out or Path(cfg.output_dir))
+            raise typer.Exit(2) from None
+        with folder:
+            full = recipe_fingerprint(cfg, ignore=("output_dir",))
+            prior = _finished_recipe(out_dir)
+            if folder.state == "continued" and prior not in (None, full) and not force:
+                typer.echo(f"error: {out_dir} holds a finished run of another recipe (the same blocks); pass --force "
+                           f"to rerun what differs (its finished blocks are reused), or choose another folder", err=True)
+                raise typer.Exit(2)
+            report = run(cfg, out_dir, recipe_id=full)
         typer.echo(summary(report))
+
+
+def _finished_recipe(out_dir: Path) -> str | None:
+    """The fingerprint of the recipe whose report is in `out_dir` (None: no finished run)."""
+    try:
+        return json.loads((out_dir / "report.json").read_text()).get("recipe_fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def yaml_text(cfg: PTQConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from lpq.algorithms.step import Step, StepSpec, check_order
 from lpq.data.calibration import CalibrationConfig
 from lpq.export.settings import ExportSettings
-from lpq.formats.grid import block_grid
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
 
@@ -81,7 +80,6 @@ class PTQConfig:
         if self.quant.weight is None:
             raise ValueError("quant.weight is required for PTQ (set quant.format, or quant.weight for a weight-only "
                              "recipe)")
-        block_grid(self.quant.weight.format)
         if self.quant.protected_blocks:
             raise ValueError("list protected blocks under `protect.blocks` (or use protect.auto), "
                              "not quant.protected_blocks")
