@@ -102,7 +102,7 @@ words = [" ".join(f"w{rng.randrange(50)}" for _ in range(200)) for _ in range(24
 ptq = {"model": {"id": str(work / "tiny-llama"), "device_map": "cuda"}, "quant": {"format": "hif4"},
        "calibration": {"text_file": str(work / "calib.txt"), "num_sequences": 2, "seq_len": 16, "batch_size": 2},
        "algorithms": [{"name": "hadamard"}, {"name": "gptq"}], "protect": {"blocks": [1]},
-       "evaluation": {"wikitext2": str(work / "calib.txt"), "windows": 1, "seq_len": 16}}
+       "evaluation": {"wikitext2": str(work / "calib.txt"), "windows": 1, "kl_windows": 1, "seq_len": 16}}
 (work / "ptq.yaml").write_text(yaml.safe_dump(ptq))
 role = {"format": "hif8", "scaling": "delayed", "history_len": 4}
 train = {"model": {"id": "tiny-llama"},
