@@ -357,12 +357,13 @@ def _release(key: str) -> None:
 
 @contextmanager
 def locked_output(path: str | os.PathLike, *, command: str = "lpq") -> Iterator[Path]:
-    """Hold the lock of `path` (nothing else) for the block, e.g. from the start of a command whose
-    writer uses staged_output later. Yields the absolute path."""
+    """Hold the lock of `path` for the block, e.g. from the start of a command whose writer uses
+    staged_output later; the leftovers of a killed run are cleaned up first. Yields the absolute path."""
     target = _target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     key = _acquire(target, str(path), command)
     try:
+        _clean_leftovers(target, str(path))
         yield target
     finally:
         _release(key)

@@ -61,8 +61,8 @@ def export(
 
     try:
         # lpq.outputs' rules, checked before the model is loaded; the lock is held from here to the end.
-        check_output(target, force=recipe.export.force, command="lpq export", staged=True)
         with locked_output(target, command="lpq export"):
+            check_output(target, force=recipe.export.force, command="lpq export", staged=True)
             from lpq.export import export_model
             from lpq.models.hub import load_model
             from lpq.quant import quantize_model

@@ -88,6 +88,20 @@ def test_export_removes_the_temp_folder_of_a_killed_run(recipe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "r.yaml"]
 
 
+def test_a_swap_killed_between_its_renames_gets_the_old_folder_back(recipe, tmp_path):
+    """A hard kill after the old folder was moved aside and before the new one took its name leaves
+    both hidden; the next run puts the old (complete) folder back, then writes as usual."""
+    code, out = lpq("export", "--config", recipe, "--out", tmp_path / "exp")
+    assert code == 0, out
+    old = snapshot(tmp_path / "exp")
+    (tmp_path / "exp").rename(tmp_path / ".exp.lpq-old-0badcafe")
+    (tmp_path / ".exp.lpq-tmp-0badcafe").mkdir()
+    code, out = lpq("export", "--config", recipe, "--out", tmp_path / "exp")      # no --force: still refused
+    assert code == 2 and "holds the output of an earlier lpq run" in error_line(out)
+    assert "restored the previous folder from .exp.lpq-old-0badcafe" in out and "removed .exp.lpq-tmp-0badcafe" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "r.yaml"] and snapshot(tmp_path / "exp") == old
+
+
 def _hold(folder, tmp_path):
     """Another process that claims `folder` and waits; returns it once it holds the lock."""
     ready = tmp_path / "ready"
