@@ -16,12 +16,17 @@ other argument is lm-eval's HFLM's (batch_size, max_length, device, ...), which 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+# Where the other export kinds run (lm-eval has models for the first two).
+RUNTIMES = {"fake": "--model hf (transformers)", "compressed-tensors": "--model vllm, or --model hf in bfloat16",
+            "gguf": "llama.cpp"}
 
 
 @contextlib.contextmanager
@@ -49,9 +54,14 @@ class LpqLM(HFLM):
         from lpq.export import load_quantized
 
         folder = Path(pretrained)
-        if not (folder / "lpq_export.json").is_file():
+        manifest = folder / "lpq_export.json"
+        if not manifest.is_file():
             raise ValueError(f"model lpq: {folder} is not an lpq export (no lpq_export.json); give "
                              f"pretrained=<folder written by lpq export / lpq ptq, kind packed>")
+        kind = json.loads(manifest.read_text()).get("kind")
+        if kind != "packed":
+            raise ValueError(f"model lpq evaluates packed exports; {folder} is a {kind} export: evaluate it with "
+                             f"{RUNTIMES.get(kind, 'the runtime it was written for')}")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"     # lm-eval's CLI passes cuda by default
         model = load_quantized(folder, device=device, verify=verify)

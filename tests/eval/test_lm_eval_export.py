@@ -80,8 +80,11 @@ def test_lm_eval_model_lpq_scores_the_export_with_its_quantizers(data_dir, tmp_p
         assert not torch.equal(float_logits, model(ids).logits)   # the quantizers are on in what was scored
 
 
-def test_lm_eval_model_lpq_refuses_a_folder_that_is_not_an_export(tmp_path):
+def test_lm_eval_model_lpq_refuses_a_folder_that_is_not_a_packed_export(tmp_path):
     with pytest.raises(ValueError, match="not an lpq export"):
+        LpqLM(pretrained=str(tmp_path))
+    (tmp_path / "lpq_export.json").write_text(json.dumps({"kind": "gguf"}))
+    with pytest.raises(ValueError, match="is a gguf export: evaluate it with llama.cpp"):
         LpqLM(pretrained=str(tmp_path))
 
 
