@@ -4,12 +4,12 @@ disk offload and a small CPU `max_memory`, then `load_quantized` + one forward o
 The checkpoint comes from scripts/make_random_checkpoint.py (random weights: the point is time and
 memory at the real shapes, not accuracy; evaluation is off). Calibration is cut down to fit a CPU
 (`--sequences` x `--seq-len` tokens of the shared calibration text). What it measures, printed and
-written to `<out>/rehearsal.json`:
+written to `<out>.rehearsal.json` (beside `<out>`, which belongs to lpq ptq):
 
 * wall time of the run and per block (blocks_s / layers, from the run's report.json),
 * peak RSS of the `lpq ptq` process, against the target 2 blocks + embeddings + 1.5 GB (bf16 sizes
   from the config: embeddings = input embedding + output head), and its peak before the export step
-  (RSS sampled every 0.2 s, `<out>/rss_timeline.json`),
+  (RSS sampled every 0.2 s, `<out>.rss_timeline.json`),
 * load_quantized + one forward of the export, in a fresh process (scripts/rehearse_load.py), unless
   `--skip-load` (the reloaded model holds every weight dequantized in bf16: 16 GB for the 8B shape).
 
@@ -58,7 +58,9 @@ def main() -> None:
     ap.add_argument("--skip-load", action="store_true")
     args = ap.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    # lpq owns `out` (it refuses a folder it did not write): the rehearsal's own files go beside it.
+    side = lambda suffix: args.out.with_name(f"{args.out.name}.{suffix}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     recipe = {
         "model": {"id": str(args.model), "dtype": "bfloat16", "device_map": "auto",
                   "max_memory": {"cpu": args.max_memory_cpu}, "offload_dir": str(args.out / "offload_weights")},
@@ -71,7 +73,7 @@ def main() -> None:
         "export": {"out": str(args.out / "export"), "force": True},
         "output_dir": str(args.out),
     }
-    config = args.out / "rehearsal_recipe.yaml"
+    config = side("recipe.yaml")
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
     t0 = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "lpq.cli", "ptq", "--config", str(config), "--out", str(args.out)])
@@ -101,11 +103,11 @@ def main() -> None:
                                                      default=0), 2),
               "block_bf16_gb": round(s["block_gb"], 3), "embeddings_bf16_gb": round(s["embeddings_gb"], 3),
               "target_gb": round(target, 2), "within_target": peak_gb <= target}
-    (args.out / "rss_timeline.json").write_text(json.dumps([(round(t, 1), round(r, 3)) for t, r in timeline]))
+    side("rss_timeline.json").write_text(json.dumps([(round(t, 1), round(r, 3)) for t, r in timeline]))
     print(json.dumps(result), flush=True)
     if not args.skip_load:
         result["load"] = run_phase("load", ["--export", str(args.out / "export")])
-    (args.out / "rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")
+    side("rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
