@@ -25,6 +25,9 @@ Not supported (the caller falls back to the materialized path, see `unsupported_
 on P (its mask would have to be regenerated tile by tile), a block format quantized along another
 axis than the keys, and NVFP4 (its per-tensor scale is part of the format: the tile quantizer
 would compute it per tile).
+
+FusedQuantAttention runs the same passes in Triton kernels (lpq.kernels.attention), P in HiF8 or
+unquantized; the quantizer bookkeeping around them is shared with the PyTorch version here.
 """
 from __future__ import annotations
 
