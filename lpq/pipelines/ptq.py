@@ -23,10 +23,12 @@ import hashlib
 import json
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import typer
@@ -206,9 +208,40 @@ def process_block(run: RunContext, block: BlockContext, steps: list[Step]) -> Bl
 
 # ---------------------------------------------------------------- the run
 
+@contextlib.contextmanager
+def _interrupts_kept() -> Iterator[Callable[[], None]]:
+    """Python prints and drops an exception raised inside a finalizer (__del__, a weakref callback),
+    and a Ctrl-C landing there (tensors and hooks are freed when a block finishes) was lost. The
+    SIGINT handler also records the interrupt; the returned check re-raises it at the next
+    checkpoint, so a Ctrl-C is never ignored."""
+    hit = []
+
+    def handler(signum: int, frame: object) -> None:
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
     """Run the whole PTQ recipe into out_dir; returns the report dict (`recipe_id`: the recipe's
     fingerprint, recorded in it)."""
+    with _interrupts_kept() as check_interrupt:
+        return _run(cfg, out_dir, recipe_id, check_interrupt)
+
+
+def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: Callable[[], None]) -> dict:
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out_dir / "recipe.yaml")
@@ -299,6 +332,7 @@ def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
                     meta["next"] = g + 1
                     meta["wall_s"] = prev_wall + time.perf_counter() - t_start
                     ckpt.save_block(f"block_{g:04d}", blk, inputs, meta, steps)
+                check_interrupt()
                 bar.set_postfix(block=g, err=f"{block.stats.get('rel_output_error') or 0:.2e}", prot=block.protected)
                 bar.update(1)
             if stage_inputs is not None:
@@ -323,6 +357,7 @@ def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
         "calibration": _calibration_summary(cfg),
     }
     for step in steps:
+        check_interrupt()
         t0 = time.perf_counter()
         entries = step.on_model_end(ctx)
         if entries is not None:

@@ -43,7 +43,7 @@ class EvalConfig:
     wikitext2: str | None = "../shared/data/wikitext2/test.txt"
     windows: int = 40                     # WikiText-2 test windows (the first ones) for perplexity
     seq_len: int = 512
-    kl_windows: int = 40                  # of those, the first ones for KL and top-1 agreement
+    kl_windows: int | None = None         # of those, the first ones for KL and top-1 (None: all of them)
     domains: list[str] = field(default_factory=list)   # built-in domains scored on their validation part
     domain_windows: int = 8               # windows per domain
     batch_size: int = 2                   # windows per forward
@@ -54,6 +54,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from lpq.data.domains import DOMAINS
 
+        if self.kl_windows is None:
+            self.kl_windows = self.windows
         for name in ("windows", "seq_len", "kl_windows", "domain_windows", "batch_size", "mmlu_questions"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise ValueError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
