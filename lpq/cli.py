@@ -8,8 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+from lpq import cpu_numerics
+
+cpu_numerics.pin()      # before any command imports torch: the same bits on every machine of a kind
+
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
 # command -> (module in lpq.pipelines that registers it, one-line help for the command list)
 COMMANDS = {

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import shutil
 import signal
@@ -35,6 +36,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
+from lpq import cpu_numerics
 from lpq.algorithms.context import BlockContext, RunContext, Stage
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity, rank_blocks
 from lpq.algorithms.step import Phase, Step
@@ -237,8 +239,13 @@ def _interrupts_kept() -> Iterator[Callable[[], None]]:
 def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
     """Run the whole PTQ recipe into out_dir; returns the report dict (`recipe_id`: the recipe's
     fingerprint, recorded in it)."""
-    with _interrupts_kept() as check_interrupt:
-        return _run(cfg, out_dir, recipe_id, check_interrupt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    try:
+        with _interrupts_kept() as check_interrupt:
+            return _run(cfg, out_dir, recipe_id, check_interrupt)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: Callable[[], None]) -> dict:
@@ -354,6 +361,8 @@ def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: 
         "offloaded": ctx.offloaded,
         "notes": [],
         "recipe_fingerprint": recipe_id,
+        "cpu_numerics": {**cpu_numerics.profile(), "threads": torch.get_num_threads(),
+                         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "calibration": _calibration_summary(cfg),
     }
     for step in steps:

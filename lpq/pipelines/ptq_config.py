@@ -77,6 +77,9 @@ class PTQConfig:
     export: ExportSettings | None = field(default_factory=ExportSettings)   # None: no checkpoint
     output_dir: str = "runs/ptq"
     skip_linears: list[str] = field(default_factory=list)   # block-relative names kept in high precision
+    # CPU threads of the run: CPU results are bit-identical for the same thread count (reductions are
+    # split by thread) and the pinned CPU numerics of lpq/cpu_numerics.py. 0: every core.
+    threads: int = 2
 
     def __post_init__(self) -> None:
         if self.quant.weight is None:
@@ -90,6 +93,8 @@ class PTQConfig:
             raise ValueError(f"protect asks for {self.protect.count()} blocks; the budget for "
                              f"{self.quant.weight.format} is {budget}")
         check_order(self.algorithms)
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: every core), got {self.threads}")
 
     @property
     def weight_format(self) -> str:

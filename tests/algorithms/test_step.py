@@ -70,7 +70,7 @@ def _recipe(tmp_path: Path, scale: float = 2.0) -> dict:
     return {"model": {"id": "tiny-llama"}, "quant": {"format": "hif4"},
             "calibration": {"text_file": str(text), "num_sequences": 2, "seq_len": 16, "batch_size": 2},
             "algorithms": [{"name": "test_counting", "scale": scale}, {"name": "rtn"}],
-            "protect": {"blocks": []}, "evaluation": None, "export": None}
+            "protect": {"blocks": []}, "evaluation": None, "export": None, "threads": 1}
 
 
 def test_a_step_registered_outside_lpq_runs_through_the_pipeline(tmp_path):

@@ -32,7 +32,7 @@ def _recipe(tmp_path: Path, model: str, algorithms: list[dict], **extra) -> dict
     d = {"model": {"id": model}, "quant": {"format": "hif4"},
          "calibration": {"text_file": str(text), "num_sequences": 2, "seq_len": 16, "batch_size": 2},
          "algorithms": algorithms, "protect": {"blocks": [1]},
-         "evaluation": {"wikitext2": str(text), "windows": 1, "seq_len": 16}}
+         "evaluation": {"wikitext2": str(text), "windows": 1, "seq_len": 16}, "threads": 1}
     d.update(extra)
     return d
 
@@ -397,3 +397,28 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeyp
         _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], evaluation=None, export=None))
     meta = json.loads((tmp_path / "out" / "checkpoint" / "meta.json").read_text())
     assert meta["next"] == 1                        # stopped after the first block, which was saved
+
+
+def test_two_runs_of_the_command_give_identical_exports(tmp_path):
+    """The same recipe, bit for bit: two `lpq ptq` processes (pinned CPU numerics, two threads, a
+    sensitivity ranking and a distillation that amplify any last-bit difference) write identical
+    checkpoints."""
+    import hashlib
+    import subprocess
+    import sys
+
+    d = _recipe(tmp_path, "tiny-qwen3", [{"name": "smoothquant"}, {"name": "hadamard"}, {"name": "gptq"},
+                                         {"name": "norm_distill", "steps": 3, "sequences": 2, "seq_len": 16,
+                                          "batch_size": 1}],
+                protect={"auto": 1, "sequences": 2, "seq_len": 8}, evaluation=None, threads=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    digests = []
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "lpq.cli", "ptq", "--config", str(recipe), "--out", str(tmp_path / name)],
+                       check=True, capture_output=True)
+        files = sorted((tmp_path / name / "quantized").glob("*.safetensors"))
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["cpu_numerics"]["ATEN_CPU_CAPABILITY"] == "avx2" and report["cpu_numerics"]["threads"] == 2
+    assert digests[0] and digests[0] == digests[1]
