@@ -70,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
         if self.kind not in (None, "causal_lm", "wan"):
             raise ValueError(f"kind {self.kind!r} is not allowed; use 'causal_lm' or 'wan'")
+        if self.max_memory and not self.device_map:
+            raise ValueError("model.max_memory needs model.device_map (e.g. auto)")
 
 
 @dataclass
@@ -423,8 +425,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, **common)
-    if cfg.max_memory and not cfg.device_map:
-        raise ModelError("model.max_memory needs model.device_map (e.g. auto)")
     if cfg.device_map:
         kwargs.update(device_map=cfg.device_map, offload_folder=cfg.offload_dir)
         if cfg.max_memory:
