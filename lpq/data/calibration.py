@@ -92,9 +92,9 @@ def read_text(cfg: CalibrationConfig) -> str:
 def token_windows(ids: torch.Tensor, num: int, seq_len: int) -> torch.Tensor:
     """`num` non-overlapping windows of `seq_len` tokens spread evenly over a 1-D id tensor."""
     total = ids.numel() // seq_len
-    if total < 1:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    num = min(num, total)
+    if total < num:
+        raise ValueError(f"the calibration text holds {total} windows of {seq_len} tokens ({ids.numel()} tokens), "
+                         f"fewer than the {num} asked for: give more text, or fewer / shorter sequences")
     starts = torch.linspace(0, total - 1, num).round().long() * seq_len
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 

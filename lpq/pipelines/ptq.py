@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -82,10 +83,19 @@ class Checkpoint:
         self.root, self.fp = root, fp
         self.meta_path = root / "meta.json"
 
+    def _damaged(self, path: Path, e: Exception) -> ValueError:
+        return ValueError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                          f"delete {self.root} to start the run over")
+
     def load(self) -> dict | None:
         if not self.meta_path.is_file():
             return None
-        meta = json.loads(self.meta_path.read_text())
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise self._damaged(self.meta_path, e) from None
+        if not isinstance(meta, dict):
+            raise self._damaged(self.meta_path, ValueError("not a JSON object"))
         if meta.get("fingerprint") != self.fp or meta.get("version") != CHECKPOINT_VERSION:
             print(f"lpq ptq: checkpoint in {self.root} is for another recipe; starting over", file=sys.stderr)
             return None
@@ -111,14 +121,22 @@ class Checkpoint:
 
     def restore_block(self, key: str, block: nn.Module) -> dict:
         """Load a finished block in place; returns the steps' saved state."""
-        saved = torch.load(self.root / f"{key}.pt", weights_only=False)
-        restore_structure(block, saved["structure"])
-        block.load_state_dict(saved["state_dict"])
-        return saved["steps"]
+        path = self.root / f"{key}.pt"
+        try:
+            saved = torch.load(path, weights_only=False)
+            restore_structure(block, saved["structure"])
+            block.load_state_dict(saved["state_dict"])
+            return saved["steps"]
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise self._damaged(path, e) from None
 
     def load_inputs(self) -> BlockInputs:
-        d = torch.load(self.root / "inputs.pt", weights_only=False)
-        return BlockInputs(d["hidden"], d["args"], d["kwargs"])
+        path = self.root / "inputs.pt"
+        try:
+            d = torch.load(path, weights_only=False)
+            return BlockInputs(d["hidden"], d["args"], d["kwargs"])
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise self._damaged(path, e) from None
 
 
 def structure(block: nn.Module) -> dict[str, dict]:
@@ -426,9 +444,21 @@ def validate_inputs(cfg: PTQConfig) -> None:
     """Everything that can be checked before a model is loaded: the model resolves, the protected
     blocks exist (global indices over every network, from the config alone), the data files exist
     and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file."""
-    from lpq.models.hub import peek_blocks
+    from lpq.models.hub import peek_blocks, peek_context
 
     blocks = peek_blocks(cfg.model)
+    context = peek_context(cfg.model)
+    if context is not None:
+        lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
+        if cfg.evaluation is not None:
+            lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
+        for i, spec in enumerate(cfg.algorithms):
+            if isinstance(getattr(spec.settings, "seq_len", None), int):
+                lengths[f"algorithms[{i}].seq_len"] = spec.settings.seq_len
+        too_long = {k: v for k, v in lengths.items() if v > context}
+        if too_long:
+            key, value = next(iter(too_long.items()))
+            raise ValueError(f"{key}: {value} tokens is beyond {cfg.model.id}'s context of {context} tokens")
     total = sum(blocks.values())
     if cfg.protect.blocks:
         bad = [b for b in cfg.protect.blocks if b >= total]

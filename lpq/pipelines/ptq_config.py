@@ -31,6 +31,11 @@ class ProtectConfig:
             raise ValueError(f"protect.auto must be >= 0, got {self.auto}")
         if self.blocks is not None and any(b < 0 for b in self.blocks):
             raise ValueError(f"protect.blocks must be block indices >= 0, got {self.blocks}")
+        if self.blocks is not None and len(set(self.blocks)) != len(self.blocks):
+            raise ValueError(f"protect.blocks has duplicates: {self.blocks}")
+        if self.sequences < 1 or self.seq_len < 2:
+            raise ValueError(f"protect needs sequences >= 1 and seq_len >= 2 to rank blocks, got {self.sequences} "
+                             f"and {self.seq_len}")
 
     def count(self) -> int:
         return self.auto if self.auto is not None else len(self.blocks or [])

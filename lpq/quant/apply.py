@@ -69,6 +69,12 @@ def plan_quantization(model: object, recipe: QuantRecipe) -> tuple[Adapter, list
             pattern = _excluded(name, net_name, adapter.exclude) or _excluded(name, net_name, recipe.exclude)
             reason = f"default exclude {pattern!r}" if pattern else "outside the transformer blocks"
             plan.append(PlanEntry(net_name, None, name, type(module).__name__, "excluded", reason))
+    names = [(net_name, name) for net_name, net in adapter.networks(model) for name, _ in net.named_modules() if name]
+    for pattern in recipe.exclude:
+        if not any(_excluded(name, net_name, [pattern]) for net_name, name in names):
+            example = next((n for _, n in names if ".0." in n and n.count(".") >= 3), names[0][1] if names else "")
+            raise ValueError(f"quant.exclude pattern {pattern!r} matches no module of the model (fnmatch on full "
+                             f"module names such as {example!r}); fix or drop it")
     return adapter, plan
 
 

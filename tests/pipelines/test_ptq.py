@@ -422,3 +422,36 @@ def test_two_runs_of_the_command_give_identical_exports(tmp_path):
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert report["cpu_numerics"]["ATEN_CPU_CAPABILITY"] == "avx2" and report["cpu_numerics"]["threads"] == 2
     assert digests[0] and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"protect": {"blocks": [7]}}, "protect.blocks: block 7 is out of range: tiny-llama has 2 blocks"),
+    ({"protect": {"blocks": None, "auto": 1, "sequences": 0}}, "protect needs sequences >= 1"),
+    ({"calibration": {"seq_len": 300}}, "calibration.seq_len: 300 tokens is beyond tiny-llama's context of 256"),
+    ({"calibration": {"num_sequences": 60}}, "holds 37 windows of 16 tokens .* fewer than the 60 asked for"),
+    ({"skip_linears": ["mlp.no_such_proj"]}, "pattern '\\*.mlp.no_such_proj' matches no module"),
+    ({"evaluation": {"wikitext2": "/nonexistent/test.txt"}}, "evaluation.wikitext2: /nonexistent/test.txt not found"),
+])
+def test_bad_values_are_refused_before_the_blocks(tmp_path, monkeypatch, change, message):
+    """Ranges, lengths, patterns and files are checked before any block is quantized, with the key."""
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], export=None)
+    for section, value in change.items():
+        d[section] = {**d[section], **value} if isinstance(d.get(section), dict) else value
+    monkeypatch.setattr(ptq, "process_block", lambda *a: pytest.fail("a block was quantized"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        cfg = from_dict(d, PTQConfig)
+        ptq.validate_inputs(cfg)
+        ptq.run(cfg, tmp_path / "out")
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], evaluation=None, export=None)
+    _run(tmp_path, d)
+    (tmp_path / "out" / "checkpoint" / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta\.json is damaged \(JSONDecodeError.*delete .*checkpoint to start"):
+        _run(tmp_path, d)
+    (tmp_path / "out" / "checkpoint" / "meta.json").unlink()
+    _run(tmp_path, d)
+    (tmp_path / "out" / "checkpoint" / "block_0000.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"block_0000\.pt is damaged"):
+        _run(tmp_path, d)
