@@ -67,6 +67,12 @@ class RunContext:
     def input_format(self) -> str | None:
         return self.cfg.quant.input.format if self.cfg.quant.input is not None else None
 
+    def require_whole_model(self, what: str) -> None:
+        """Refuse a step that works on every weight at once when accelerate offloads some of them."""
+        if self.offloaded:
+            raise ValueError(f"{what}, which offloaded weights (model.device_map with cpu/disk offload) do not "
+                             f"allow; drop it or load the model whole")
+
     def load_float_model(self) -> Any:
         """A fresh copy of the unquantized model (as the recipe loads it; offloaded weights go to a
         folder of their own so they cannot overwrite the quantized model's)."""

@@ -176,9 +176,7 @@ class NormDistill(Step):
         if not run.kind.next_token_logits:
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
                              f"{run.kind.name} model")
-        if run.offloaded:
-            raise ValueError("norm_distill trains through the whole model at once, which offloaded weights "
-                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
+        run.require_whole_model("norm_distill trains through the whole model at once")
         if run.cfg.model.dtype == "float16":
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "

@@ -104,9 +104,7 @@ class RotateResidual(Step):
     phase = Phase.MODEL
 
     def check(self, run) -> None:
-        if run.offloaded:
-            raise ValueError("rotate_residual rewrites every weight of the model at once, which offloaded weights "
-                             "(model.device_map with cpu/disk offload) do not allow; drop it or load the model whole")
+        run.require_whole_model("rotate_residual rewrites every weight of the model at once")
         _check_supported(run.loaded.model, run.adapter)
 
     def on_model_start(self, run) -> None:
