@@ -35,6 +35,10 @@ class NormDistillSettings:
     # Compute precision of both models' forward passes (bfloat16: autocast; the quantizers still
     # compute in float32, and the norms and the optimizer state stay float32).
     precision: Literal["float32", "bfloat16"] = "float32"
+    # Also learn a per-channel online input scale (InputTransform.input_scale, x / s before the
+    # Hadamard) for every quantized linear whose input no norm produces (o_proj, down_proj): the same
+    # freedom the norm weights give the others.
+    input_scales: bool = False
 
     def __post_init__(self) -> None:
         if min(self.steps, self.sequences, self.seq_len, self.batch_size) < 1:
@@ -61,11 +65,36 @@ def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
+def learnable_input_scales(model: nn.Module, adapter) -> list[Tensor]:
+    """The online input scales (ones where none exists yet) of the quantized linears whose input
+    no norm produces, by the adapter's folds; created in place on their InputTransforms."""
+    from lpq.quant.linear import QuantLinear
+    from lpq.quant.transforms import InputTransform
+
+    scales = []
+    for block in adapter.blocks(model):
+        modules = dict(block.named_modules())
+        norm_fed = {c for consumers, producer in adapter.folds
+                    if type(modules.get(producer)).__name__.endswith("Norm") for c in consumers}
+        for name in adapter.linears:
+            lin = modules.get(name)
+            if not isinstance(lin, QuantLinear) or lin.is_plain() or name in norm_fed:
+                continue
+            t = lin.input_transform
+            if t is None or t.input_scale is None:
+                ones = torch.ones(lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                lin.input_transform = InputTransform(t.hadamard_block if t else None, ones)
+            scales.append(lin.input_transform.input_scale)
+    return scales
+
+
 @contextlib.contextmanager
-def _only_trainable(model: nn.Module, params: list[nn.Parameter]):
-    """Gradients for `params` only, eval-mode numerics (no dropout); flags and mode restored after."""
+def _only_trainable(model: nn.Module, params: list[Tensor]):
+    """Gradients for `params` (parameters, or buffers such as input scales) only, eval-mode numerics
+    (no dropout); flags and mode restored after."""
     ids = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    tensors = list(model.parameters()) + [p for p in params if not isinstance(p, nn.Parameter)]
+    flags = [(p, p.requires_grad) for p in tensors]
     was_training = model.training
     for p, _ in flags:
         p.requires_grad_(id(p) in ids)
@@ -102,14 +131,16 @@ def _recomputed(blocks: nn.ModuleList | None):
 
 def _first_nonfinite(model: nn.Module, params: list[nn.Parameter]) -> str | None:
     ids = {id(p) for p in params}
-    return next((f"{name} is not finite" for name, p in model.named_parameters()
-                 if id(p) in ids and not bool(torch.isfinite(p).all())), None)
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return next((f"{name} is not finite" for name, p in named if id(p) in ids and not bool(torch.isfinite(p).all())),
+                None)
 
 
 def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
                   resume_file: Path | None = None, save_every: int = 10,
-                  blocks: nn.ModuleList | None = None) -> dict:
-    """Train the student's norm parameters in place; every other parameter stays as it is.
+                  blocks: nn.ModuleList | None = None, extra: list[Tensor] | None = None) -> dict:
+    """Train the student's norm parameters (and the `extra` tensors, e.g. learnable input scales) in
+    place; every other parameter stays as it is.
 
     With `resume_file`, the norms, optimizer and losses are saved there every `save_every` steps, and a
     call that finds the file continues from its step: the result is the same as an uninterrupted run.
@@ -120,6 +151,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
     params = norm_parameters(student)
     if not params:
         raise ValueError(f"{type(student).__name__} has no normalization layers to distill")
+    params += extra or []
     t0 = time.perf_counter()
     opt = torch.optim.Adam(params, lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps)))
@@ -128,7 +160,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
     if resume_file is not None and resume_file.is_file():
         state = torch.load(resume_file)
         with torch.no_grad():
-            for p, saved in zip(params, state["norms"]):
+            for p, saved in zip(params, state["tensors"], strict=True):
                 p.copy_(saved)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -157,7 +189,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
             losses.append(float(loss.detach()))
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if resume_file is not None and ((step + 1) % save_every == 0 or step + 1 == settings.steps):
-                save_atomic({"step": step + 1, "norms": [p.detach().clone() for p in params],
+                save_atomic({"step": step + 1, "tensors": [p.detach().clone() for p in params],
                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "losses": losses, "seconds": spent + time.perf_counter() - t0}, resume_file)
     return {"steps": settings.steps, "first_loss": losses[0], "last_loss": losses[-1],
@@ -187,8 +219,9 @@ class NormDistill(Step):
         tokens = run.text_windows(s.sequences, s.seq_len)
         teacher = run.load_float_model()
         model = run.loaded.model
+        extra = learnable_input_scales(model, run.adapter) if s.input_scales else []
         result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self),
-                               blocks=run.adapter.blocks(model))
+                               blocks=run.adapter.blocks(model), extra=extra)
         return {"norm_distill": result}
 
     def report_line(self, entries: dict) -> str:

@@ -96,3 +96,25 @@ def test_recomputing_block_activations_gives_the_same_training():
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     assert all(torch.equal(p, q) for p, q in zip(norm_parameters(plain), norm_parameters(recomputed)))
     assert all("forward" not in block.__dict__ for block in recomputed.model.layers)
+
+
+def test_learnable_input_scales_of_the_linears_no_norm_feeds():
+    """input_scales: o_proj and down_proj (whose inputs no norm produces) get an online input scale,
+    trained with the norms; q/k/v and gate/up (fed by the norms) do not; nothing else changes."""
+    from lpq.algorithms.norm_distill import learnable_input_scales
+    from lpq.models.adapters import get_adapter
+
+    teacher, student = _pair()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    scales = learnable_input_scales(student, get_adapter(student))
+    layer = student.model.layers[0]
+    assert len(scales) == 2 * len(student.model.layers)
+    assert layer.self_attn.o_proj.input_transform.input_scale is scales[0]
+    assert layer.self_attn.q_proj.input_transform.input_scale is None          # fed by input_layernorm
+    assert torch.equal(scales[0], torch.ones(64))
+    weights = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith("norm.weight")}
+    kl0 = _kl(teacher, student, ids)
+    distill_norms(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2), extra=scales)
+    assert _kl(teacher, student, ids) < kl0
+    assert not torch.equal(scales[0], torch.ones(64)) and not scales[0].requires_grad
+    assert all(torch.equal(p, weights[n]) for n, p in student.named_parameters() if n in weights)
