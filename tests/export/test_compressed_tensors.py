@@ -207,20 +207,16 @@ def test_refusals_leave_nothing_behind(tmp_path, data, setup, message):
 
 
 @pytest.mark.slow
-def test_smollm2_w4a4_mxfp4_runtime_close_to_lpq(tmp_path):
-    from pathlib import Path
-
-    from lpq.eval.shift import distribution_shift
+def test_smollm2_w4a16_mxfp4_runtime_equals_lpq(tmp_path):
+    """The real model (GQA, tied embeddings) through transformers' compressed-tensors loader: lpq's logits."""
     from lpq.models.hub import ModelConfig, load_model
     from lpq.quant import quantize_model
     from tests.export.helpers import recipe
 
     loaded = load_model(ModelConfig("smollm2-135m", dtype="bfloat16"))
-    quantize_model(loaded.model, recipe({"format": "mxfp4"}))
+    quantize_model(loaded.model, recipe(W4A16))
     export_model(loaded.model, None, tmp_path / "ct", kind="compressed-tensors", tokenizer=loaded.tokenizer)
     export_model(loaded.model, None, tmp_path / "packed")
-    runtime = _runtime(tmp_path / "ct", loaded.model)
-    text = " ".join(Path(__file__).read_text().split()) * 4       # any text: the two models see the same tokens
-    with torch.no_grad():
-        shift = distribution_shift(load_quantized(tmp_path / "packed"), runtime, loaded.tokenizer, text, 2, 256)
-    assert shift["kl_div"] < 0.1 and shift["top1_agreement"] > 0.85
+    ids = loaded.tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    want = logits(load_quantized(tmp_path / "packed"), ids)
+    torch.testing.assert_close(logits(_runtime(tmp_path / "ct", loaded.model), ids), want, rtol=0, atol=0)
