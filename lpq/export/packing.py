@@ -158,20 +158,49 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
-def pack(qw: QuantizedWeight, w_q: Tensor) -> Packed | None:
-    """The bits of the forward weight `w_q`, or None when no encoding reproduces it exactly.
-
-    Tried in order: the format's encoder on the (scaled) parameter, which is what RTN quantized;
-    on w_q itself (on-grid weights, e.g. from GPTQ, in formats whose re-encoding is exact); a
-    search for codes that decode to exactly w_q (HiF4 weights with searched block scales)."""
-    s = qw.prescale()
-    param = qw.parameter().detach().cpu()
+def _pack_whole(fmt: str, axis: int, param: Tensor, w_q: Tensor, s: Tensor | None) -> Packed | None:
+    """The first encoding of (param, w_q) whose decode is w_q bit for bit; `s`: one scale per group of
+    the leading dim, or None."""
     scaled = lambda t: t.float() * _per_group(s, t) if s is not None else t.float()
-    candidates = (lambda: encode(scaled(param), qw.fmt, qw.axis),
-                  lambda: encode(scaled(w_q), qw.fmt, qw.axis),
-                  lambda: encode_on_grid(scaled(w_q), qw.fmt, qw.axis))
+    candidates = (lambda: encode(scaled(param), fmt, axis),
+                  lambda: encode(scaled(w_q), fmt, axis),
+                  lambda: encode_on_grid(scaled(w_q), fmt, axis))
     for make in candidates:     # in order, until one reproduces w_q: usually the first
         p = make()
         if p is not None and _same_bits(unpack(p, s, w_q.dtype), w_q):
             return p
     return None
+
+
+_PACK_ROWS_BYTES = 1 << 26      # float32 bytes of a weight packed at a time
+
+
+def pack(qw: QuantizedWeight, w_q: Tensor) -> Packed | None:
+    """The bits of the forward weight `w_q`, or None when no encoding reproduces it exactly.
+
+    Tried in order: the format's encoder on the (scaled) parameter, which is what RTN quantized;
+    on w_q itself (on-grid weights, e.g. from GPTQ, in formats whose re-encoding is exact); a
+    search for codes that decode to exactly w_q (HiF4 weights with searched block scales).
+    A weight quantized along its last dim is packed a few rows at a time (blocks never span rows;
+    the search alone takes ~100 bytes per value), each chunk taking the first encoding that
+    reproduces its rows; formats with a per-tensor scale (nvfp4) are packed whole."""
+    s = qw.prescale()
+    param = qw.parameter().detach().cpu()
+    axis = qw.axis % w_q.dim()
+    rows = math.prod(w_q.shape[:-1])
+    length = w_q.shape[-1] if w_q.dim() else 1
+    step = max(1, _PACK_ROWS_BYTES // (4 * length))
+    if axis != w_q.dim() - 1 or w_q.dim() < 2 or rows <= step:
+        return _pack_whole(qw.fmt, qw.axis, param, w_q, s)
+    p2, w2 = param.reshape(rows, length), w_q.reshape(rows, length)
+    row_s = None if s is None else s.reshape(-1).repeat_interleave(rows // s.numel())
+    parts = []
+    for r in range(0, rows, step):
+        part = _pack_whole(qw.fmt, 1, p2[r:r + step], w2[r:r + step], None if row_s is None else row_s[r:r + step])
+        if part is None or part.tensor_scale is not None:
+            # A per-tensor scale (nvfp4) differs chunk by chunk: the whole tensor decides (and a
+            # weight no encoding reproduces fails there too).
+            return _pack_whole(qw.fmt, qw.axis, param, w_q, s)
+        parts.append(part)
+    return Packed(qw.fmt, tuple(w_q.shape), axis, torch.cat([q.codes for q in parts]),
+                  None if parts[0].scales is None else torch.cat([q.scales for q in parts]), None)

@@ -283,3 +283,26 @@ def test_inconsistent_headers_are_damage(tmp_path, edit, why):
     path.write_bytes(data.replace(edit[0].encode(), edit[1].encode()))
     with pytest.raises(CheckpointError, match=f"s.safetensors: the checkpoint is damaged .*{why}"):
         read_headers(tmp_path, files)
+
+
+@pytest.mark.parametrize("fmt, on_grid", [("hif4", False), ("hif4", True), ("mxfp4", False), ("nvfp4", False),
+                                          ("hif8", False)])
+def test_pack_in_row_chunks_reproduces_the_weight(monkeypatch, fmt, on_grid):
+    """pack() works a few rows at a time: every chunk decodes to its rows bit for bit, and RTN codes
+    are those of a whole-tensor encode."""
+    from lpq.formats import decode, grid
+
+    model, _ = quantized_lm("tiny-llama", {"weight": {"format": fmt, "scaling": "current"}}, torch.bfloat16)
+    lin = model.model.layers[0].mlp.down_proj
+    if on_grid:                                    # GPTQ-like: searched scales, needs the on-grid search
+        lin.set_quantized_weight(grid.fake_quant(lin.weight.float(), fmt, search=True).to(lin.weight.dtype))
+    qw = next(q for q in packing.quantized_weights(model) if q.module is lin)
+    with torch.no_grad():
+        w_q = qw.forward_weight()
+    whole = packing.pack(qw, w_q)
+    monkeypatch.setattr(packing, "_PACK_ROWS_BYTES", 4 * w_q.shape[-1] * 5)       # 5 rows per chunk
+    chunked = packing.pack(qw, w_q)
+    assert same_bits(packing.unpack(chunked, qw.prescale(), w_q.dtype), w_q)
+    assert chunked.codes.shape == whole.codes.shape
+    if not on_grid:
+        assert same_bits(chunked.codes, whole.codes) and same_bits(decode(chunked), decode(whole))
