@@ -50,6 +50,7 @@ class RunContext:
     out_dir: Path
     checkpoint_dir: Path
     calibration_data: Any = None     # what the model kind feeds (token windows, prompts)
+    _float: Any = field(default=None, repr=False)
 
     @property
     def kind(self) -> ModelKind:
@@ -73,15 +74,18 @@ class RunContext:
             raise ValueError(f"{what}, which offloaded weights (model.device_map with cpu/disk offload) do not "
                              f"allow; drop it or load the model whole")
 
-    def load_float_model(self) -> Any:
-        """A fresh copy of the unquantized model (as the recipe loads it; offloaded weights go to a
-        folder of their own so they cannot overwrite the quantized model's)."""
-        from lpq.models.hub import load_model
+    def float_model(self) -> Any:
+        """The unquantized model, loaded once per run as the recipe loads it (offloaded weights go to a
+        folder of their own so they cannot overwrite the quantized model's); steps and the evaluation
+        share it, read-only."""
+        if self._float is None:
+            from lpq.models.hub import load_model
 
-        model_cfg = self.cfg.model
-        if model_cfg.offload_dir:
-            model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "float"))
-        return load_model(model_cfg).model
+            model_cfg = self.cfg.model
+            if model_cfg.offload_dir:
+                model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "float"))
+            self._float = load_model(model_cfg).model
+        return self._float
 
     def text_windows(self, num: int, seq_len: int) -> Tensor:
         """`num` windows of `seq_len` tokens of the calibration text (refused for models without text)."""

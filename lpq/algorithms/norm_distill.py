@@ -217,7 +217,7 @@ class NormDistill(Step):
     def on_model_end(self, run) -> dict:
         s = self.settings
         tokens = run.text_windows(s.sequences, s.seq_len)
-        teacher = run.load_float_model()
+        teacher = run.float_model()
         model = run.loaded.model
         extra = learnable_input_scales(model, run.adapter) if s.input_scales else []
         result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self),

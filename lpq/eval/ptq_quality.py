@@ -13,7 +13,6 @@ before; the KL needs both models' logits and always runs both.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -64,16 +63,12 @@ def evaluation_windows(tokenizer: Any, ev: Any) -> dict[str, torch.Tensor]:
     return sets
 
 
-def evaluate_causal_lm(loaded: Any, model_cfg: Any, ev: Any, out_dir: Path) -> dict:
-    """Quality of `loaded.model` against a fresh float copy (see the module docstring)."""
+def evaluate_causal_lm(loaded: Any, baseline: Any, ev: Any, out_dir: Path) -> dict:
+    """Quality of `loaded.model` against its float model `baseline` (see the module docstring)."""
     from lpq.eval import EvalSettings, distribution_shift, run_paired
-    from lpq.models.hub import load_model
     from lpq.train.domains import compare_domains, window_nll
 
     res: dict[str, Any] = {"baseline": {}, "quantized": {}}
-    if model_cfg.offload_dir:   # the baseline's offloaded weights must not overwrite the quantized model's
-        model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "baseline"))
-    baseline = load_model(model_cfg).model
     sets = evaluation_windows(loaded.tokenizer, ev)
     base = {name: baseline_nll(baseline, ids, ev.batch_size) for name, ids in sets.items()}
     cand = {name: window_nll(loaded.model, ids, ev.batch_size) for name, ids in sets.items()}
@@ -88,7 +83,7 @@ def evaluate_causal_lm(loaded: Any, model_cfg: Any, ev: Any, out_dir: Path) -> d
     if ev.mmlu:
         settings = EvalSettings(tasks=["mmlu"], limit=ev.mmlu_questions, seed=ev.seed, kl=False)
         r = run_paired(baseline, loaded.model, loaded.tokenizer, settings, out_dir / "eval",
-                       model_name=model_cfg.id)["tasks"]["mmlu"]
+                       model_name=loaded.name)["tasks"]["mmlu"]
         res["baseline"]["mmlu_acc"] = r["baseline"]
         res["quantized"]["mmlu_acc"] = r["quantized"]
         res["mmlu_agreement"] = r["agreement"]

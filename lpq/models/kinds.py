@@ -54,8 +54,8 @@ class ModelKind:
     def text_windows(self, loaded: LoadedModel, calib: CalibrationConfig, num: int, seq_len: int) -> Tensor:
         raise ValueError(f"a {self.name} model has no next-token text to train or score on")
 
-    def evaluate(self, loaded: LoadedModel, model_cfg: Any, evaluation: Any, out_dir: Path) -> dict:
-        """Quality of the quantized model against a fresh float copy: {"baseline": {...}, "quantized": {...}}."""
+    def evaluate(self, loaded: LoadedModel, float_model: Any, evaluation: Any, out_dir: Path) -> dict:
+        """Quality of the quantized model against its float model: {"baseline": {...}, "quantized": {...}}."""
         return {"baseline": {}, "quantized": {}}
 
 
@@ -100,10 +100,10 @@ class CausalLM(ModelKind):
 
         return calibration_tokens(dataclasses.replace(calib, num_sequences=num, seq_len=seq_len), loaded.tokenizer)
 
-    def evaluate(self, loaded: LoadedModel, model_cfg: Any, evaluation: Any, out_dir: Path) -> dict:
+    def evaluate(self, loaded: LoadedModel, float_model: Any, evaluation: Any, out_dir: Path) -> dict:
         from lpq.eval.ptq_quality import evaluate_causal_lm
 
-        return evaluate_causal_lm(loaded, model_cfg, evaluation, out_dir)
+        return evaluate_causal_lm(loaded, float_model, evaluation, out_dir)
 
 
 def _truncate_kwargs(kwargs: dict, seq_len: int) -> dict:

@@ -394,7 +394,7 @@ def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: 
             if line:
                 report["notes"].append(line)
     if cfg.evaluation is not None:
-        report.update(ctx.kind.evaluate(loaded, cfg.model, cfg.evaluation, out_dir))
+        report.update(ctx.kind.evaluate(loaded, ctx.float_model(), cfg.evaluation, out_dir))
     if cfg.export is not None:
         t0 = time.perf_counter()
         report["export"] = export(ctx, out_dir)
