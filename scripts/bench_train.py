@@ -3,9 +3,12 @@
 All modes run in one process on the same batches, interleaved step by step (BF16, HiF8 delayed, HiF8
 current, BF16, ...), so a machine whose load changes during the benchmark slows every mode alike. BF16
 and HiF8-delayed share one model (quantization switched off / on); HiF8-current is a second copy.
-Every step is a full AdamW step with bfloat16 autocast, as in `lpq train`. Besides wall time, each step's
-process CPU time (all threads) is recorded: on a machine shared with other jobs, waiting for a core
-inflates wall time by whatever the others do, CPU time much less.
+Every step is a full AdamW step computing as the recipe's `train.mixed_precision` says (bfloat16 autocast
+or float32), as in `lpq train`; `--precision` overrides it. On a CPU without native bfloat16 matmuls
+(no AVX512-BF16 / AMX) autocast's bfloat16 matmuls are emulated and several times slower than float32
+ones, which inflates the BF16 step and flatters the ratio: compare with `--precision fp32` there.
+Besides wall time, each step's process CPU time (all threads) is recorded: on a machine shared with
+other jobs, waiting for a core inflates wall time by whatever the others do, CPU time much less.
 
     .venv/bin/python scripts/bench_train.py --steps 8 --out runs/bench_train.json
 """
@@ -24,6 +27,7 @@ from lpq.models.hub import load_model
 from lpq.quant import quantize_model, set_quant_enabled
 from lpq.train.compare import quant_for_mode
 from lpq.train.data import text_splits
+from lpq.train.loop import keep_freed_memory
 from lpq.train.recipe import DataConfig, load_recipe
 
 
@@ -34,13 +38,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (kernel build, caches)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the recipe's data.seq_len")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                    help="compute: bfloat16 autocast or float32 (default: the recipe's train.mixed_precision)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
 
+    keep_freed_memory()     # as lpq train does on CPU (both modes alike)
     recipe = load_recipe(args.config)
     if recipe.quant is None:
         raise SystemExit(f"{args.config} has no quant section")
     batch_size = args.batch_size or recipe.train.batch_size
+    precision = args.precision or ("bf16" if recipe.train.mixed_precision.value == "bf16" else "fp32")
     data_cfg = DataConfig(paths=recipe.data.paths, text_field=recipe.data.text_field,
                           seq_len=args.seq_len or recipe.data.seq_len, eval_blocks=recipe.data.eval_blocks)
     loaded = load_model(recipe.model)
@@ -62,7 +70,7 @@ def main() -> None:
         start = (i * batch_size) % (len(blocks) - batch_size)
         ids = blocks[start:start + batch_size]
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optims[id(model)].step()
@@ -84,7 +92,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
     result = {
-        "model": recipe.model.id, "batch_size": batch_size, "seq_len": data_cfg.seq_len,
+        "model": recipe.model.id, "batch_size": batch_size, "seq_len": data_cfg.seq_len, "precision": precision,
         "threads": torch.get_num_threads(), "timed_steps_per_mode": args.steps,
         "median_step_s": med, "all_step_s": times,
         "ratio_hif8_delayed_vs_bf16": med["hif8_delayed"] / med["bf16"],
@@ -95,6 +103,7 @@ def main() -> None:
         "cpu_ratio_hif8_current_vs_bf16": med_cpu["hif8_current"] / med_cpu["bf16"],
         "cpu_ratio_delayed_vs_current": med_cpu["hif8_delayed"] / med_cpu["hif8_current"],
     }
+    print(f"compute: {precision}, {torch.get_num_threads()} thread(s)")
     for k in med:
         print(f"{k:14s} median {med[k]:.3f} s/step wall, {med_cpu[k]:.3f} s/step CPU")
     print(f"HiF8 delayed / BF16: {result['ratio_hif8_delayed_vs_bf16']:.2f}x wall, "

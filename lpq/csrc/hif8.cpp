@@ -379,15 +379,15 @@ constexpr int kLanes = 8;                      // independent partial sums: vect
 constexpr int64_t kChunk = 256;                // elements per inner block (a multiple of kLanes)
 
 // One grain of the fused pass: quantize x * s, divide by s, store in the output type, and measure.
-// Each kChunk block runs one branch-free loop (the quantization, the integer max and counts, and the
-// squares into a small buffer), then adds the squares into kLanes partial sums in a fixed order, so
-// the result does not depend on the number of threads.
+// Each kChunk block runs one branch-free loop (the quantization, the integer max and counts, and |x|
+// into a small buffer), then adds the squares into kLanes partial sums in a fixed order, so the
+// result does not depend on the number of threads.
 template <typename Load, typename Store, bool kQuant, bool kCounts>
 PassStats scaled_stats_range(const typename Load::T* __restrict in, typename Store::T* __restrict out, int64_t n,
                              float s, float inv) {
   PassStats st;
   double lanes[kLanes] = {};
-  double sq[kChunk];
+  float mags[kChunk];
   uint32_t amax = 0;
   int64_t overflow = 0, flushed = 0, coarse = 0;
   for (int64_t c = 0; c < n; c += kChunk) {
@@ -396,8 +396,7 @@ PassStats scaled_stats_range(const typename Load::T* __restrict in, typename Sto
       const uint32_t u = Load::load(in[c + i]);
       const uint32_t mag = u & kAbsMask;
       amax = mag > amax ? mag : amax;
-      const float v = bits_float(mag);
-      sq[i] = static_cast<double>(v) * static_cast<double>(v);
+      mags[i] = bits_float(mag);
       if constexpr (kQuant) {
         const uint32_t xs = float_bits(bits_float(u) * s);
         const uint32_t q = quant_bits(xs);
@@ -411,9 +410,14 @@ PassStats scaled_stats_range(const typename Load::T* __restrict in, typename Sto
         }
       }
     }
-    for (int64_t i = m; i < (m + kLanes - 1) / kLanes * kLanes; ++i) sq[i] = 0.0;
+    // The squares in double (exact: a float's 24-bit significand squared fits in 53 bits), in a
+    // second loop over the chunk so the first keeps one 32-bit lane width and vectorizes fully.
+    for (int64_t i = m; i < (m + kLanes - 1) / kLanes * kLanes; ++i) mags[i] = 0.0f;
     for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
-      for (int j = 0; j < kLanes; ++j) lanes[j] += sq[i0 + j];
+      for (int j = 0; j < kLanes; ++j) {
+        const double v = static_cast<double>(mags[i0 + j]);
+        lanes[j] += v * v;
+      }
     }
   }
   double total = 0.0;

@@ -284,7 +284,7 @@ def _stats_kernel(x: Tensor, backend: str | None, fmt: str = "hif8", scale: floa
 
 
 def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int = -1, *, counts: bool = False,
-                     backend: str | None = None, out_dtype: torch.dtype | None = None
+                     backend: str | None = None, out_dtype: torch.dtype | None = None, out: Tensor | None = None
                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """fake_quant (scale None) or fake_quant_scaled of x, with the statistics QAT records gathered
     in the same pass: "amax" and "sumsq" of x (see moments) and, with counts=True, over
@@ -293,24 +293,36 @@ def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int 
     One Triton pass on CUDA (counts always gathered there), one C++ pass for HiF8 on CPU (float32 or
     bfloat16, power-of-two scale); elsewhere the same numbers from the fake_quant above plus
     whole-tensor ops. `out_dtype`: the result's dtype (default x's); the C++ pass writes bfloat16
-    directly for a float32 x (the same values as casting the float32 result)."""
+    directly for a float32 x (the same values as casting the float32 result). `out`: a tensor of x's
+    shape and the result's dtype to write the result into (and return), instead of a new one."""
     axis = _check(x, axis)
     ext = _stats_kernel(x, backend, fmt, scale)
-    if ext is not None and out_dtype in (None, x.dtype, torch.bfloat16):
+    dtype = out_dtype or x.dtype
+    if out is not None and (out.shape != x.shape or out.dtype != dtype or out.device != x.device):
+        raise ValueError(f"fake_quant_stats: out must be {dtype} {tuple(x.shape)} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if ext is not None and out_dtype in (None, x.dtype, torch.bfloat16) and (out is None or out.is_contiguous()):
         xc = x.contiguous()
-        y = torch.empty_like(xc, dtype=out_dtype or x.dtype)
+        y = torch.empty_like(xc, dtype=dtype) if out is None else out
         res = ext.fake_quant_scaled_stats(xc, fmt, 1.0 if scale is None else scale, y, counts)
-        out = {"amax": res[0].float(), "sumsq": res[1]}
+        stats = {"amax": res[0].float(), "sumsq": res[1]}
         if counts:
-            out.update(overflow=res[2].long(), flushed=res[3].long(), coarse=res[4].long())
-        return y.view(x.shape), out
+            stats.update(overflow=res[2].long(), flushed=res[3].long(), coarse=res[4].long())
+        return y, stats
+    y, stats = _fake_quant_stats_other(x, fmt, scale, axis, counts, backend)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
+    return (y if out is None else out.copy_(y)), stats
+
+
+def _fake_quant_stats_other(x: Tensor, fmt: str, scale: float | None, axis: int, counts: bool,
+                            backend: str | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """fake_quant_stats by Triton (CUDA) or by whole-tensor ops, in x's dtype."""
     if x.numel() and _triton(x, backend):
         from lpq.kernels.formats import Stats
 
         st = Stats(x.device)
         y = _triton_fake_quant(x, fmt, axis, scale, st)
-        if out_dtype is not None:
-            y = y.to(out_dtype)
         out = {"amax": st.amax, "sumsq": st.sumsq[0]}
         if counts:
             out.update(overflow=st.counts[0], flushed=st.counts[1])
@@ -331,4 +343,4 @@ def fake_quant_stats(x: Tensor, fmt: str, scale: float | None = None, axis: int 
             out.update(overflow=(torch.isinf(ys) & finite).sum(), flushed=((ys == 0) & (xs != 0)).sum())
             if fmt == "hif8":
                 out["coarse"] = ((xs.abs() >= 2.0 ** 8) & finite).sum()
-    return (y if out_dtype is None else y.to(out_dtype)), out
+    return y, out

@@ -34,6 +34,7 @@ class TensorQuantizer(nn.Module):
         self.groups = groups
         self.track_stats = False
         self.last_stats: dict[str, float | None] | None = None
+        self._out: Tensor | None = None     # see _output_buffer
         if spec.scaling != Scaling.NONE:
             n = spec.history_len if spec.scaling == Scaling.DELAYED else 1
             self.register_buffer("amax_history", torch.zeros(n, groups))
@@ -58,32 +59,63 @@ class TensorQuantizer(nn.Module):
         if group is None and self.groups > 1:
             return self._forward_slices(x)
         spec = self.spec
+        out_dtype = self._compute_dtype(x)
+        stored = float(self.scale[0 if group is None else group]) if spec.scaling != Scaling.NONE else 0.0
+        memo_key = None
+        if self.role == "input":
+            # Linears that share their input (q/k/v, gate/up) quantize it once: same tensor, same spec
+            # and scale state -> the same result (see _LastInput).
+            memo_key = (spec, group, stored if spec.scaling == Scaling.DELAYED else None, self.training,
+                        torch.is_grad_enabled(), self.track_stats, out_dtype)
+            hit = _LAST_INPUT.get(x, memo_key)
+            if hit is not None:
+                return self._replay(hit, group, x.numel())
         scale: float | None = None
+        amax = rms = scale_t = None
         pending = False          # this call's statistics still go to delayed scaling's pending max
         if spec.scaling != Scaling.NONE:
-            g = 0 if group is None else group
-            stored = float(self.scale[g])
             if spec.scaling == Scaling.DELAYED and stored > 0:
                 scale, pending = stored, self.training
             else:
                 # The scale depends on this tensor: one statistics read first (current scaling, or
                 # delayed scaling before its first update, which also records them as pending).
                 amax, sumsq = moments(x)
-                scale = float(self._scale_for(amax.reshape(1), _rms(sumsq, x.numel()).reshape(1), group)[0])
-        out_dtype = self._compute_dtype(x)
-        if not (pending or self.track_stats or out_dtype is not None):
+                amax, rms = amax.reshape(1), _rms(sumsq, x.numel()).reshape(1)
+                scale_t = self._scale_for(amax, rms, group)
+                scale = float(scale_t[0])
+        out = self._output_buffer(x, out_dtype)
+        stats: dict[str, Tensor] = {}
+        if not (pending or self.track_stats or out_dtype is not None or out is not None):
             grad = torch.is_grad_enabled() and x.requires_grad
             if scale is None:
-                return (fake_quant_ste if grad else fake_quant)(x, spec.format, spec.axis)
-            return (fake_quant_scaled_ste if grad else fake_quant_scaled)(x, spec.format, scale, spec.axis)
-        # One pass quantizes and measures: the delayed-scaling statistics, the tracked counts.
-        stats: dict[str, Tensor] = {}
-        y = _FakeQuantStatsSTE.apply(x, spec.format, scale, spec.axis, self.track_stats, out_dtype, stats)
-        if pending:
-            self._add_pending(stats["amax"].reshape(1), _rms(stats["sumsq"], x.numel()).reshape(1), group)
-        if self.track_stats:
-            self._record_fused_stats(stats, scale, x.numel(), group)
+                y = (fake_quant_ste if grad else fake_quant)(x, spec.format, spec.axis)
+            else:
+                y = (fake_quant_scaled_ste if grad else fake_quant_scaled)(x, spec.format, scale, spec.axis)
+        else:
+            # One pass quantizes and measures: the delayed-scaling statistics, the tracked counts.
+            y = _FakeQuantStatsSTE.apply(x, spec.format, scale, spec.axis, self.track_stats, out_dtype, out, stats)
+            if pending:
+                amax, rms = stats["amax"].reshape(1), _rms(stats["sumsq"], x.numel()).reshape(1)
+                self._add_pending(amax, rms, group)
+            if self.track_stats:
+                self._record_fused_stats(stats, scale, x.numel(), group)
+        if memo_key is not None:
+            _LAST_INPUT.put(x, memo_key, _Result(y, amax, rms, scale_t, scale, stats))
         return y
+
+    def _replay(self, hit: _Result, group: int | None, numel: int) -> Tensor:
+        """What forward would have recorded for the tensor `hit` was computed from, and its result."""
+        spec = self.spec
+        if spec.scaling == Scaling.CURRENT:
+            sl = slice(None) if group is None else slice(group, group + 1)
+            self.amax_history[0, sl] = hit.amax
+            self.rms_history[0, sl] = hit.rms
+            self.scale[sl] = hit.scale_t
+        elif spec.scaling == Scaling.DELAYED and self.training and hit.amax is not None:
+            self._add_pending(hit.amax, hit.rms, group)
+        if self.track_stats:
+            self._record_fused_stats(hit.stats, hit.scale, numel, group)
+        return hit.y
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype | None:
         """bfloat16 when a training-mode weight or linear input is quantized under bfloat16 autocast:
@@ -96,6 +128,29 @@ class TensorQuantizer(nn.Module):
                 and torch.get_autocast_dtype(x.device.type) == torch.bfloat16):
             return torch.bfloat16
         return None
+
+    def _output_buffer(self, x: Tensor, out_dtype: torch.dtype | None) -> Tensor | None:
+        """The tensor a training-mode weight quantization writes into, kept across calls.
+
+        A weight is quantized once per forward, and the quantized copy (a weight-sized tensor) lives
+        until that step's backward. Allocating it afresh every step costs more than quantizing it on a
+        CPU (new pages are faulted in and zeroed by the kernel: measured about 2/3 of the weight
+        quantization time on SmolLM2), so it is written into the same memory each step. Safe because a
+        training step's backward ends before the next forward quantizes again, and the weight does not
+        change in between; the previous call's result is overwritten, so callers must not keep it
+        across calls. Dropped in eval mode."""
+        if not (self.role == "weight" and self.training and torch.is_grad_enabled() and x.requires_grad):
+            return None
+        dtype = out_dtype or x.dtype
+        buf = self._out
+        if buf is None or buf.shape != x.shape or buf.dtype != dtype or buf.device != x.device:
+            buf = self._out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return buf
+
+    def train(self, mode: bool = True) -> TensorQuantizer:
+        if not mode:
+            self._out = None
+        return super().train(mode)
 
     def _forward_slices(self, x: Tensor) -> Tensor:
         """One scale per leading-dim slice (the experts of a fused MoE weight), whole-tensor ops."""
@@ -196,26 +251,62 @@ class TensorQuantizer(nn.Module):
         }
 
 
+class _Result:
+    """One quantization and what it measured (None where that path measured nothing)."""
+
+    def __init__(self, y: Tensor, amax: Tensor | None, rms: Tensor | None, scale_t: Tensor | None,
+                 scale: float | None, stats: dict[str, Tensor]):
+        self.y, self.amax, self.rms, self.scale_t, self.scale, self.stats = y, amax, rms, scale_t, scale, stats
+
+
+class _LastInput:
+    """The last linear-input quantization, for the next input quantizer given the very same tensor.
+
+    The q/k/v projections (and gate/up) each own an input quantizer, with one spec object and, as they
+    see the same tensor every step, the same history and scale; quantizing their shared input once
+    saves two of every three passes there. A hit needs the same tensor object at the same version
+    (not modified in place since), the same spec object, the same stored scale (delayed scaling) and
+    the same mode, grad mode, stats tracking and output dtype, so its result is the one the quantizer
+    would compute, bit for bit. The entry holds its tensors until the next input quantization."""
+
+    def __init__(self) -> None:
+        self.x: Tensor | None = None
+        self.version = -1
+        self.key: tuple | None = None
+        self.result: _Result | None = None
+
+    def get(self, x: Tensor, key: tuple) -> _Result | None:
+        if x is self.x and x._version == self.version and key == self.key:
+            return self.result
+        return None
+
+    def put(self, x: Tensor, key: tuple, result: _Result) -> None:
+        self.x, self.version, self.key, self.result = x, x._version, key, result
+
+
+_LAST_INPUT = _LastInput()
+
+
 def _rms(sumsq: Tensor, numel: int) -> Tensor:
     """float32 RMS from a float64 sum of squares (the convention of lpq.formats.api.moments)."""
     return (sumsq / max(numel, 1)).sqrt().float()
 
 
 class _FakeQuantStatsSTE(torch.autograd.Function):
-    """lpq.formats.api.fake_quant_stats in forward (its statistics go into the `sink` dict) and the
-    identity (straight-through) gradient in backward, in x's dtype."""
+    """lpq.formats.api.fake_quant_stats in forward (into `out` if given; its statistics go into the
+    `sink` dict) and the identity (straight-through) gradient in backward, in x's dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, fmt: str, scale: float | None, axis: int, counts: bool,
-                out_dtype: torch.dtype | None, sink: dict) -> Tensor:
+                out_dtype: torch.dtype | None, out: Tensor | None, sink: dict) -> Tensor:
         ctx.in_dtype = x.dtype
-        y, stats = fake_quant_stats(x, fmt, scale, axis, counts=counts, out_dtype=out_dtype)
+        y, stats = fake_quant_stats(x, fmt, scale, axis, counts=counts, out_dtype=out_dtype, out=out)
         sink.update(stats)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad.to(ctx.in_dtype), None, None, None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -229,46 +320,83 @@ def update_delayed_scales(model: nn.Module) -> None:
     qs = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.spec.scaling == Scaling.DELAYED]
     if not qs:
         return
-    device = qs[0].amax_pending.device
-    flat = torch.cat([t.to(device) for q in qs for t in (q.amax_pending, q.rms_pending)])
+    plan = _delayed_plan(model, qs)
+    flat = torch.cat(plan.pending if plan.one_device else [t.to(plan.device) for t in plan.pending])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
     if not bool(flat.any()):
         return   # no quantizer ran (quantization disabled, or eval): nothing would change (NaN counts as ran)
-    # Quantizers with the same spec share one scale rule: update them together, a few tensor ops
-    # per spec instead of per quantizer (hundreds per model, before every forward).
-    batches: dict[tuple, tuple[list[TensorQuantizer], list[int], list[int]]] = {}
-    offset = 0
-    for q in qs:
-        key = (id(q.spec), q.amax_history.device, q.amax_history.dtype, q.scale.dtype)
-        members, amax_idx, rms_idx = batches.setdefault(key, ([], [], []))
-        members.append(q)
-        amax_idx.extend(range(offset, offset + q.groups))
-        rms_idx.extend(range(offset + q.groups, offset + 2 * q.groups))
-        offset += 2 * q.groups
-    for members, amax_idx, rms_idx in batches.values():
-        hist_device = members[0].amax_history.device
-        amax = flat[torch.tensor(amax_idx, device=device)].to(hist_device)
-        rms = flat[torch.tensor(rms_idx, device=device)].to(hist_device)
-        _push_histories(members, amax, rms)
+    for batch in plan.batches:
+        amax = flat[batch.amax_idx].to(batch.device)
+        rms = flat[batch.rms_idx].to(batch.device)
+        _push_histories(batch, amax, rms)
+    torch._foreach_zero_(plan.pending)
 
 
-def _push_histories(qs: list[TensorQuantizer], amax: Tensor, rms: Tensor) -> None:
-    """Push one step's amax/RMS (all groups of `qs`, concatenated) into the histories of quantizers
-    that share one spec, and recompute their scales. Groups not called this step keep their state."""
-    spec = qs[0].spec
-    sizes = [q.groups for q in qs]
+class _Batch:
+    """Delayed quantizers that share one spec (and device/dtypes): updated together, a few tensor ops
+    per spec instead of per quantizer (hundreds per model, before every forward)."""
+
+    def __init__(self, spec: QuantizerSpec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.sizes: list[int] = []
+        self.amax_hist: list[Tensor] = []
+        self.rms_hist: list[Tensor] = []
+        self.scales: list[Tensor] = []
+        self.amax_idx: list[int] | Tensor = []
+        self.rms_idx: list[int] | Tensor = []
+
+
+class _DelayedPlan:
+    """The buffers update_delayed_scales reads and writes, gathered once per set of quantizers (reading
+    a module's buffers through nn.Module attribute lookup costs more than the update itself)."""
+
+    def __init__(self, qs: list[TensorQuantizer]):
+        bufs = [q._buffers for q in qs]
+        self.pending = [t for b in bufs for t in (b["amax_pending"], b["rms_pending"])]
+        self.device = self.pending[0].device
+        self.one_device = all(t.device == self.device for t in self.pending)
+        batches: dict[tuple, _Batch] = {}
+        offset = 0
+        for q, b in zip(qs, bufs):
+            hist = b["amax_history"]
+            batch = batches.setdefault((id(q.spec), hist.device, hist.dtype, b["scale"].dtype), _Batch(q.spec, hist.device))
+            batch.sizes.append(q.groups)
+            batch.amax_hist.append(hist)
+            batch.rms_hist.append(b["rms_history"])
+            batch.scales.append(b["scale"])
+            batch.amax_idx.extend(range(offset, offset + q.groups))
+            batch.rms_idx.extend(range(offset + q.groups, offset + 2 * q.groups))
+            offset += 2 * q.groups
+        for batch in batches.values():
+            batch.amax_idx = torch.tensor(batch.amax_idx, device=self.device)
+            batch.rms_idx = torch.tensor(batch.rms_idx, device=self.device)
+        self.batches = list(batches.values())
+
+
+def _delayed_plan(model: nn.Module, qs: list[TensorQuantizer]) -> _DelayedPlan:
+    """The model's cached plan, rebuilt when its delayed quantizers or their buffers change (a new
+    quantizer, `.to()`, a replaced buffer)."""
+    key = tuple((id(q), id(q.spec), *map(id, q._buffers.values())) for q in qs)
+    cached = model.__dict__.get("_lpq_delayed_plan")
+    if cached is None or cached[0] != key:
+        cached = (key, _DelayedPlan(qs))
+        model.__dict__["_lpq_delayed_plan"] = cached
+    return cached[1]
+
+
+def _push_histories(batch: _Batch, amax: Tensor, rms: Tensor) -> None:
+    """Push one step's amax/RMS (all groups of the batch, concatenated) into the histories of its
+    quantizers and recompute their scales. Groups not called this step keep their state."""
     seen = amax > 0
     updated = []
-    for name, new in (("amax_history", amax), ("rms_history", rms)):
-        hists = [getattr(q, name) for q in qs]
+    for hists, new in ((batch.amax_hist, amax), (batch.rms_hist, rms)):
         hist = torch.cat(hists, dim=1)                     # (history_len, all groups)
         rolled = torch.roll(hist, 1, dims=0)
         rolled[0] = new
         hist = torch.where(seen[None], rolled, hist)
-        torch._foreach_copy_(hists, list(hist.split(sizes, dim=1)))
+        torch._foreach_copy_(hists, list(hist.split(batch.sizes, dim=1)))
         updated.append(hist)
+    spec = batch.spec
     fresh = compute_scale(reduce_history(updated[0], spec.reduction), reduce_history(updated[1], spec.reduction), spec)
-    scales = [q.scale for q in qs]
-    torch._foreach_copy_(scales, list(torch.where(seen, fresh, torch.cat(scales)).split(sizes)))
-    torch._foreach_zero_([t for q in qs for t in (q.amax_pending, q.rms_pending)])
+    torch._foreach_copy_(batch.scales, list(torch.where(seen, fresh, torch.cat(batch.scales)).split(batch.sizes)))

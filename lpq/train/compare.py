@@ -56,9 +56,9 @@ def reference_label(recipe: TrainRecipe) -> str:
 
 
 def quant_for_mode(quant: QuantRecipe, mode: str) -> QuantRecipe:
-    """`quant` with per-tensor scaling mode `mode` on every activation, gradient and attention role that
-    scales per tensor (current or delayed). Weights keep their rule: a weight is known before the
-    step, so its current scale is exact, and it is not what the current/delayed question is about."""
+    """`quant` with per-tensor scaling mode `mode` on every role that scales per tensor (current or
+    delayed): weights, linear inputs, gradients and attention, as TransformerEngine's recipes do.
+    Everything else (formats, targets, centres, histories, margins) stays as the recipe says."""
     def switch(spec: QuantizerSpec | None) -> QuantizerSpec | None:
         if spec is None or spec.scaling == Scaling.NONE:
             return spec
@@ -67,7 +67,8 @@ def quant_for_mode(quant: QuantRecipe, mode: str) -> QuantRecipe:
     attention = quant.attention
     if attention is not None:
         attention = dataclasses.replace(attention, **{r: switch(getattr(attention, r)) for r in ("q", "k", "v", "p")})
-    return dataclasses.replace(quant, input=switch(quant.input), grad=switch(quant.grad), attention=attention)
+    return dataclasses.replace(quant, weight=switch(quant.weight), input=switch(quant.input), grad=switch(quant.grad),
+                               attention=attention)
 
 
 def plan_runs(recipe: TrainRecipe) -> list[RunPlan]:

@@ -58,6 +58,31 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def keep_freed_memory() -> bool:
+    """On glibc, keep freed memory in the process for reuse instead of returning it to the system.
+
+    PyTorch's CPU allocator takes every tensor from malloc, and glibc serves large blocks with fresh
+    mmap'd pages and trims freed heap memory, so a training step's activations, gradients and quantized
+    copies are faulted in and zeroed by the kernel anew on every step. Measured on SmolLM2-135M (one
+    thread): about 90 000 page faults and 0.2-0.4 s of system time per step, and 10-20 % of the step
+    time in both the reference and the QAT run. With mmap off and trimming off, freed blocks are
+    reused. Process-wide and permanent (the process's resident memory stays at its peak); returns
+    whether it applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4     # glibc's malloc.h parameter numbers
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def process_state():
     """accelerate's process state; on a machine without CUDA it must be created with cpu=True, or the
     processes of `accelerate launch` each believe they are a lone rank 0 (no gloo group)."""
@@ -158,6 +183,8 @@ def train_run(recipe: TrainRecipe, run_dir: Path, *, quant: QuantRecipe | None, 
     cfg = recipe.train
     quantized = quant is not None
     accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     main = accelerator.is_main_process
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)

@@ -86,8 +86,8 @@ class TrainConfig:
     seed: int = 0
     reference_run: bool = True            # also train the unquantized reference with the same seed
     # Quantized runs side by side, one per per-tensor scaling mode ("current", "delayed"): each applies
-    # that mode to the activation, gradient and attention roles of `quant` that scale per tensor
-    # (weights keep their own rule). Empty: one quantized run, exactly as `quant` says.
+    # that mode to every role of `quant` that scales per tensor. Empty: one quantized run, exactly as
+    # `quant` says.
     compare: list[str] = field(default_factory=list)
     num_processes: int = 1
     distributed: Distributed = Distributed.DDP

@@ -245,3 +245,47 @@ def test_batched_delayed_update_matches_one_quantizer_at_a_time():
     for a, b in zip(batched, single):
         for name in ("amax_history", "rms_history", "scale", "amax_pending", "rms_pending"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_linears_sharing_an_input_quantize_it_once(scaling, monkeypatch):
+    # q/k/v (and gate/up) see one tensor: its first input quantizer's result is reused by the others,
+    # with the same outputs, gradients, scaling state and statistics as quantizing it three times.
+    import lpq.quant.quantizer as quantizer_module
+
+    calls = []
+    real = quantizer_module.fake_quant_stats
+    monkeypatch.setattr(quantizer_module, "fake_quant_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = QuantizerSpec("hif8", scaling=scaling, history_len=4)
+
+    def run(share: bool):
+        qs = [TensorQuantizer(spec, "input").train() for _ in range(3)]
+        for q in qs:
+            q.track_stats = True
+        results = []
+        for step in range(3):
+            torch.manual_seed(step)
+            x = (torch.randn(8, 64) * 3).requires_grad_()
+            ys = [q(x if share else x.clone()) for q in qs]
+            sum(y.sum() * (i + 1) for i, y in enumerate(ys)).backward()
+            results.append(([y.detach() for y in ys], x.grad, [dict(q.last_stats) for q in qs]))
+            for q in qs:
+                update_delayed_scales(q)
+        return qs, results
+
+    calls.clear()
+    shared, r_shared = run(True)
+    shared_calls = len(calls)
+    calls.clear()
+    alone, r_alone = run(False)
+    assert len(calls) == 3 * shared_calls == 9
+    for (ya, ga, sa), (yb, gb, sb) in zip(r_shared, r_alone):
+        assert all(_same_bits(a, b) for a, b in zip(ya, yb)) and torch.equal(ga, gb) and sa == sb
+    for a, b in zip(shared, alone):
+        for name in ("scale", "amax_history", "rms_history"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    x = torch.randn(8, 64)
+    q = shared[0]
+    q(x)
+    x.mul_(2)                       # modified in place: not the same tensor any more
+    assert _same_bits(shared[1](x), fake_quant_scaled(x, "hif8", float(shared[1].scale)))
