@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import types
 import typing
@@ -23,11 +24,21 @@ class ConfigError(ValueError):
     """A recipe that cannot be used; the message names file, line and key."""
 
 
-class _Where:
-    """Maps dotted key paths of a YAML document to their line numbers."""
+# A file a recipe reads: a relative path is resolved against the folder of the recipe file, so a
+# recipe works from any working directory (output folders stay relative to the working directory;
+# a value given on the command line is relative to the working directory too).
+RELATIVE_TO_RECIPE = "relative to the recipe file"
+RecipePath = typing.Annotated[Path, RELATIVE_TO_RECIPE]
 
-    def __init__(self, source: str, node: yaml.Node | None):
+
+class _Where:
+    """Maps dotted key paths of a YAML document to their line numbers; knows the recipe's folder."""
+
+    def __init__(self, source: str, node: yaml.Node | None, base: Path | None = None,
+                 from_cwd: frozenset[str] = frozenset()):
         self.source = source
+        self.base = base               # the recipe file's folder (None: paths stay as given)
+        self.from_cwd = from_cwd       # dotted keys given on the command line
         self.lines: dict[str, int] = {}
         if node is not None:
             self._walk(node, "")
@@ -114,7 +125,7 @@ def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None
         raise ConfigError(f"{path}:1: a recipe must be a mapping of sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
-    return from_dict(data, cls, _Where(str(path), node))
+    return from_dict(data, cls, _Where(str(path), node, path.resolve().parent, frozenset(overrides or ())))
 
 
 def from_dict(data: Any, cls: type[T], where: _Where | None = None, key: str = "") -> T:
@@ -195,7 +206,7 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise where.error(key, f"'{label}' must be a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
+        hints = typing.get_type_hints(tp, include_extras=True)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = [k for k in value if k not in fields]
         if unknown:
@@ -238,6 +249,15 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(tp) is typing.Annotated:
+        inner, *meta = typing.get_args(tp)
+        out = _convert(value, inner, where, key)
+        if RELATIVE_TO_RECIPE in meta and isinstance(out, Path):
+            out = out.expanduser()
+            if not out.is_absolute():
+                out = Path(os.path.normpath((Path.cwd() if key in where.from_cwd or where.base is None
+                                             else where.base) / out))
+        return out
     if tp is Path and isinstance(value, str):
         return Path(value)
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

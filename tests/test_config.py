@@ -75,3 +75,24 @@ def test_optional_section_may_be_null_and_round_trips():
     assert from_dict(to_dict(WithSection()), WithSection) == WithSection()
     with pytest.raises(ConfigError, match="'inner' must be a mapping"):
         from_dict({"inner": 3}, WithSection)
+
+
+def test_files_a_recipe_reads_are_relative_to_the_recipe(tmp_path, monkeypatch):
+    """A recipe works from any working directory: its input files resolve against its own folder;
+    a value given on the command line (an override) resolves against the working directory."""
+    from lpq.config import load_config
+    from lpq.pipelines.ptq_config import PTQConfig
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "r.yaml").write_text("quant: {format: hif4}\ncalibration: {text_file: data/calib.txt}\n"
+                                   "algorithms: [{name: rtn}]\nevaluation: {wikitext2: ../test.txt}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "r.yaml", PTQConfig)
+    assert cfg.calibration.text_file == folder / "data" / "calib.txt"
+    assert cfg.evaluation.wikitext2 == tmp_path / "test.txt"
+    cfg = load_config(folder / "r.yaml", PTQConfig, {"calibration.text_file": "mine.txt"})
+    assert cfg.calibration.text_file == elsewhere / "mine.txt"
+    assert cfg.output_dir == "runs/ptq"            # output folders stay relative to the working directory

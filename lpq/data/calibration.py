@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+from lpq.config import RecipePath
 
 
 @dataclass
@@ -23,8 +24,8 @@ class CalibrationConfig:
     domain by domain (so every batch, and every prefix of the data, holds the mix)."""
 
     domains: dict[str, float] | None = None
-    text_file: str | None = None
-    jsonl: str | None = None
+    text_file: RecipePath | None = None
+    jsonl: RecipePath | None = None
     jsonl_field: str = "text"
     dataset: str | None = None            # hub dataset id (needs network or a local HF cache)
     dataset_config: str | None = None
@@ -34,7 +35,7 @@ class CalibrationConfig:
     seq_len: int = 512
     batch_size: int = 8
     # Wan: a prompt list (text file, one per line, or a JSON list / JSONL with `prompt`/`caption`)
-    prompts: str | None = None
+    prompts: RecipePath | None = None
     num_prompts: int = 4
     timesteps: int = 8                    # denoising steps sampled per prompt
     height: int = 480
@@ -89,8 +90,10 @@ def read_text(cfg: CalibrationConfig) -> str:
     raise ValueError("this calibration config holds prompts (for Wan), not text")
 
 
-def token_windows(ids: torch.Tensor, num: int, seq_len: int) -> torch.Tensor:
+def token_windows(ids: Any, num: int, seq_len: int) -> Any:
     """`num` non-overlapping windows of `seq_len` tokens spread evenly over a 1-D id tensor."""
+    import torch
+
     total = ids.numel() // seq_len
     if total < num:
         raise ValueError(f"the calibration text holds {total} windows of {seq_len} tokens ({ids.numel()} tokens), "
@@ -115,8 +118,10 @@ def domain_shares(weights: dict[str, float], total: int) -> dict[str, int]:
     return shares
 
 
-def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> torch.Tensor:
-    """(num_sequences, seq_len) int64 token ids for an LLM."""
+def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> Any:
+    """(num_sequences, seq_len) int64 token ids (a torch tensor) for an LLM."""
+    import torch
+
     if cfg.domains is not None:
         from lpq.data.domains import Part, domain_windows
 

@@ -55,7 +55,7 @@ def evaluation_windows(tokenizer: Any, ev: Any) -> dict[str, torch.Tensor]:
     from lpq.eval.shift import token_windows
 
     sets: dict[str, torch.Tensor] = {}
-    if ev.wikitext2:
+    if ev.windows:
         sets["wikitext2_test"] = token_windows(tokenizer, Path(ev.wikitext2).read_text(encoding="utf-8"),
                                                ev.windows, ev.seq_len)
     for name in ev.domains:
@@ -73,7 +73,7 @@ def evaluate_causal_lm(loaded: Any, baseline: Any, ev: Any, out_dir: Path) -> di
     base = {name: baseline_nll(baseline, ids, ev.batch_size) for name, ids in sets.items()}
     cand = {name: window_nll(loaded.model, ids, ev.batch_size) for name, ids in sets.items()}
     res["domains"] = compare_domains(base, cand, ev.seq_len)
-    if "wikitext2_test" in res["domains"]:
+    if "wikitext2_test" in res["domains"] and ev.kl_windows:
         wt = res["domains"]["wikitext2_test"]
         res["baseline"]["wikitext2_ppl"] = wt["ppl_reference"]
         res["quantized"]["wikitext2_ppl"] = wt["ppl"]

@@ -480,7 +480,7 @@ def validate_inputs(cfg: PTQConfig) -> None:
         if not data_dir().is_dir():
             raise FileNotFoundError(f"the built-in text domains read {data_dir()}, which does not exist; set "
                                     f"$LPQ_DATA_DIR to the shared data folder")
-    if cfg.evaluation is not None and cfg.evaluation.wikitext2 and not Path(cfg.evaluation.wikitext2).is_file():
+    if cfg.evaluation is not None and cfg.evaluation.windows and not Path(cfg.evaluation.wikitext2).is_file():
         raise FileNotFoundError(f"evaluation.wikitext2: {cfg.evaluation.wikitext2} not found")
 
 

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from lpq.algorithms.step import Step, StepSpec, check_order
+from lpq.config import RecipePath
 from lpq.data.calibration import CalibrationConfig
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
@@ -45,8 +46,8 @@ class ProtectConfig:
 class EvalConfig:
     """Evaluation at the end, quantized vs the unquantized model (LLMs): lpq/eval/ptq_quality.py."""
 
-    wikitext2: str | None = "../shared/data/wikitext2/test.txt"
-    windows: int = 40                     # WikiText-2 test windows (the first ones) for perplexity
+    wikitext2: RecipePath | None = None   # WikiText-2 test text (None: the shared data's wikitext2/test.txt)
+    windows: int = 40                     # its first windows scored for perplexity (0: none)
     seq_len: int = 512
     kl_windows: int | None = None         # of those, the first ones for KL and top-1 (None: all of them)
     domains: list[str] = field(default_factory=list)   # built-in domains scored on their validation part
@@ -62,8 +63,13 @@ class EvalConfig:
         if self.kl_windows is None:
             self.kl_windows = self.windows
         for name in ("windows", "seq_len", "kl_windows", "domain_windows", "batch_size", "mmlu_questions"):
-            if getattr(self, name) < (2 if name == "seq_len" else 1):
-                raise ValueError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+            low = {"seq_len": 2, "windows": 0, "kl_windows": 0}.get(name, 1)
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.windows and self.wikitext2 is None:
+            from lpq.data.domains import data_dir
+
+            self.wikitext2 = data_dir() / "wikitext2" / "test.txt"
         if self.kl_windows > self.windows:
             raise ValueError(f"kl_windows ({self.kl_windows}) must be <= windows ({self.windows})")
         bad = [d for d in self.domains if d not in DOMAINS]

@@ -13,8 +13,10 @@ def test_token_windows_are_spread_and_disjoint():
     assert w.shape == (4, 100)
     assert w[0, 0] == 0 and w[-1, 0] == 900
     assert len(set(w.flatten().tolist())) == 400
-    with pytest.raises(ValueError, match="fewer than one window"):
+    with pytest.raises(ValueError, match="holds 0 windows of 100 tokens .10 tokens., fewer than the 1 asked for"):
         token_windows(torch.arange(10), 1, 100)
+    with pytest.raises(ValueError, match="holds 10 windows .* fewer than the 11 asked for"):   # never cut silently
+        token_windows(ids, 11, 100)
 
 
 def test_text_and_jsonl_sources(tmp_path):
