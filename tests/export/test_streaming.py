@@ -306,3 +306,19 @@ def test_pack_in_row_chunks_reproduces_the_weight(monkeypatch, fmt, on_grid):
     assert chunked.codes.shape == whole.codes.shape
     if not on_grid:
         assert same_bits(chunked.codes, whole.codes) and same_bits(decode(chunked), decode(whole))
+
+
+def test_files_written_by_safetensors_itself_are_read(tmp_path):
+    """Exports written before streaming used safetensors' save_file: the reader takes them as they are."""
+    from safetensors.torch import save_file
+
+    from lpq.export.tensor_io import iter_file, read_headers
+
+    tensors = {"w": torch.randn(3, 5).bfloat16(), "codes": torch.arange(7, dtype=torch.uint8), "s": torch.tensor(2.0)}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"lpq_export_version": "2"})
+    files = {"old.safetensors": {"bytes": (tmp_path / "old.safetensors").stat().st_size,
+                                 "sha256": sha256(tmp_path / "old.safetensors")}}
+    headers, metadata = read_headers(tmp_path, files)
+    assert metadata == {"lpq_export_version": "2"} and set(headers) == set(tensors)
+    read = dict(iter_file(tmp_path, "old.safetensors", files["old.safetensors"], headers))
+    assert all(same_bits(read[k], tensors[k]) for k in tensors)
