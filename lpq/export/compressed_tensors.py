@@ -19,7 +19,7 @@ difference). A recipe without input quantization is W4A16. Refused, because the 
 compute something else: NVFP4 activations (lpq derives their per-tensor scale from each tensor at
 run time; compressed-tensors' NVFP4 needs a calibrated static `input_global_scale`), activation
 formats other than the weights' family, per-tensor activation scaling, attention quantization,
-SmoothQuant scales that stayed online, and Hadamard blocks that do not divide the input dim.
+online per-channel input scales, and Hadamard blocks that do not divide the input dim.
 A block Hadamard on a linear's input is `transform_config`'s deterministic (Sylvester) `hadamard`
 with `head_dim` = the block, applied online to the input: the same matrix as lpq's FWHT.
 """
@@ -80,9 +80,9 @@ def _transform_config(net: nn.Module) -> dict[str, Any] | None:
     by_block: dict[int, list[str]] = {}
     for name, entry in input_transforms(net).items():
         if entry["input_scale"] is not None:
-            raise ValueError(f"{name}: a SmoothQuant scale stayed online (lpq PTQ folds it into the producing norm "
-                             f"or linear where the model has one); compressed-tensors has no online per-channel "
-                             f"division, so this checkpoint cannot be exported with kind compressed-tensors")
+            raise ValueError(f"{name}: an online per-channel input scale (SmoothQuant where no norm or linear "
+                             f"could absorb it, or norm_distill's input_scales); compressed-tensors has no online "
+                             f"per-channel division, so this model cannot be exported with kind compressed-tensors")
         block = entry["hadamard_block"]
         in_features = net.get_submodule(name).in_features
         if in_features % block:

@@ -193,7 +193,7 @@ def test_block_hadamard_goes_to_transform_config_and_computes_lpqs_rotation(tmp_
     ({"weight": {"format": "mxfp4"}, "input": {"format": "hif8"}}, None, "has no compressed-tensors scheme"),
     ({"format": "mxfp4", "attention": {"format": "hif8"}}, None, "attention quantization"),
     (W4A16, lambda m: set_input_transform(m, "model.layers.0.self_attn.q_proj",
-                                          InputTransform(input_scale=torch.full((64,), 2.0))), "SmoothQuant"),
+                                          InputTransform(input_scale=torch.full((64,), 2.0))), "online per-channel input scale"),
     (W4A16, lambda m: set_input_transform(m, "model.layers.0.mlp.down_proj", InputTransform(hadamard_block=256)),
      "not a multiple of the Hadamard block"),
 ])
