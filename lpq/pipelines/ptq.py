@@ -427,13 +427,15 @@ def _capture(ctx: RunContext) -> list[BlockInputs]:
 def export(ctx: RunContext, out_dir: Path) -> dict:
     """The packed (or fake) checkpoint of the quantized model; returns where it went and its sizes."""
     from lpq.export import export_model
+    from lpq.export.settings import RUNTIME_KINDS
 
     ex = ctx.cfg.export
     # The default folder belongs to this run, so a rerun replaces it; an explicit `out` needs `force`.
     path = Path(ex.out) if ex.out else out_dir / "quantized"
     with contextlib.ExitStack() as held:
-        # The writer reads whole state dicts: offloaded tensors are loaded into CPU memory for it.
-        for stage in ctx.stages:
+        # Packed and fake exports load offloaded parts one at a time themselves; the writers for other
+        # runtimes read whole state dicts, so offloaded tensors are loaded into CPU memory for them.
+        for stage in (ctx.stages if ex.kind in RUNTIME_KINDS else ()):
             held.enter_context(materialized(stage.net, None, device="cpu"))
         size = export_model(ctx.loaded.model, None, path, kind=ex.kind, force=ex.force or ex.out is None,
                             tokenizer=ctx.loaded.tokenizer, max_shard_gb=ex.max_shard_gb)
@@ -447,6 +449,14 @@ def validate_inputs(cfg: PTQConfig) -> None:
     from lpq.models.hub import peek_blocks, peek_context
 
     blocks = peek_blocks(cfg.model)
+    total = sum(blocks.values())
+    if cfg.protect.blocks:
+        bad = [b for b in cfg.protect.blocks if b >= total]
+        if bad:
+            raise ValueError(f"protect.blocks: block {bad[0]} is out of range: {cfg.model.id} has {total} blocks "
+                             f"(0-{total - 1})")
+    if cfg.protect.auto is not None and cfg.protect.auto > total:
+        raise ValueError(f"protect.auto: {cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
     context = peek_context(cfg.model)
     if context is not None:
         lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
@@ -459,14 +469,6 @@ def validate_inputs(cfg: PTQConfig) -> None:
         if too_long:
             key, value = next(iter(too_long.items()))
             raise ValueError(f"{key}: {value} tokens is beyond {cfg.model.id}'s context of {context} tokens")
-    total = sum(blocks.values())
-    if cfg.protect.blocks:
-        bad = [b for b in cfg.protect.blocks if b >= total]
-        if bad:
-            raise ValueError(f"protect.blocks: block {bad[0]} is out of range: {cfg.model.id} has {total} blocks "
-                             f"(0-{total - 1})")
-    if cfg.protect.auto is not None and cfg.protect.auto > total:
-        raise ValueError(f"protect.auto: {cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
     cal = cfg.calibration
     for key in ("text_file", "jsonl", "prompts"):
         path = getattr(cal, key)
@@ -548,7 +550,15 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"error: {out_dir} holds a finished run of another recipe (the same blocks); pass --force "
                            f"to rerun what differs (its finished blocks are reused), or choose another folder", err=True)
                 raise typer.Exit(2)
-            report = run(cfg, out_dir, recipe_id=full)
+            try:
+                report = run(cfg, out_dir, recipe_id=full)
+            except (ValueError, FileNotFoundError, FloatingPointError) as e:
+                # What the recipe or the model cannot do, found once the model is loaded: one line
+                # (LPQ_DEBUG=1 shows the traceback). The checkpoint keeps every finished block.
+                if os.environ.get("LPQ_DEBUG"):
+                    raise
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
         typer.echo(summary(report))
 
 
