@@ -102,16 +102,21 @@ class GPTQ(Step):
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean diag)^-1; raises the damping until it factors."""
-    n = H.shape[0]
+    """Upper Cholesky factor of (H + damp * mean diag)^-1; raises the damping until it factors.
+
+    H's diagonal is damped in place (and restored between attempts): an (n, n) float32 Hessian is
+    604 MB at n = 12288, so no damped copy is made, and each factor is freed once the next exists."""
     mean_diag = H.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(n, dtype=H.dtype)
+    diag = H.diagonal().clone()
     for attempt in range(8):
+        H.diagonal().add_(damp * (10 ** attempt) * mean_diag)
         try:
-            L = torch.linalg.cholesky(H + damp * (10 ** attempt) * mean_diag * eye)
+            L = torch.linalg.cholesky(H)
             Hinv = torch.cholesky_inverse(L)
+            del L
             return torch.linalg.cholesky(Hinv, upper=True)
         except torch._C._LinAlgError:
+            H.diagonal().copy_(diag)
             continue
     raise RuntimeError("GPTQ: the Hessian could not be factored even with strong damping")
 
@@ -142,20 +147,23 @@ def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor,
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
     pad = -cols % block
     W = torch.nn.functional.pad(weight.float(), (0, pad))
-    H = torch.nn.functional.pad(H.float(), (0, pad, 0, pad)).clone()
+    # One copy of H, ours to damp in place (pad makes a new tensor; otherwise clone).
+    H = torch.nn.functional.pad(H.float(), (0, pad, 0, pad)) if pad else H.float().clone()
     n = cols + pad
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    perm = torch.argsort(H.diagonal(), descending=True) if s.act_order else torch.arange(n)
-    invperm = torch.argsort(perm)
-    static = None
+    perm = invperm = static = None
     if s.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        invperm = torch.argsort(perm)
         meta = grid.search_meta(W, H.diagonal()) if s.scale_search else grid.default_meta(W)
         static = tuple(t[:, perm] for t in grid.element_scales(meta))
-    W = W[:, perm]
-    U = _inverse_cholesky(H[perm][:, perm], s.damp)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U = _inverse_cholesky(H, s.damp)
+    del H
     Q = torch.zeros_like(W)
     loss = torch.zeros(rows)
     col_weight = 1.0 / U.diagonal() ** 2
@@ -187,5 +195,6 @@ def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor,
             E1[:, i:i + 1] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
-    Q = Q[:, invperm][:, :cols]
-    return Q.to(weight.dtype), float(loss.sum())
+    if invperm is not None:
+        Q = Q[:, invperm]
+    return Q[:, :cols].to(weight.dtype), float(loss.sum())
