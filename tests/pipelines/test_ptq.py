@@ -373,6 +373,7 @@ def test_float16_distillation_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the dropped Ctrl-C itself
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
     """Python drops an exception raised inside __del__; a Ctrl-C landing there as a block finishes
     (objects are freed then) must still stop the run at the next checkpoint."""
