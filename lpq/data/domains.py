@@ -8,7 +8,7 @@ WikiText-2 has a `test` part (its test.txt), kept for final reports.
 |---|---|---|
 | wikitext2 | Wikipedia articles | `wikitext2/valid.txt` (test: `wikitext2/test.txt`) |
 | gsm8k | math word problems with worked solutions | `gsm8k/train.jsonl`, records 0, 1, 4, 5, 8, ... |
-| chat | instruct dialogs in the tokenizer's chat template: GSM8K problems and MMLU dev questions | `gsm8k/train.jsonl` records 2, 3, 6, 7, ...; `mmlu/dev.jsonl` |
+| chat | instruct dialogs in the tokenizer's chat template (plain `User:` / `Assistant:` text for a model without one): GSM8K problems and MMLU dev questions | `gsm8k/train.jsonl` records 2, 3, 6, 7, ...; `mmlu/dev.jsonl` |
 | python | Python source code | the running interpreter's standard library (tests excluded) |
 | pydoc | technical English | Python's `pydoc_data.topics` |
 | fortunes | quotations and short prose | `calib/fortunes_calib.txt` |
@@ -76,9 +76,18 @@ def _mmlu_prompt(r: dict) -> tuple[str, str]:
         f"The answer is {letters[r['answer']]}: {r['choices'][r['answer']]}."
 
 
+def _render_chat(tokenizer: Any, question: str, answer: str) -> str:
+    """One exchange in the model's chat template; a model without one (a base model) sees it as
+    plain `User:` / `Assistant:` text."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return f"User: {question}\nAssistant: {answer}\n"
+    return tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}], tokenize=False)
+
+
 def _chat(tokenizer: Any) -> list[str]:
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the 'chat' domain needs a tokenizer with a chat template (an instruct model)")
+    if tokenizer is None:
+        raise ValueError("the 'chat' domain needs the model's tokenizer (its chat template)")
     pairs = [(r["question"], r["answer"]) for r in _gsm8k_records((2, 3))]
     mmlu = [_mmlu_prompt(r) for r in _jsonl(_file("mmlu", "dev.jsonl"))]
     # Interleave the two sources so that every stretch of the domain holds both.
@@ -89,8 +98,7 @@ def _chat(tokenizer: Any) -> list[str]:
         if i % step == step - 1 and mmlu:
             mixed.append(mmlu.pop(0))
     mixed += mmlu
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                          tokenize=False) for q, a in mixed]
+    return [_render_chat(tokenizer, q, a) for q, a in mixed]
 
 
 def _python() -> list[Path]:
