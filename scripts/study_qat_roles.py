@@ -33,8 +33,6 @@ from lpq.train.data import text_splits
 from lpq.train.domains import DomainEvalConfig, compare_domains, domain_windows, score_domains
 from lpq.train.recipe import DataConfig
 
-FORWARD_ROLES = ("weight", "input", "q", "k", "v", "p")
-
 
 def _spec(scaling: str, **rule) -> dict:
     return {"format": "hif8", "scaling": scaling, **rule}
@@ -51,10 +49,10 @@ def grid_roles(scaling: str) -> dict[str, dict]:
     a wide grid, activations over the points the weight grid showed to matter, P (in [0, 1]) over
     amax targets inside the fine window."""
     out = {}
-    grids = {"weight": ((-1, 0, 1, 2), (8, 11, 15)), "p": ((0,), (3, 5, 7))}
-    for role in FORWARD_ROLES:
+    grids = {"weight": ((-1, 0, 1, 2), (8, 11, 15)), "p": ((0,), (3, 5, 7)), "input": ((-3, -2, -1, 0, 2), (8,))}
+    for role in ("p", "v", "k", "q", "input", "weight"):
         s = "current" if role == "weight" else scaling
-        centres, targets = grids.get(role, ((0, 2), (8,)))
+        centres, targets = grids.get(role, ((-1, 0, 2), (8,)))
         for c in centres:
             out[f"{role}/window{c:+d}"] = _role_recipe(role, _spec(s, target="window", window_center=c))
         for k in targets:
@@ -69,6 +67,13 @@ def grid_grad(scaling: str) -> dict[str, dict]:
     for k in (8, 15):
         out[f"grad/amax2^{k}"] = {"grad": _spec(scaling, target="amax", amax_target=2.0 ** k)}
     return out
+
+
+def grid_blocks(base: dict, num_blocks: int) -> dict[str, dict]:
+    """`base` (a whole quant section) in one block at a time: each block's share of the error, what
+    protecting it would save (to first order)."""
+    return {f"block{i:02d}": {**base, "protected_blocks": [b for b in range(num_blocks) if b != i]}
+            for i in range(num_blocks)}
 
 
 def calibrate(model, blocks: torch.Tensor, steps: int, batch_size: int) -> None:
@@ -106,7 +111,8 @@ def grad_error(base, recipe: QuantRecipe, blocks: torch.Tensor, batches: int, ba
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="built-in name or a trained final/ folder")
-    ap.add_argument("--grid", choices=["roles", "grad", "none"], default="none")
+    ap.add_argument("--grid", choices=["roles", "grad", "blocks", "none"], default="none")
+    ap.add_argument("--base", default=None, help="blocks grid: the JSON quant section quantized one block at a time")
     ap.add_argument("--scaling", choices=["current", "delayed"], default="current",
                     help="scaling of the activation roles in the grids (weights: current)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON quant section (repeatable)")
@@ -137,6 +143,10 @@ def main() -> None:
         variants.update(grid_roles(args.scaling))
     elif args.grid == "grad":
         variants.update(grid_grad(args.scaling))
+    elif args.grid == "blocks":
+        if args.base is None:
+            raise SystemExit("--grid blocks needs --base (a quant section as JSON)")
+        variants.update(grid_blocks(json.loads(args.base), base.config.num_hidden_layers))
     for item in args.variant:
         name, _, data = item.partition("=")
         variants[name] = json.loads(data)

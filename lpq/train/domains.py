@@ -33,9 +33,12 @@ def data_dir(cfg: DomainEvalConfig) -> Path:
     from lpq.eval.settings import EvalSettings, resolve_data_dir
 
     found = resolve_data_dir(EvalSettings(tasks=[], data_dir=cfg.data_dir, kl=False))
-    if found is None or not found.is_dir():
+    if found is None:
         raise FileNotFoundError("domain_eval: no data folder: set domain_eval.data_dir or $LPQ_DATA_DIR to the "
                                 "folder holding wikitext2/, gsm8k/ and calib/")
+    if not found.is_dir():
+        raise FileNotFoundError(f"domain_eval: data folder {found} does not exist (domain_eval.data_dir or "
+                                f"$LPQ_DATA_DIR)")
     return found
 
 

@@ -154,3 +154,30 @@ def test_stats_are_opt_in_and_count_overflow_and_coarse_values():
     assert q.last_stats["flushed"] == 0.25       # 1e-9 -> 0
     assert q.last_stats["coarse"] == 0.5         # 300 and 5e4 have exponent >= 8
     assert q.last_stats["amax"] == 5e4
+
+
+def test_p_amax_target_does_not_move_with_the_sequence_length():
+    # Causal softmax probabilities: row 0 is always exactly 1, so the amax rule gives P the same scale
+    # at any length, while the RMS-based window rule drifts as the rows lengthen (P's RMS falls).
+    torch.manual_seed(0)
+    amax_rule = QuantizerSpec("hif8", scaling="current", target="amax", amax_target=8.0)
+    window = QuantizerSpec("hif8", scaling="current")
+    scales = {"amax": [], "window": []}
+    for n in (64, 512, 2048):
+        scores = torch.randn(2, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        p = scores.softmax(-1)
+        scales["amax"].append(_scale(p, amax_rule))
+        scales["window"].append(_scale(p, window))
+        y = fake_quant(p * scales["amax"][-1], "hif8") / scales["amax"][-1]
+        big = p >= 2 ** -6                       # 3 mantissa bits from 2^-6 up to 1 (scaled [2^-3, 2^3])
+        assert ((y[big] - p[big]).abs() <= p[big] * 2 ** -4).all()
+    assert scales["amax"] == [8.0, 8.0, 8.0]
+    assert scales["window"][0] < scales["window"][1] < scales["window"][2]
+
+
+def test_window_center_moves_the_rms_by_powers_of_two():
+    x = torch.randn(8192) * 0.03
+    rms = float(x.square().mean().sqrt())
+    for c in (-1, 0, 1, 2):
+        s = _scale(x, QuantizerSpec("hif8", scaling="current", window_center=c))
+        assert 2 ** (c - 0.5) <= rms * s <= 2 ** (c + 0.5)
