@@ -138,8 +138,9 @@ class TensorQuantizer(nn.Module):
         quantization time on SmolLM2), so it is written into the same memory each step. Safe because a
         training step's backward ends before the next forward quantizes again, and the weight does not
         change in between; the previous call's result is overwritten, so callers must not keep it
-        across calls. Dropped in eval mode."""
-        if not (self.role == "weight" and self.training and torch.is_grad_enabled() and x.requires_grad):
+        across calls. CPU only (a GPU allocator caches its blocks), dropped in eval mode."""
+        if not (self.role == "weight" and self.training and torch.is_grad_enabled() and x.requires_grad
+                and x.device.type == "cpu"):
             return None
         dtype = out_dtype or x.dtype
         buf = self._out

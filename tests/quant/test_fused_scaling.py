@@ -289,3 +289,22 @@ def test_linears_sharing_an_input_quantize_it_once(scaling, monkeypatch):
     q(x)
     x.mul_(2)                       # modified in place: not the same tensor any more
     assert _same_bits(shared[1](x), fake_quant_scaled(x, "hif8", float(shared[1].scale)))
+
+
+def test_training_weight_quantization_reuses_one_buffer():
+    # A training-mode weight quantization writes into the same memory every step (no fresh pages),
+    # with the values a fresh quantization gives; eval mode lets the buffer go.
+    torch.manual_seed(0)
+    q = TensorQuantizer(QuantizerSpec("hif8", scaling="current"), "weight").train()
+    w = (torch.randn(64, 32) * 0.05).requires_grad_()
+    first = q(w)
+    ptr = first.data_ptr()
+    with torch.no_grad():
+        w.mul_(1.5)
+    second = q(w)
+    assert second.data_ptr() == ptr
+    assert _same_bits(second.detach(), fake_quant_scaled(w.detach(), "hif8", float(q.scale)))
+    second.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    q.eval()
+    assert q._out is None and q(w).data_ptr() != ptr
