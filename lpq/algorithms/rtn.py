@@ -13,7 +13,6 @@ from torch import Tensor
 from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
 from lpq.algorithms.gptq import layer_hessian
 from lpq.algorithms.step import Phase, Step, register
-from lpq.formats import fake_quant as fake_quant_format
 from lpq.formats.grid import block_grid, fake_quant
 
 
@@ -36,15 +35,16 @@ class RTN(Step):
             block_grid(run.weight_format)   # the search picks among the format's block metadata
 
     def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
-        weights = [lin.weight for lin in group.linears]
-        W = torch.cat([w.detach().float() for w in weights])
         hessian = layer_hessian(block, group.names[0]) if self.search else None
         if hessian is None:
-            # The format's own rule (formats with a per-tensor scale, e.g. NVFP4, have no block grid); a
-            # group no calibration input reached (an unrouted expert) has nothing to weight a search by.
-            Q = fake_quant_format(W, run.weight_format)
-        else:
-            Q = rtn_quantize(W, run.weight_format, scale_search=True, importance=hessian.diagonal())
+            # The format's own rule is what the runtime's weight quantizer computes: leave the float
+            # weights to it, so the export encodes them exactly in every format (NVFP4's per-tensor
+            # scale comes from the float weight). A group no calibration input reached (an unrouted
+            # expert) has nothing to weight a search by.
+            return
+        weights = [lin.weight for lin in group.linears]
+        W = torch.cat([w.detach().float() for w in weights])
+        Q = rtn_quantize(W, run.weight_format, scale_search=True, importance=hessian.diagonal())
         for lin, q in zip(group.linears, Q.split([w.shape[0] for w in weights])):
             lin.set_quantized_weight(q.to(lin.weight.dtype))
 

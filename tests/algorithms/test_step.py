@@ -51,7 +51,7 @@ class CountingStep(Step):
 
     def on_block_end(self, run, block):
         self.blocks_seen += 1
-        CALLS.append(("block_end", block.index, all(l.weight_prequantized for l in block.linears().values())))
+        CALLS.append(("block_end", block.index, all(l.quant_enabled for l in block.linears().values())))
 
     def on_model_end(self, run):
         CALLS.append(("model_end", self.blocks_seen))
