@@ -149,6 +149,7 @@ def test_collect_stats_is_opt_in_and_names_each_quantizer():
     assert "transformer.blocks.1.attn2.lpq_attention.p_quantizer" in stats
     assert not any(k.startswith("transformer_2.") for k in stats)      # not run yet
     s = stats["transformer.blocks.0.ffn.net.2.weight_quantizer"]
-    assert set(s) == {"amax", "scale", "overflow", "flushed", "coarse"} and s["scale"] > 0
+    assert set(s) == {"amax", "scale", "overflow", "flushed", "coarse", "amax_vs_history"} and s["scale"] > 0
+    assert s["amax_vs_history"] is None                      # current scaling keeps no history
     set_stats_tracking(pipe, False)
     assert collect_stats(pipe) == {}
