@@ -1,12 +1,14 @@
-"""Training step time of HiF8 QAT vs BF16 on SmolLM2-135M, and current vs delayed scaling.
+"""Training step time of HiF8 QAT vs the unquantized reference on SmolLM2-135M, and current vs
+delayed scaling.
 
-All modes run in one process on the same batches, interleaved step by step (BF16, HiF8 delayed, HiF8
-current, BF16, ...), so a machine whose load changes during the benchmark slows every mode alike. BF16
-and HiF8-delayed share one model (quantization switched off / on); HiF8-current is a second copy.
+All modes run in one process on the same batches, interleaved step by step (reference, HiF8 delayed,
+HiF8 current, reference, ...), so a machine whose load changes during the benchmark slows every mode
+alike. The reference and HiF8-delayed share one model (quantization switched off / on); HiF8-current
+is a second copy.
 Every step is a full AdamW step computing as the recipe's `train.mixed_precision` says (bfloat16 autocast
 or float32), as in `lpq train`; `--precision` overrides it. On a CPU without native bfloat16 matmuls
 (no AVX512-BF16 / AMX) autocast's bfloat16 matmuls are emulated and several times slower than float32
-ones, which inflates the BF16 step and flatters the ratio: compare with `--precision fp32` there.
+ones, which inflates the reference step and flatters the ratio: compare with `--precision fp32` there.
 Besides wall time, each step's process CPU time (all threads) is recorded: on a machine shared with
 other jobs, waiting for a core inflates wall time by whatever the others do, CPU time much less.
 
@@ -59,14 +61,14 @@ def main() -> None:
     current_model = copy.deepcopy(base)
     quantize_model(base, quant_for_mode(recipe.quant, "delayed"))
     quantize_model(current_model, quant_for_mode(recipe.quant, "current"))
-    models = {"bf16": base, "hif8_delayed": base, "hif8_current": current_model}
+    models = {"reference": base, "hif8_delayed": base, "hif8_current": current_model}
     optims = {id(m): torch.optim.AdamW(m.parameters(), lr=recipe.train.lr) for m in (base, current_model)}
     times: dict[str, list[float]] = {k: [] for k in models}
     cpu_times: dict[str, list[float]] = {k: [] for k in models}
 
     def step(mode: str, i: int) -> tuple[float, float]:
         model = models[mode]
-        set_quant_enabled(model, mode != "bf16")
+        set_quant_enabled(model, mode != "reference")
         start = (i * batch_size) % (len(blocks) - batch_size)
         ids = blocks[start:start + batch_size]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -95,21 +97,22 @@ def main() -> None:
         "model": recipe.model.id, "batch_size": batch_size, "seq_len": data_cfg.seq_len, "precision": precision,
         "threads": torch.get_num_threads(), "timed_steps_per_mode": args.steps,
         "median_step_s": med, "all_step_s": times,
-        "ratio_hif8_delayed_vs_bf16": med["hif8_delayed"] / med["bf16"],
-        "ratio_hif8_current_vs_bf16": med["hif8_current"] / med["bf16"],
+        "ratio_hif8_delayed_vs_reference": med["hif8_delayed"] / med["reference"],
+        "ratio_hif8_current_vs_reference": med["hif8_current"] / med["reference"],
         "ratio_delayed_vs_current": med["hif8_delayed"] / med["hif8_current"],
         "median_step_cpu_s": med_cpu, "all_step_cpu_s": cpu_times,
-        "cpu_ratio_hif8_delayed_vs_bf16": med_cpu["hif8_delayed"] / med_cpu["bf16"],
-        "cpu_ratio_hif8_current_vs_bf16": med_cpu["hif8_current"] / med_cpu["bf16"],
+        "cpu_ratio_hif8_delayed_vs_reference": med_cpu["hif8_delayed"] / med_cpu["reference"],
+        "cpu_ratio_hif8_current_vs_reference": med_cpu["hif8_current"] / med_cpu["reference"],
         "cpu_ratio_delayed_vs_current": med_cpu["hif8_delayed"] / med_cpu["hif8_current"],
     }
     print(f"compute: {precision}, {torch.get_num_threads()} thread(s)")
     for k in med:
         print(f"{k:14s} median {med[k]:.3f} s/step wall, {med_cpu[k]:.3f} s/step CPU")
-    print(f"HiF8 delayed / BF16: {result['ratio_hif8_delayed_vs_bf16']:.2f}x wall, "
-          f"{result['cpu_ratio_hif8_delayed_vs_bf16']:.2f}x CPU (target <= 1.15x)")
-    print(f"HiF8 current / BF16: {result['ratio_hif8_current_vs_bf16']:.2f}x wall, "
-          f"{result['cpu_ratio_hif8_current_vs_bf16']:.2f}x CPU")
+    ref = f"{precision.upper()} reference"
+    print(f"HiF8 delayed / {ref}: {result['ratio_hif8_delayed_vs_reference']:.2f}x wall, "
+          f"{result['cpu_ratio_hif8_delayed_vs_reference']:.2f}x CPU (target <= 1.15x)")
+    print(f"HiF8 current / {ref}: {result['ratio_hif8_current_vs_reference']:.2f}x wall, "
+          f"{result['cpu_ratio_hif8_current_vs_reference']:.2f}x CPU")
     print(f"delayed / current:   {result['ratio_delayed_vs_current']:.2f}x wall, "
           f"{result['cpu_ratio_delayed_vs_current']:.2f}x CPU")
     if args.out:
