@@ -167,14 +167,22 @@ def test_fused_statistics_do_not_depend_on_the_thread_count():
     assert torch.equal(y1, y2) and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+# The scale rules the shipped HiF8 recipes use (docs/train.md, "Scale rules per role"): the default
+# window, the weights' +1, the inputs' and K's -1, Q's +2 and P's amax target 2^3.
+RULES = {"window0": {}, "window+1": {"window_center": 1}, "window-1": {"window_center": -1},
+         "window+2": {"window_center": 2}, "amax2^3": {"target": "amax", "amax_target": 8.0}}
+
+
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
 @pytest.mark.parametrize("track", [False, True])
-def test_quantizer_matches_the_reference_backend_bit_for_bit(scaling, track, monkeypatch):
+@pytest.mark.parametrize("rule", list(RULES))
+def test_quantizer_matches_the_reference_backend_bit_for_bit(scaling, track, rule, monkeypatch):
     # The quantizer's fused path (C++ statistics + quantization in one pass) against the same
     # quantizer on the plain-PyTorch reference (LPQ_BACKEND=ref): outputs, gradients, scales,
-    # histories and tracked statistics identical over several delayed-scaling steps.
+    # histories and tracked statistics identical over several delayed-scaling steps, for every
+    # scale rule a shipped recipe uses.
     torch.manual_seed(0)
-    spec = QuantizerSpec("hif8", scaling=scaling, history_len=3)
+    spec = QuantizerSpec("hif8", scaling=scaling, history_len=3, **RULES[rule])
     xs = [(torch.randn(16, 96) * 10.0 ** k).to(dt) for k, dt in ((0, torch.bfloat16), (3, torch.float32),
                                                                   (-2, torch.bfloat16), (1, torch.float32))]
 
