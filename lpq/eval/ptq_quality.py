@@ -1,8 +1,8 @@
 """The quality figures `lpq ptq` reports for a causal LM: quantized model vs its float model.
 
 * Perplexity on WikiText-2 *test* (the first `windows` windows, as every earlier lpq figure) and on
-  the *validation* part of each built-in text domain (lpq/data/domains.py), per window, with the
-  paired-bootstrap CI of the increase;
+  each built-in text domain of `domain_eval` (lpq/data/domains.py; validation parts unless `split:
+  test`), per window, with the paired-bootstrap CI of the increase;
 * KL(float || quantized) and top-1 agreement of the next-token distributions on the first
   `kl_windows` WikiText-2 test windows;
 * optionally a paired MMLU subset.
@@ -49,17 +49,24 @@ def baseline_nll(model: Any, ids: torch.Tensor, batch_size: int) -> list[float]:
     return nll
 
 
+WIKITEXT2_TEST = "wikitext2_test"      # the `windows` WikiText-2 test windows among the scored sets
+
+
 def evaluation_windows(tokenizer: Any, ev: Any) -> dict[str, torch.Tensor]:
-    """The token windows scored: WikiText-2 test, then each domain's validation part."""
+    """The token windows scored: WikiText-2 test, then each domain of `ev.domain_eval`."""
     from lpq.data.domains import Part, domain_windows
+    from lpq.eval.settings import Split
     from lpq.eval.shift import token_windows
 
     sets: dict[str, torch.Tensor] = {}
     if ev.windows:
-        sets["wikitext2_test"] = token_windows(tokenizer, Path(ev.wikitext2).read_text(encoding="utf-8"),
-                                               ev.windows, ev.seq_len)
-    for name in ev.domains:
-        sets[name] = domain_windows(name, Part.VALIDATION, tokenizer, ev.domain_windows, ev.seq_len)
+        sets[WIKITEXT2_TEST] = token_windows(tokenizer, Path(ev.wikitext2).read_text(encoding="utf-8"),
+                                             ev.windows, ev.seq_len)
+    de = ev.domain_eval
+    if de is not None:
+        part = Part.TEST if de.split is Split.TEST else Part.VALIDATION
+        for name in de.domains:
+            sets[name] = domain_windows(name, part, tokenizer, de.windows, de.seq_len)
     return sets
 
 
@@ -70,11 +77,21 @@ def evaluate_causal_lm(loaded: Any, baseline: Any, ev: Any, out_dir: Path) -> di
 
     res: dict[str, Any] = {"baseline": {}, "quantized": {}}
     sets = evaluation_windows(loaded.tokenizer, ev)
-    base = {name: baseline_nll(baseline, ids, ev.batch_size) for name, ids in sets.items()}
-    cand = {name: window_nll(loaded.model, ids, ev.batch_size) for name, ids in sets.items()}
-    res["domains"] = compare_domains(base, cand, ev.seq_len)
-    if "wikitext2_test" in res["domains"] and ev.kl_windows:
-        wt = res["domains"]["wikitext2_test"]
+    de = ev.domain_eval
+    # The WikiText-2 test windows follow this section's settings, the domains those of domain_eval.
+    batch = {name: ev.batch_size if name == WIKITEXT2_TEST else de.batch_size for name in sets}
+    base = {name: baseline_nll(baseline, ids, batch[name]) for name, ids in sets.items()}
+    cand = {name: window_nll(loaded.model, ids, batch[name]) for name, ids in sets.items()}
+    res["domains"] = {}
+    if WIKITEXT2_TEST in sets:
+        res["domains"].update(compare_domains({WIKITEXT2_TEST: base[WIKITEXT2_TEST]},
+                                              {WIKITEXT2_TEST: cand[WIKITEXT2_TEST]}, ev.seq_len))
+    if de is not None:
+        names = [name for name in sets if name != WIKITEXT2_TEST]
+        res["domains"].update(compare_domains({n: base[n] for n in names}, {n: cand[n] for n in names},
+                                              de.seq_len, de.bootstrap))
+    if WIKITEXT2_TEST in res["domains"] and ev.kl_windows:
+        wt = res["domains"][WIKITEXT2_TEST]
         res["baseline"]["wikitext2_ppl"] = wt["ppl_reference"]
         res["quantized"]["wikitext2_ppl"] = wt["ppl"]
         r = distribution_shift(baseline, loaded.model, loaded.tokenizer,

@@ -1,12 +1,64 @@
-"""The `eval:` recipe section and where evaluation data is found."""
+"""Evaluation settings of recipes, torch-free: the `eval:` section (`lpq eval`, `lpq train`), the per-domain
+perplexity settings shared by `lpq ptq` and `lpq train` (`DomainEvalSettings`), and where evaluation data
+is found."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LM_TASKS = ("mmlu", "gsm8k", "gpqa", "math500", "wikitext2")
-VIDEO_TASKS = ("video",)
+from lpq.schema import Choice
+
+
+class Task(Choice):
+    """A task of `lpq eval`: the language-model tasks (LM_TASKS, lpq/eval/tasks/) or `video` (Wan)."""
+
+    MMLU = "mmlu"
+    GSM8K = "gsm8k"
+    GPQA = "gpqa"
+    MATH500 = "math500"
+    WIKITEXT2 = "wikitext2"
+    VIDEO = "video"
+
+
+LM_TASKS = tuple(t.value for t in Task if t is not Task.VIDEO)
+
+
+class Split(Choice):
+    """Which part of each text domain is scored: `valid` to choose settings on, `test` for final reports."""
+
+    VALID = "valid"
+    TEST = "test"
+
+
+@dataclass
+class DomainEvalSettings:
+    """Perplexity of a model on built-in text domains (names of lpq.data.domains), the same token windows
+    for the model and its reference, compared window by window (paired bootstrap). `lpq ptq` reads it as
+    `evaluation.domain_eval`, `lpq train` as `domain_eval` (with its own defaults and the held-out corpus);
+    each command's reader says which domains and parts it has."""
+
+    domains: list[str] = field(default_factory=list)
+    split: Split = Split.VALID
+    windows: int = 8                       # per domain (fewer when a domain's text is short)
+    seq_len: int = 512
+    batch_size: int = 2                    # windows per forward
+    data_dir: str | None = None            # default: $LPQ_DATA_DIR, else ../shared/data beside the repo
+    bootstrap: int = 10000                 # paired bootstrap resamples of the 95 % CI
+
+    def __post_init__(self) -> None:
+        from lpq.data.domains import DOMAINS
+
+        self.split = Split.parse(self.split, "split")
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains has duplicates: {self.domains}")
+        for name in ("windows", "seq_len", "batch_size", "bootstrap"):
+            low = 2 if name == "seq_len" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -36,7 +88,7 @@ class VideoSettings:
 class EvalSettings:
     """What to evaluate and how. Everything that can change a score is here and lands in results.json."""
 
-    tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext2"])
+    tasks: list[Task] = field(default_factory=lambda: [Task.MMLU, Task.WIKITEXT2])
     limit: int | None = None               # items per task: a seeded random subset, identical for both models
     task_limits: dict[str, int] = field(default_factory=dict)   # per-task item counts, overriding `limit`
     seed: int = 0                          # subset selection and bootstrap
@@ -60,10 +112,7 @@ class EvalSettings:
     video: VideoSettings = field(default_factory=VideoSettings)
 
     def __post_init__(self) -> None:
-        allowed = LM_TASKS + VIDEO_TASKS
-        bad = [t for t in self.tasks if t not in allowed]
-        if bad:
-            raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(allowed)}")
+        self.tasks = [Task.parse(t, "task") for t in self.tasks]
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1 (or null for all items)")
         for task, n in self.task_limits.items():

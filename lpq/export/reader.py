@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lpq.config import ConfigError, from_dict
 from lpq.export import layout as L
 from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
+from lpq.export.settings import RUNTIME_KINDS, runtime_export_refusal
 from lpq.export.tensor_io import StoredTensor, as_torch_dtype, check_files, iter_file, load_json, read_headers
 from lpq.formats import Packed
 from lpq.quant import InputTransform, quantize_model, set_input_transform
@@ -227,6 +228,8 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None, v
     if manifest.get("kind") == "fake":
         raise L.CheckpointError(f"{root} is a fake-quantized export: load it with transformers/diffusers "
                                 f"from_pretrained (lpq.load_quantized reads packed exports)")
+    if manifest.get("kind") in RUNTIME_KINDS:
+        raise L.CheckpointError(runtime_export_refusal(root, manifest["kind"]))
     L.check_versions(manifest, root / L.MANIFEST)
     try:
         recipe = from_dict(manifest["recipe"], QuantRecipe)

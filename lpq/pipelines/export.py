@@ -12,15 +12,20 @@ import typer
 from lpq.export.settings import KINDS, ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
+from lpq.schema import RecipeVersion, recipe_version
 
 
 @dataclass
 class ExportRecipe:
     """Recipe file of `lpq export`: sections `model`, `quant` and `export`."""
 
+    version: RecipeVersion = field(default=RecipeVersion.V1, kw_only=True)
     quant: QuantRecipe
     model: ModelConfig = field(default_factory=ModelConfig)
     export: ExportSettings = field(default_factory=ExportSettings)
+
+    def __post_init__(self) -> None:
+        self.version = recipe_version(self.version)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,16 +10,22 @@ import yaml
 from lpq.config import ConfigError, _Where, from_dict
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantizerSpec, QuantRecipe, Scaling
+from lpq.schema import RecipeVersion, recipe_version
 
 STATUS = {"quantize": "quant", "protected": "PROT", "excluded": "excl"}
+SHARED = ("version", "model", "quant")
 
 
 @dataclass
 class InspectRecipe:
-    """The two sections every recipe shares; other sections of the file are ignored here."""
+    """What every recipe shares (SHARED); other sections of the file are ignored here."""
 
+    version: RecipeVersion = field(default=RecipeVersion.V1, kw_only=True)
     quant: QuantRecipe
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        self.version = recipe_version(self.version)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +43,7 @@ def load_inspect_recipe(path: Path) -> InspectRecipe:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict) or "quant" not in data:
         raise ConfigError(f"{path}:1: the recipe needs a `quant:` section")
-    shared = {k: data[k] for k in ("model", "quant") if k in data}
+    shared = {k: data[k] for k in SHARED if k in data}
     return from_dict(shared, InspectRecipe, _Where(str(path), node))
 
 
@@ -107,6 +113,7 @@ def render(model: object, recipe: QuantRecipe) -> str:
 def inspect(config: Path = typer.Option(..., "--config", help="recipe YAML with `model:` and `quant:` sections"),
             model: str | None = typer.Option(None, "--model", help="override model.id")) -> None:
     """Per block, which modules get which quantizer, and which are protected or excluded."""
+    from lpq.export.settings import refuse_runtime_export
     from lpq.models.hub import load_model
 
     try:
@@ -116,8 +123,9 @@ def inspect(config: Path = typer.Option(..., "--config", help="recipe YAML with 
         raise typer.Exit(2) from None
     if model is not None:
         recipe.model.id = model
-    loaded = load_model(recipe.model)
     try:
+        refuse_runtime_export(recipe.model.id)
+        loaded = load_model(recipe.model)
         typer.echo(f"model: {recipe.model.id}\n" + render(loaded.model, recipe.quant))
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)

@@ -462,6 +462,8 @@ def validate_inputs(cfg: PTQConfig) -> None:
         lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
         if cfg.evaluation is not None:
             lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
+            if cfg.evaluation.domain_eval is not None:
+                lengths["evaluation.domain_eval.seq_len"] = cfg.evaluation.domain_eval.seq_len
         for i, spec in enumerate(cfg.algorithms):
             if isinstance(getattr(spec.settings, "seq_len", None), int):
                 lengths[f"algorithms[{i}].seq_len"] = spec.settings.seq_len
@@ -476,7 +478,7 @@ def validate_inputs(cfg: PTQConfig) -> None:
             raise FileNotFoundError(f"calibration.{key}: {path} not found")
     if cal.text_file is not None and not Path(cal.text_file).expanduser().read_text(errors="replace").strip():
         raise ValueError(f"calibration.text_file: {cal.text_file} holds no text")
-    if cal.domains is not None or (cfg.evaluation is not None and cfg.evaluation.domains):
+    if cal.domains is not None or (cfg.evaluation is not None and cfg.evaluation.domain_eval is not None):
         from lpq.data.domains import data_dir
 
         if not data_dir().is_dir():
@@ -544,7 +546,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         with folder:
-            full = recipe_fingerprint(cfg, ignore=("output_dir",))
+            # The recipe format's version is not part of what a run computes (lpq.schema).
+            full = recipe_fingerprint(cfg, ignore=("output_dir", "version"))
             prior = _finished_recipe(out_dir)
             if folder.state == "continued" and prior not in (None, full) and not force:
                 typer.echo(f"error: {out_dir} holds a finished run of another recipe (the same blocks); pass --force "

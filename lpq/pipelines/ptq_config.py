@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from lpq.algorithms.step import Step, StepSpec, check_order
 from lpq.config import RecipePath
 from lpq.data.calibration import CalibrationConfig
+from lpq.eval.settings import DomainEvalSettings, Split
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
-from lpq.quant.recipe import QuantRecipe
+from lpq.quant.recipe import QuantRecipe, check_protected_budget
+from lpq.schema import RecipeVersion, recipe_version
 
 
 @dataclass
@@ -48,21 +50,24 @@ class EvalConfig:
 
     wikitext2: RecipePath | None = None   # WikiText-2 test text (None: the shared data's wikitext2/test.txt)
     windows: int = 40                     # its first windows scored for perplexity (0: none)
-    seq_len: int = 512
+    seq_len: int = 512                    # of those windows
     kl_windows: int | None = None         # of those, the first ones for KL and top-1 (None: all of them)
-    domains: list[str] = field(default_factory=list)   # built-in domains scored on their validation part
-    domain_windows: int = 8               # windows per domain
     batch_size: int = 2                   # windows per forward
+    # Perplexity on built-in text domains (lpq.data.domains: validation parts; `split: test` only for
+    # wikitext2), paired with the float model: the settings lpq train's domain_eval shares. None: none.
+    domain_eval: DomainEvalSettings | None = None
+    # Short form of domain_eval: `domains` scored with `domain_windows` windows each (default 8) and this
+    # section's seq_len and batch_size. The recipe keeps it as domain_eval (recipe.yaml shows that).
+    domains: list[str] | None = None
+    domain_windows: int | None = None
     mmlu: bool = False                    # paired MMLU subset via lpq.eval (data: shared/data/mmlu)
     mmlu_questions: int = 400
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from lpq.data.domains import DOMAINS
-
         if self.kl_windows is None:
             self.kl_windows = self.windows
-        for name in ("windows", "seq_len", "kl_windows", "domain_windows", "batch_size", "mmlu_questions"):
+        for name in ("windows", "seq_len", "kl_windows", "batch_size", "mmlu_questions"):
             low = {"seq_len": 2, "windows": 0, "kl_windows": 0}.get(name, 1)
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -72,13 +77,45 @@ class EvalConfig:
             self.wikitext2 = data_dir() / "wikitext2" / "test.txt"
         if self.kl_windows > self.windows:
             raise ValueError(f"kl_windows ({self.kl_windows}) must be <= windows ({self.windows})")
-        bad = [d for d in self.domains if d not in DOMAINS]
-        if bad:
-            raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
+        self._fold_short_form()
+        if self.domain_eval is not None:
+            self._check_domain_eval(self.domain_eval)
+
+    def _fold_short_form(self) -> None:
+        if self.domains is None and self.domain_windows is None:
+            return
+        if self.domain_eval is not None:
+            raise ValueError("set domain_eval, or its short form domains / domain_windows, not both")
+        if self.domain_windows is not None and self.domain_windows < 1:
+            raise ValueError(f"domain_windows must be >= 1, got {self.domain_windows}")
+        if self.domains:
+            given = {"windows": self.domain_windows} if self.domain_windows is not None else {}
+            self.domain_eval = DomainEvalSettings(domains=self.domains, seq_len=self.seq_len,
+                                                  batch_size=self.batch_size, **given)
+        self.domains = self.domain_windows = None
+
+    @staticmethod
+    def _check_domain_eval(de: DomainEvalSettings) -> None:
+        """What lpq ptq's reader of the domains (lpq.data.domains) cannot do."""
+        from lpq.data.domains import Part, check_domain
+
+        if de.data_dir is not None:
+            raise ValueError("domain_eval.data_dir: lpq ptq reads the built-in domains from $LPQ_DATA_DIR (else "
+                             "../shared/data beside the repository); set that instead")
+        for name in de.domains:
+            check_domain(name, Part.TEST if de.split is Split.TEST else Part.VALIDATION)
+
+    def to_config(self) -> dict:
+        """The section as lpq.config.to_dict writes it: the short form is already folded into domain_eval."""
+        from lpq.config import to_dict
+
+        return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("domains", "domain_windows")}
 
 
 @dataclass
 class PTQConfig:
+    version: RecipeVersion = field(default=RecipeVersion.V1, kw_only=True)
     quant: QuantRecipe
     calibration: CalibrationConfig
     algorithms: list[StepSpec]
@@ -93,16 +130,15 @@ class PTQConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        self.version = recipe_version(self.version)
         if self.quant.weight is None:
             raise ValueError("quant.weight is required for PTQ (set quant.format, or quant.weight for a weight-only "
                              "recipe)")
         if self.quant.protected_blocks:
             raise ValueError("list protected blocks under `protect.blocks` (or use protect.auto), "
                              "not quant.protected_blocks")
-        budget = self.quant.block_budget()
-        if budget is not None and self.protect.count() > budget and not self.quant.allow_over_budget:
-            raise ValueError(f"protect asks for {self.protect.count()} blocks; the budget for "
-                             f"{self.quant.weight.format} is {budget}")
+        check_protected_budget(self.protect.count(), self.quant.formats(), self.quant.allow_over_budget,
+                               "protect.auto" if self.protect.auto is not None else "protect.blocks")
         check_order(self.algorithms)
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: every core), got {self.threads}")

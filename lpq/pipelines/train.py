@@ -50,7 +50,9 @@ def _check_and_claim(config: Path, recipe, force: bool) -> None:
 
     try:
         check_blocks(recipe.model, recipe.quant.protected_blocks if recipe.quant else [])
-        claim_output(recipe.train.output_dir, fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir"]),
+        # The recipe format's version is not part of what a run computes (lpq.schema).
+        claim_output(recipe.train.output_dir,
+                     fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir", "version"]),
                      force=force, command="lpq train")
     except ValueError as e:
         typer.echo(f"error: {config}: {e}", err=True)
@@ -111,27 +113,46 @@ def train(
         typer.echo(f"report: {recipe.train.output_dir / 'train_report.json'}")
 
 
+def cache_fingerprint(recipe) -> str:
+    """What a latent cache's files depend on: the model and how clips are read and shaped. `limit` is
+    not part of it: samples are named by record, so a larger limit continues a smaller one's cache."""
+    from lpq.outputs import recipe_fingerprint
+
+    return recipe_fingerprint({"model": recipe.model, "video": recipe.data.video}, ignore=["video.limit"])
+
+
 def prepare_data(
     config: Path = typer.Option(..., "--config", "-c", help="recipe (YAML) with data.video and data.cache_dir"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key"),
+    force: bool = typer.Option(False, "--force", help="start over in a cache_dir that another lpq recipe wrote"),
 ) -> None:
     """Encode captioned video clips into the Wan latent cache (VAE latents + text embeddings)."""
     recipe = _load(config, overrides)
     if recipe.data.cache_dir is None:
         typer.echo("error: data.cache_dir is not set: where should the latents go?", err=True)
         raise typer.Exit(2)
-    from lpq.models.hub import load_model
+    from lpq.models.hub import load_model, resolve
+    from lpq.outputs import claim_output
     from lpq.train.latents import prepare_latent_cache
 
-    loaded = load_model(recipe.model)
-    if loaded.kind != "wan":
-        typer.echo(f"error: prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a "
-                   f"{loaded.kind} (text data needs no preparation)", err=True)
-        raise typer.Exit(2)
     try:
-        manifest = prepare_latent_cache(loaded.model, recipe.data.video, recipe.data.cache_dir, recipe.model.id)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        typer.echo(f"error: {e}", err=True)
+        # Before the model loads: a Wan pipeline (from its files), then the cache folder (lpq.outputs'
+        # rules: never a folder lpq did not write; another recipe's cache only with --force; locked).
+        kind = recipe.model.kind or resolve(recipe.model).model_kind or "causal_lm"
+        if kind != "wan":
+            raise ValueError(f"prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a {kind} "
+                             f"(text data needs no preparation)")
+        folder = claim_output(recipe.data.cache_dir, fingerprint=cache_fingerprint(recipe), force=force,
+                              command="lpq prepare-data")
+    except ValueError as e:
+        typer.echo(f"error: {config}: {e}", err=True)
         raise typer.Exit(2) from None
+    with folder:
+        try:
+            loaded = load_model(recipe.model)
+            manifest = prepare_latent_cache(loaded.model, recipe.data.video, recipe.data.cache_dir, recipe.model.id)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     typer.echo(f"{len(manifest['samples'])} samples in {recipe.data.cache_dir} "
                f"({manifest['missing']} clips not found)")

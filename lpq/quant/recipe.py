@@ -32,18 +32,38 @@ so `scaling: none` is their natural setting. Example (HiF8 QAT with delayed scal
 """
 from __future__ import annotations
 
-import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lpq.formats.spec import FORMATS, get_format
+from lpq.schema import Choice, RecipeVersion, recipe_version
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = RecipeVersion.V1
 
 # The challenge's limits on blocks kept in high precision (docs: shared/docs/challenge.md).
 BLOCK_BUDGETS = {n: s.protected_budget for n, s in FORMATS.items() if s.protected_budget is not None}
 
 
-class Scaling(str, enum.Enum):
+def block_budget(formats: Iterable[str]) -> int | None:
+    """The challenge's limit on protected blocks for a recipe using `formats` (the strictest), or None."""
+    limits = [BLOCK_BUDGETS[f] for f in formats if f in BLOCK_BUDGETS]
+    return min(limits) if limits else None
+
+
+def check_protected_budget(count: int, formats: Iterable[str], allow_over_budget: bool, key: str) -> None:
+    """The one check of a number of protected blocks against the challenge budget, for every recipe that
+    protects blocks (`quant.protected_blocks` of train/export/eval/inspect, `protect` of ptq). `key` names
+    where the blocks come from; raises ValueError in one line."""
+    formats = set(formats)
+    budget = block_budget(formats)
+    if budget is None or count <= budget or allow_over_budget:
+        return
+    fmts = "/".join(sorted(f for f in formats if BLOCK_BUDGETS.get(f) == budget))
+    raise ValueError(f"{count} protected blocks exceed the challenge budget of {budget} for {fmts} ({key}); set "
+                     f"quant.allow_over_budget: true for research runs outside the challenge")
+
+
+class Scaling(Choice):
     """How a per-tensor scale is found before the format's own quantization."""
 
     NONE = "none"          # the format's own block scale only
@@ -51,7 +71,7 @@ class Scaling(str, enum.Enum):
     DELAYED = "delayed"    # from an amax history of earlier steps (FP8-LM / TransformerEngine)
 
 
-class ScaleTarget(str, enum.Enum):
+class ScaleTarget(Choice):
     """Where the per-tensor scale puts the tensor."""
 
     # HiF8-native: a power of two that puts the tensor's RMS at 2^window_center, inside the
@@ -61,7 +81,7 @@ class ScaleTarget(str, enum.Enum):
     AMAX = "amax"
 
 
-class Reduction(str, enum.Enum):
+class Reduction(Choice):
     MAX = "max"
     MOST_RECENT = "most_recent"
 
@@ -88,9 +108,9 @@ class QuantizerSpec:
 
     def __post_init__(self) -> None:
         get_format(self.format)
-        self.scaling = Scaling(self.scaling)
-        self.target = ScaleTarget(self.target)
-        self.reduction = Reduction(self.reduction)
+        self.scaling = Scaling.parse(self.scaling, "scaling")
+        self.target = ScaleTarget.parse(self.target, "target")
+        self.reduction = Reduction.parse(self.reduction, "reduction")
         if self.history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {self.history_len}")
         if self.margin < 0:
@@ -134,7 +154,7 @@ class AttentionRecipe:
 class QuantRecipe:
     """What to quantize and how. YAML: `quant: {format: hif4, protected_blocks: [0, 29]}`."""
 
-    version: int = RECIPE_VERSION
+    version: RecipeVersion = RECIPE_VERSION
     format: str | None = None                 # short form: fills weight and input
     weight: QuantizerSpec | None = None
     input: QuantizerSpec | None = None
@@ -146,9 +166,7 @@ class QuantRecipe:
     adapter: str | None = None                # model family; None: detected from the model
 
     def __post_init__(self) -> None:
-        if self.version != RECIPE_VERSION:
-            raise ValueError(f"recipe version {self.version} is not supported; this lpq reads version "
-                             f"{RECIPE_VERSION}")
+        self.version = recipe_version(self.version)
         if self.format is not None:
             self.weight = self.weight or QuantizerSpec(self.format)
             self.input = self.input or QuantizerSpec(self.format)
@@ -158,11 +176,8 @@ class QuantRecipe:
             raise ValueError(f"protected_blocks must be block indices >= 0, got {self.protected_blocks}")
         if len(set(self.protected_blocks)) != len(self.protected_blocks):
             raise ValueError(f"protected_blocks has duplicates: {self.protected_blocks}")
-        budget = self.block_budget()
-        if budget is not None and len(self.protected_blocks) > budget and not self.allow_over_budget:
-            raise ValueError(
-                f"{len(self.protected_blocks)} protected blocks exceed the challenge budget of {budget} for "
-                f"{self._budget_reason()}; set allow_over_budget: true for research runs outside the challenge")
+        check_protected_budget(len(self.protected_blocks), self.formats(), self.allow_over_budget,
+                               "quant.protected_blocks")
 
     def formats(self) -> set[str]:
         specs = [self.weight, self.input, self.grad]
@@ -172,9 +187,4 @@ class QuantRecipe:
 
     def block_budget(self) -> int | None:
         """The challenge's limit on protected blocks for this recipe's formats (the strictest), or None."""
-        limits = [BLOCK_BUDGETS[f] for f in self.formats() if f in BLOCK_BUDGETS]
-        return min(limits) if limits else None
-
-    def _budget_reason(self) -> str:
-        fmts = sorted(f for f in self.formats() if BLOCK_BUDGETS.get(f) == self.block_budget())
-        return "/".join(fmts)
+        return block_budget(self.formats())

@@ -5,43 +5,48 @@ here. Everything is validated by `lpq.config`, so a bad key or value is reported
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lpq.config import load_config
-from lpq.eval.settings import EvalSettings
+from lpq.eval.settings import DomainEvalSettings, EvalSettings, Split  # noqa: F401  (Split: domain_eval.split)
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
+from lpq.schema import Choice, RecipeVersion, recipe_version
 
 
-class LrSchedule(enum.Enum):
+class LrSchedule(Choice):
     CONSTANT = "constant"
     LINEAR = "linear"
     COSINE = "cosine"
 
 
-class Optimizer(enum.Enum):
+class Optimizer(Choice):
     ADAMW = "adamw"
     SGD = "sgd"
 
 
-class MixedPrecision(enum.Enum):
+class MixedPrecision(Choice):
     # "bf16": float32 master weights and optimizer state, bfloat16 autocast compute (both runs).
     BF16 = "bf16"
     NO = "no"
 
 
-class Distributed(enum.Enum):
+class Distributed(Choice):
     DDP = "ddp"
     FSDP = "fsdp"
 
 
-class TimestepSampling(enum.Enum):
+class TimestepSampling(Choice):
     UNIFORM = "uniform"
     LOGIT_NORMAL = "logit_normal"
+
+
+class WanExpert(Choice):
+    HIGH_NOISE = "transformer"
+    LOW_NOISE = "transformer_2"
 
 
 @dataclass
@@ -50,16 +55,22 @@ class FlowMatchConfig:
 
     shift: float | None = None            # None: the pipeline scheduler's shift
     timestep_sampling: TimestepSampling = TimestepSampling.UNIFORM
-    expert: str = "transformer"           # Wan2.2: "transformer" (high noise) or "transformer_2" (low noise)
+    expert: WanExpert = WanExpert.HIGH_NOISE   # Wan2.2: "transformer" (high noise) or "transformer_2" (low noise)
     eval_timesteps: int = 4               # fixed noise levels per held-out sample for the eval loss
 
     def __post_init__(self) -> None:
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
-        if self.expert not in ("transformer", "transformer_2"):
-            raise ValueError(f"expert {self.expert!r} is not allowed; use 'transformer' or 'transformer_2'")
+        self.expert = WanExpert.parse(self.expert, "expert")
         if self.eval_timesteps < 1:
             raise ValueError(f"eval_timesteps must be >= 1, got {self.eval_timesteps}")
+
+
+class CompareMode(Choice):
+    """A per-tensor scaling mode a compared run applies to every role of `quant` that scales per tensor."""
+
+    CURRENT = "current"
+    DELAYED = "delayed"
 
 
 @dataclass
@@ -88,7 +99,7 @@ class TrainConfig:
     # Quantized runs side by side, one per per-tensor scaling mode ("current", "delayed"): each applies
     # that mode to every role of `quant` that scales per tensor. Empty: one quantized run, exactly as
     # `quant` says.
-    compare: list[str] = field(default_factory=list)
+    compare: list[CompareMode] = field(default_factory=list)
     num_processes: int = 1
     distributed: Distributed = Distributed.DDP
     flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
@@ -111,17 +122,12 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
-        bad = [m for m in self.compare if m not in COMPARE_MODES]
-        if bad:
-            raise ValueError(f"compare: {bad[0]!r} is not a scaling mode; allowed: {', '.join(COMPARE_MODES)}")
+        self.compare = [CompareMode.parse(m, "compare: scaling mode") for m in self.compare]
         if len(set(self.compare)) != len(self.compare):
             raise ValueError(f"compare lists a mode twice: {self.compare}")
 
 
-COMPARE_MODES = ("current", "delayed")
-
-
-class DataKind(enum.Enum):
+class DataKind(Choice):
     TEXT = "text"                   # causal LM: .txt / .jsonl, tokenized into fixed-length blocks
     WAN_LATENTS = "wan_latents"     # Wan: the cache written by `lpq prepare-data`
 
@@ -170,43 +176,32 @@ class DataConfig:
             raise ValueError("paths must name at least one text/JSONL file or 'pydoc-topics'")
 
 
-# Text domains of `domain_eval` (lpq.train.domains says what each one is).
+# The text domains lpq.train.domains reads (with its own valid/test halves), of lpq.data.domains' names.
 DOMAINS = ("wikitext2", "gsm8k", "chat", "fortunes")
 HELD_OUT = "train_heldout"              # the training corpus's held-out blocks
 
 
-class Split(enum.Enum):
-    VALID = "valid"
-    TEST = "test"
-
-
 @dataclass
-class DomainEvalConfig:
-    """The `domain_eval:` recipe section."""
+class DomainEvalConfig(DomainEvalSettings):
+    """The `domain_eval:` section: the shared per-domain settings (lpq.eval.settings.DomainEvalSettings)
+    with lpq train's defaults (every domain it reads, test halves), plus the held-out training text."""
 
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     split: Split = Split.TEST
-    windows: int = 8                      # per domain
     seq_len: int = 256
     batch_size: int = 4
-    data_dir: str | None = None           # default: $LPQ_DATA_DIR, else ../shared/data beside the repo
     held_out: bool = True                 # also score the training corpus's held-out blocks
-    bootstrap: int = 10000
 
     def __post_init__(self) -> None:
-        self.split = Split(self.split)
-        bad = [d for d in self.domains if d not in DOMAINS]
-        if bad:
-            raise ValueError(f"unknown domain {bad[0]!r}; allowed: {', '.join(DOMAINS)}")
-        if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"domains has duplicates: {self.domains}")
-        for name in ("windows", "seq_len", "batch_size", "bootstrap"):
-            if getattr(self, name) < (2 if name == "seq_len" else 1):
-                raise ValueError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+        super().__post_init__()
+        other = [d for d in self.domains if d not in DOMAINS]
+        if other:
+            raise ValueError(f"domain {other[0]!r} is not scored by lpq train; its domains: {', '.join(DOMAINS)}")
 
 
 @dataclass
 class TrainRecipe:
+    version: RecipeVersion = RecipeVersion.V1
     model: ModelConfig = field(default_factory=ModelConfig)
     # None (section absent): plain fine-tuning, no quantized run. Annotated without `| None` because
     # lpq.config reports errors inside a union member only as "matches none of"; this way a bad key
@@ -223,6 +218,7 @@ class TrainRecipe:
     domain_eval: DomainEvalConfig = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        self.version = recipe_version(self.version)
         if self.train.compare and self.quant is None:
             raise ValueError("train.compare needs a `quant:` section (the runs it compares are quantized)")
         if self.domain_eval is not None and self.data.kind is not DataKind.TEXT:

@@ -105,7 +105,8 @@ def test_plan_runs_and_mode_switch():
 
 
 @pytest.mark.parametrize("text, match", [
-    ("train: {compare: [current, sometimes]}\nquant: {format: hif8}\n", "compare: 'sometimes' is not a scaling mode"),
+    ("train: {compare: [current, sometimes]}\nquant: {format: hif8}\n",
+     r"'train.compare\[1\]': 'sometimes' is not allowed; use one of 'current', 'delayed'"),
     ("train: {compare: [current, current]}\nquant: {format: hif8}\n", "lists a mode twice"),
     ("train: {compare: [current]}\n", "train.compare needs a `quant:` section"),
     ("domain_eval: {domains: [wikitext2, news]}\n", "unknown domain 'news'"),

@@ -1,0 +1,75 @@
+"""`lpq prepare-data` follows lpq.outputs' rules for its cache_dir, checked before the model loads: a folder
+lpq did not write is never written into, another recipe's cache is replaced only with --force, the same
+recipe continues its cache, and a second run into a folder in use is refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lpq.outputs import MARKER, claim_output, read_marker
+from tests.cli.helpers import error_line, lpq, lpq_process, snapshot, user_folder
+from tests.train.helpers import write_clips
+
+VIDEO = {"num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 16}
+
+
+def _recipe(tmp_path, model="tiny-wan21", **video):
+    captions = tmp_path / "videos" / "captions.jsonl"
+    if not captions.is_file():
+        write_clips(tmp_path / "videos", n=2)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({
+        "model": {"id": model},
+        "data": {"kind": "wan_latents", "cache_dir": str(tmp_path / "cache"),
+                 "video": {"captions": str(captions), "video_root": str(tmp_path / "videos"), **VIDEO, **video}}}))
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Refusals come before any model is loaded."""
+    monkeypatch.setattr("lpq.models.hub.load_model", lambda cfg: pytest.fail("the model was loaded"))
+
+
+def test_a_folder_lpq_did_not_write_is_never_written(tmp_path, no_model_load):
+    recipe = _recipe(tmp_path)
+    user_folder(tmp_path / "cache")
+    before = snapshot(tmp_path)
+    code, out = lpq("prepare-data", "--config", recipe, "--force")
+    assert code == 2 and "cache is not empty and was not written by lpq (no lpq_output.json)" in error_line(out)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_text_model_is_refused_before_it_loads(tmp_path, no_model_load):
+    recipe = _recipe(tmp_path, model="tiny-llama")
+    code, out = lpq("prepare-data", "--config", recipe)
+    assert code == 2 and "prepare-data encodes videos for Wan pipelines; 'tiny-llama' is a causal_lm" in \
+        error_line(out)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_same_recipe_continues_another_needs_force(tmp_path):
+    recipe = _recipe(tmp_path)
+    code, out = lpq("prepare-data", "--config", recipe)
+    assert code == 0 and "2 samples" in out, out
+    cache = tmp_path / "cache"
+    marker = read_marker(cache)
+    assert marker["command"] == "lpq prepare-data" and "manifest.json" in marker["files"]
+    encoded = snapshot(cache / "samples")
+    code, out = lpq("prepare-data", "--config", recipe)           # the same recipe: the cache is reused
+    assert code == 0 and snapshot(cache / "samples") == encoded, out
+    taller = _recipe(tmp_path, height=48)
+    code, out = lpq("prepare-data", "--config", taller)
+    assert code == 2 and "holds the output of another recipe" in error_line(out) and "--force" in out
+    assert snapshot(cache / "samples") == encoded
+    code, out = lpq("prepare-data", "--config", taller, "--force")
+    assert code == 0, out
+    assert json.loads((cache / "manifest.json").read_text())["height"] == 48 and (cache / MARKER).is_file()
+
+
+def test_a_cache_in_use_is_refused(tmp_path):
+    recipe = _recipe(tmp_path)
+    with claim_output(tmp_path / "cache", fingerprint="x", command="lpq prepare-data"):
+        code, out = lpq_process("prepare-data", "--config", recipe)
+    assert code == 2 and "in use by another lpq run" in error_line(out)
