@@ -15,7 +15,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +22,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lpq.algorithms.step import Phase, Step, register
 from lpq.export.atomic import save_atomic
+from lpq.schema import Choice
+
+
+class Precision(Choice):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
 
 
 @dataclass
@@ -34,13 +39,14 @@ class NormDistillSettings:
     batch_size: int = 2       # sequences per step; the data is cycled in order
     # Compute precision of both models' forward passes (bfloat16: autocast; the quantizers still
     # compute in float32, and the norms and the optimizer state stay float32).
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Precision = Precision.FLOAT32
     # Also learn a per-channel online input scale (InputTransform.input_scale, x / s before the
     # Hadamard) for every quantized linear whose input no norm produces (o_proj, down_proj): the same
     # freedom the norm weights give the others.
     input_scales: bool = False
 
     def __post_init__(self) -> None:
+        self.precision = Precision.parse(self.precision, "norm_distill precision")
         if min(self.steps, self.sequences, self.seq_len, self.batch_size) < 1:
             raise ValueError(f"norm_distill needs steps >= 1, sequences >= 1, seq_len >= 1 and batch_size >= 1; "
                              f"got {self.steps}, {self.sequences}, {self.seq_len}, {self.batch_size}")
@@ -166,7 +172,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
         sched.load_state_dict(state["scheduler"])
         losses, start, spent = state["losses"], state["step"], state["seconds"]
     device = next(student.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision is Precision.BFLOAT16)
     n = tokens.shape[0]
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
                unit="step")

@@ -20,8 +20,6 @@ from lpq.train.recipe import CompareMode, DomainEvalConfig, LrSchedule, TrainRec
 from tests.cli.helpers import error_line, lpq, snapshot
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# Recipes that may still be written without `version` (read as version 1); every other one states it.
-WITHOUT_VERSION = {"w4a4_hif4", "w4a4_mxfp4", "w4a4_nvfp4"}
 WORDS = " ".join(f"w{(i * 7919) % 990 + 4}" for i in range(600))
 
 
@@ -39,7 +37,7 @@ def test_every_shipped_recipe_loads_as_version_1_and_round_trips(path):
     recipe = load_inspect_recipe(path) if cls is InspectRecipe else load_config(path, cls)
     assert recipe.version is RecipeVersion.V1
     written = yaml.safe_load(path.read_text()).get("version")
-    assert written == 1 or (written is None and path.stem in WITHOUT_VERSION)
+    assert written == 1
     data = to_dict(recipe)
     assert next(iter(data)) == "version" and data["version"] == 1
     assert from_dict(data, cls) == recipe
