@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lpq.export.bits import LinearBits, dense_tensors, linear_bits, require_causal_lm
 from lpq.export.packing import input_transforms, quantized_weights
+from lpq.export.tensor_io import check_finite
 from lpq.models.adapters import get_adapter
 from lpq.quant.recipe import QuantRecipe
 
@@ -192,6 +193,7 @@ def write_network(net: nn.Module, folder: Path, recipe: QuantRecipe, max_bytes: 
         quantized_bytes += blocks.nbytes
     dense = dense_tensors(net, skip={qw.key for qw in quantized_weights(net)})
     for key, t in dense.items():
+        check_finite(key, t)
         perm = rows(key.rsplit(".", 1)[0], t.shape[0]) if t.dim() else None     # q/k weights and biases
         t = t if perm is None else t[perm]
         # 1-D tensors (norms) in float32, as llama.cpp's converter writes them; the rest in the model's dtype

@@ -61,6 +61,7 @@ class ShardWriter:
         """Append one tensor (copied to the CPU if needed); its bytes are on disk when this returns."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        check_finite(name, t)
         if t.dtype not in _ST_DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors; allowed: "
                             f"{', '.join(str(d).removeprefix('torch.') for d in _ST_DTYPES)}")
@@ -139,6 +140,19 @@ class ShardWriter:
 
 _ST_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in _ST_DTYPES.items()}
 _TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf: an export must not hand a broken model to a
+    runtime (a NaN norm weight makes every logit NaN). Codes, integer and 8-bit float scale tensors
+    (their codes come from the checked weights) are not checked."""
+    if t.dtype in _CHECKED_FLOATS and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: {bad} of {t.numel()} values are NaN or Inf; lpq does not export a model that "
+                         f"computes non-finite values (check the run that produced it)")
 
 
 def write_shards(folder: Path, stem: str, tensors: dict[str, Tensor], metadata: dict[str, str],

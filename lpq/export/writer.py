@@ -24,7 +24,7 @@ from lpq.export.atomic import staged_dir
 from lpq.export.packing import QuantizedWeight, input_transforms, pack, quantized_weights
 from lpq.export.settings import KINDS, RUNTIME_KINDS
 from lpq.export.size import SizeReport, folder_bytes
-from lpq.export.tensor_io import ShardWriter, write_hf_index, write_json
+from lpq.export.tensor_io import ShardWriter, check_finite, write_hf_index, write_json
 from lpq.models.adapters import get_adapter
 from lpq.models.offload import materialized
 from lpq.quant.attention import AttentionQuantizers
@@ -212,6 +212,7 @@ def _pack_weight(qw: QuantizedWeight, sizes: _Sizes) -> tuple[dict[str, Any], di
     when no encoding reproduces it)."""
     with torch.no_grad():
         w_q = qw.forward_weight().detach().cpu()
+    check_finite(qw.key, w_q)
     entry = {"format": qw.fmt, "axis": qw.axis % w_q.dim(), "shape": list(w_q.shape), "dtype": _dtype_name(w_q.dtype)}
     p = pack(qw, w_q)
     if p is None:

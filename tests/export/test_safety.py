@@ -144,3 +144,18 @@ def test_unquantized_model_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="not quantized"):
         export_model(tiny_causal_lm("tiny-llama"), None, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["packed", "fake"])
+@pytest.mark.parametrize("target", ["model.layers.1.post_attention_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path, kind, target):
+    """A NaN norm weight (e.g. from a diverged distillation) or a NaN in a quantized weight: the export
+    names the tensor and leaves no folder behind."""
+    import torch
+
+    model, r = quantized_lm("tiny-llama", {"format": "hif4"})
+    with torch.no_grad():
+        model.get_parameter(target).view(-1)[3] = float("nan")
+    with pytest.raises(ValueError, match=f"{target}: [0-9]+ of [0-9]+ values are NaN or Inf"):
+        export_model(model, r, tmp_path / "out", kind=kind)
+    assert list(tmp_path.iterdir()) == []
