@@ -151,8 +151,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def yaml_text(obj: Any) -> str:
+    """A recipe (dataclass) as the YAML that loads it back."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def dump_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    Path(path).write_text(yaml_text(obj))
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -41,7 +41,7 @@ from lpq import cpu_numerics
 from lpq.algorithms.context import BlockContext, RunContext, Stage
 from lpq.algorithms.sensitivity import choose_protected, plot_sensitivity, rank_blocks
 from lpq.algorithms.step import Phase, Step
-from lpq.config import ConfigError, dump_yaml, load_config, to_dict
+from lpq.config import ConfigError, dump_yaml, load_config, to_dict, yaml_text
 from lpq.data.block_inputs import BlockInputs, advance
 from lpq.export.atomic import save_atomic
 from lpq.models.adapters import Adapter, get_adapter
@@ -74,6 +74,10 @@ def fingerprint(cfg: PTQConfig) -> str:
 
 
 # ---------------------------------------------------------------- checkpoints
+
+# What torch.load and the saved dicts raise for a truncated, corrupt or foreign checkpoint file.
+_UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+
 
 class Checkpoint:
     """out/checkpoint: meta.json (progress), block_NNNN.pt (finished blocks: state dict, runtime
@@ -127,7 +131,7 @@ class Checkpoint:
             restore_structure(block, saved["structure"])
             block.load_state_dict(saved["state_dict"])
             return saved["steps"]
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        except _UNREADABLE as e:
             raise self._damaged(path, e) from None
 
     def load_inputs(self) -> BlockInputs:
@@ -135,7 +139,7 @@ class Checkpoint:
         try:
             d = torch.load(path, weights_only=False)
             return BlockInputs(d["hidden"], d["args"], d["kwargs"])
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        except _UNREADABLE as e:
             raise self._damaged(path, e) from None
 
 
@@ -572,8 +576,3 @@ def _finished_recipe(out_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
 
-
-def yaml_text(cfg: PTQConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
