@@ -48,11 +48,9 @@ class CalibrationConfig:
             raise ValueError("set exactly one of domains, text_file, jsonl, dataset, prompts "
                              f"(got {len(sources)})")
         if self.domains is not None:
-            from lpq.data.domains import DOMAINS
+            from lpq.data.domains import check_names
 
-            bad = [d for d in self.domains if d not in DOMAINS]
-            if bad:
-                raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
+            check_names(self.domains)
             if not self.domains or any(not w > 0 for w in self.domains.values()):
                 raise ValueError(f"domains needs at least one domain and weights > 0, got {self.domains}")
         for name in ("num_sequences", "seq_len", "batch_size", "num_prompts", "timesteps"):

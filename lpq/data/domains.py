@@ -24,7 +24,7 @@ import json
 import os
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 DOMAINS = ("wikitext2", "gsm8k", "chat", "python", "pydoc", "fortunes")
 CHARS_PER_TOKEN_BOUND = 6      # text drawn per needed token before tokenizing (code and prose are 3-5)
@@ -127,6 +127,13 @@ _SOURCES: dict[str, Callable[[Any], list[str | Path]]] = {
     "pydoc": lambda tok: _pydoc(),
     "fortunes": lambda tok: _fortunes(),
 }
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Refuse a name that is not a built-in domain (recipes' `domains` lists and mixes)."""
+    bad = [d for d in names if d not in DOMAINS]
+    if bad:
+        raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
 
 
 def check_domain(name: str, part: Part) -> None:

@@ -47,12 +47,10 @@ class DomainEvalSettings:
     bootstrap: int = 10000                 # paired bootstrap resamples of the 95 % CI
 
     def __post_init__(self) -> None:
-        from lpq.data.domains import DOMAINS
+        from lpq.data.domains import check_names
 
         self.split = Split.parse(self.split, "split")
-        bad = [d for d in self.domains if d not in DOMAINS]
-        if bad:
-            raise ValueError(f"unknown domain {bad[0]!r}; built-in domains: {', '.join(DOMAINS)}")
+        check_names(self.domains)
         if len(set(self.domains)) != len(self.domains):
             raise ValueError(f"domains has duplicates: {self.domains}")
         for name in ("windows", "seq_len", "batch_size", "bootstrap"):
