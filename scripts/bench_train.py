@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -30,7 +31,7 @@ from lpq.quant import quantize_model, set_quant_enabled
 from lpq.train.compare import quant_for_mode
 from lpq.train.data import text_splits
 from lpq.train.loop import keep_freed_memory
-from lpq.train.recipe import DataConfig, load_recipe
+from lpq.train.recipe import load_recipe
 
 
 def main() -> None:
@@ -51,8 +52,7 @@ def main() -> None:
         raise SystemExit(f"{args.config} has no quant section")
     batch_size = args.batch_size or recipe.train.batch_size
     precision = args.precision or ("bf16" if recipe.train.mixed_precision.value == "bf16" else "fp32")
-    data_cfg = DataConfig(paths=recipe.data.paths, text_field=recipe.data.text_field,
-                          seq_len=args.seq_len or recipe.data.seq_len, eval_blocks=recipe.data.eval_blocks)
+    data_cfg = dataclasses.replace(recipe.data, seq_len=args.seq_len or recipe.data.seq_len)
     loaded = load_model(recipe.model)
     blocks = text_splits(data_cfg, loaded.tokenizer).train
     torch.manual_seed(0)

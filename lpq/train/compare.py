@@ -138,6 +138,10 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
         from lpq.train.domains import check_domain_files
 
         check_domain_files(recipe.domain_eval)
+    if recipe.data.mix is not None:
+        from lpq.train.data import check_mix_files
+
+        check_mix_files(recipe.data)
     state = process_state()
     main = state.is_main_process
     if main:

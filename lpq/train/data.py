@@ -75,15 +75,72 @@ class TextSplits:
 
 
 def text_splits(cfg: DataConfig, tokenizer) -> TextSplits:
-    """Hold out the last `eval_blocks` blocks (a contiguous stretch of text never seen in training)."""
+    """Hold out the last `eval_blocks` blocks (a contiguous stretch of text never seen in training); a
+    `mix` holds out the same way in every domain."""
+    if cfg.mix is not None:
+        return mix_splits(cfg, tokenizer)
     blocks = tokenize_blocks(read_texts(cfg), tokenizer, cfg.seq_len)
     if len(blocks) <= cfg.eval_blocks:
         raise ValueError(f"the corpus gives {len(blocks)} blocks of {cfg.seq_len} tokens; need more than "
                          f"data.eval_blocks={cfg.eval_blocks} to keep some for training")
     train, held_out = blocks[: -cfg.eval_blocks], blocks[-cfg.eval_blocks:]
-    if cfg.max_train_blocks is not None:
-        train = train[: cfg.max_train_blocks]
+    if cfg.train_blocks is not None:
+        train = train[: cfg.train_blocks]
     return TextSplits(train, held_out)
+
+
+def check_mix_files(cfg: DataConfig) -> None:
+    """Fail early (before any model is loaded), naming the file, when a mix domain's data is missing."""
+    from lpq.train.domains import resolve_root, train_files
+
+    root = resolve_root(cfg.data_dir, "data")
+    for name in cfg.mix or {}:
+        for path in train_files(name, root):
+            if not path.is_file():
+                raise FileNotFoundError(f"data.mix: domain {name!r} needs {path}, which does not exist "
+                                        "(set data.data_dir or $LPQ_DATA_DIR)")
+
+
+def mix_splits(cfg: DataConfig, tokenizer) -> TextSplits:
+    """Per domain of `cfg.mix`, its share (by weight) of the training blocks and of the `eval_blocks`,
+    cut from its training part (lpq.train.domains.train_documents) in a fixed order spread over the
+    part: the training blocks first, the held-out ones from the text right after them. Training blocks
+    are concatenated domain by domain (the batch plan shuffles them); so are the held-out ones."""
+    from lpq.data.calibration import domain_shares
+    from lpq.train.domains import resolve_root, train_documents
+
+    check_mix_files(cfg)
+    root = resolve_root(cfg.data_dir, "data")
+    train_shares = domain_shares(cfg.mix, cfg.train_blocks)
+    eval_shares = domain_shares(cfg.mix, cfg.eval_blocks)
+    train, held_out = [], []
+    for name in cfg.mix:
+        n_train, n_eval = train_shares[name], eval_shares[name]
+        blocks = _first_blocks(train_documents(name, root, tokenizer), tokenizer, cfg.seq_len, n_train + n_eval)
+        if blocks is None:
+            raise ValueError(f"data.mix: domain {name!r}'s training part holds fewer than {n_train + n_eval} blocks "
+                             f"of {cfg.seq_len} tokens ({n_train} training + {n_eval} held out); lower "
+                             f"data.max_train_blocks or its weight")
+        train.append(blocks[:n_train])
+        held_out.append(blocks[n_train:])
+    return TextSplits(torch.cat(train), torch.cat(held_out))
+
+
+def _first_blocks(docs: list, tokenizer, seq_len: int, count: int) -> Tensor | None:
+    """`count` blocks of documents taken in a fixed pseudo-random order (EOS after each, as
+    tokenize_blocks), tokenizing only as many as needed; None when all of them hold fewer."""
+    eos = tokenizer.eos_token_id
+    need = count * seq_len
+    ids: list[int] = []
+    for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist():
+        doc = docs[i]
+        text = doc.read_text(encoding="utf-8", errors="replace") if isinstance(doc, Path) else doc
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= need:
+            return torch.tensor(ids[:need], dtype=torch.long).view(count, seq_len)
+    return None
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

@@ -1,18 +1,25 @@
-"""Evaluation on several text domains: per-window negative log-likelihoods and paired comparisons.
+"""Evaluation on several text domains: per-window negative log-likelihoods and paired comparisons, and
+the training parts of those domains (`data.mix`).
 
 QAT on one corpus can hide a loss elsewhere, so `lpq train` scores every trained model on fixed token
 windows of several domains and compares each quantized run with the reference run window by window
 (a paired bootstrap: the window-to-window variance both models share cancels).
 
-Built-in domains, each with two disjoint parts: `valid` (for choosing settings) and `test` (for the
-final report; `lpq train` uses it by default):
+Built-in domains, each with three disjoint parts: `valid` (for choosing settings), `test` (for the
+final report; `lpq train` scores it by default) and `train` (what `data.mix` trains on). Scored windows
+are cut from the start of their part, and every part is bounded, so no window can reach training text:
 
-* `wikitext2`: WikiText-2 `valid.txt` / `test.txt`;
-* `gsm8k`: GSM8K *train* problems as plain text (question, then worked answer), records from the start
-  (valid) or from the middle on (test);
-* `chat`: GSM8K *train* problems in the tokenizer's chat template (user asks, assistant answers), taken
-  from the end of the file backwards (valid) or from its middle backwards (test);
-* `fortunes`: `calib/fortunes_calib.txt`, first half (valid) or second half (test).
+* `wikitext2`: valid = the first half of WikiText-2 `valid.txt`, test = `test.txt`, train = the second
+  half of `valid.txt`;
+* `gsm8k`: GSM8K *train* problems as plain text (question, then worked answer); of its n records,
+  valid = the first quarter, test = the third quarter (from the middle on);
+* `chat`: the same file's problems in the tokenizer's chat template (user asks, assistant answers), at
+  most 400 conversations from the end backwards (valid) or from the middle backwards (test), inside the
+  second and fourth quarters; train (plain and chat alike) = the rest of those two quarters;
+* `fortunes`: `calib/fortunes_calib.txt`; valid = the first quarter, test = the third, train = the second
+  and fourth;
+* training only (`data.mix`; no scored part): `python` (the standard library's source, as
+  lpq.data.domains reads it) and `pydoc` (Python's documentation topics).
 
 The training corpus's own held-out blocks are added by `lpq train` as domain `train_heldout`.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -29,21 +37,28 @@ from torch import nn
 from lpq.train.recipe import DomainEvalConfig, Split
 
 
-def data_dir(cfg: DomainEvalConfig) -> Path:
+CHAT_RECORDS = 400      # conversations per scored chat part: far more tokens than any window count here needs
+
+
+def resolve_root(data_dir: str | None, what: str) -> Path:
+    """The shared data folder: `data_dir`, else $LPQ_DATA_DIR, else ../shared/data beside the repo."""
     from lpq.eval.settings import EvalSettings, resolve_data_dir
 
-    found = resolve_data_dir(EvalSettings(tasks=[], data_dir=cfg.data_dir, kl=False))
+    found = resolve_data_dir(EvalSettings(tasks=[], data_dir=data_dir, kl=False))
     if found is None:
-        raise FileNotFoundError("domain_eval: no data folder: set domain_eval.data_dir or $LPQ_DATA_DIR to the "
+        raise FileNotFoundError(f"{what}: no data folder: set {what}.data_dir or $LPQ_DATA_DIR to the "
                                 "folder holding wikitext2/, gsm8k/ and calib/")
     if not found.is_dir():
-        raise FileNotFoundError(f"domain_eval: data folder {found} does not exist (domain_eval.data_dir or "
-                                f"$LPQ_DATA_DIR)")
+        raise FileNotFoundError(f"{what}: data folder {found} does not exist ({what}.data_dir or $LPQ_DATA_DIR)")
     return found
 
 
+def data_dir(cfg: DomainEvalConfig) -> Path:
+    return resolve_root(cfg.data_dir, "domain_eval")
+
+
 def domain_file(name: str, split: Split, root: Path) -> Path:
-    """The file a domain's text comes from."""
+    """The file a domain's scored text comes from."""
     if name == "wikitext2":
         return root / "wikitext2" / f"{split.value}.txt"
     return root / ("calib/fortunes_calib.txt" if name == "fortunes" else "gsm8k/train.jsonl")
@@ -59,29 +74,76 @@ def check_domain_files(cfg: DomainEvalConfig) -> None:
                                     f"(set domain_eval.data_dir or $LPQ_DATA_DIR)")
 
 
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _record_parts(n: int) -> dict[str, list[int]]:
+    """Record indices of every gsm8k / chat part (module docstring), in reading order."""
+    q, mid = n // 4, n // 2
+    chat_test, chat_valid = max(q, mid - CHAT_RECORDS), max(mid + q, n - CHAT_RECORDS)
+    return {"gsm8k/valid": list(range(q)), "gsm8k/test": list(range(mid, mid + q)),
+            "chat/valid": list(range(n - 1, chat_valid - 1, -1)), "chat/test": list(range(mid - 1, chat_test - 1, -1)),
+            "train": list(range(q, chat_test)) + list(range(mid + q, chat_valid))}
+
+
+def _chat_text(tokenizer, record: dict) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("domain 'chat' needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": record["question"]},
+                                          {"role": "assistant", "content": record["answer"]}], tokenize=False)
+
+
+def _halves(path: Path) -> tuple[str, str]:
+    text = path.read_text(encoding="utf-8")
+    return text[: len(text) // 2], text[len(text) // 2:]
+
+
 def domain_text(name: str, split: Split, root: Path, tokenizer) -> str:
-    """The text of one domain's part; windows are cut from its start."""
+    """The text of one domain's scored part; windows are cut from its start."""
     path = domain_file(name, split, root)
     if name == "wikitext2":
-        return path.read_text(encoding="utf-8")
+        return _halves(path)[0] if split is Split.VALID else path.read_text(encoding="utf-8")
     if name == "fortunes":
-        text = path.read_text(encoding="utf-8")
-        half = len(text) // 2
-        return text[:half] if split is Split.VALID else text[half:]
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    mid = len(records) // 2
+        first, second = _halves(path)
+        half = first if split is Split.VALID else second
+        return half[: len(half) // 2]
+    records = _records(path)
+    part = _record_parts(len(records))[f"{name}/{split.value}"]
     if name == "gsm8k":
-        part = records[:mid] if split is Split.VALID else records[mid:]
-        return "\n\n".join(f"{r['question']}\n{r['answer']}" for r in part)
-    # chat: from the end backwards (valid) or from the middle backwards (test), so the two parts and
-    # the plain gsm8k windows (which start at record 0 and at the middle) do not meet.
-    part = records[mid:][::-1] if split is Split.VALID else records[:mid][::-1]
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("domain_eval: domain 'chat' needs a tokenizer with a chat template")
-    # 400 conversations are far more tokens than any window count here needs
-    return "".join(tokenizer.apply_chat_template([{"role": "user", "content": r["question"]},
-                                                  {"role": "assistant", "content": r["answer"]}], tokenize=False)
-                   for r in part[:400])
+        return "\n\n".join(f"{records[i]['question']}\n{records[i]['answer']}" for i in part)
+    try:
+        return "".join(_chat_text(tokenizer, records[i]) for i in part)
+    except ValueError as err:
+        raise ValueError(f"domain_eval: {err}") from None
+
+
+def train_documents(name: str, root: Path, tokenizer) -> list[str | Path]:
+    """The documents of one domain's training part (text no scored window reads), in source order;
+    python files are read when used."""
+    from lpq.data.domains import Part, documents
+
+    if name in ("python", "pydoc"):
+        return documents(name, Part.CALIBRATION) + documents(name, Part.VALIDATION)
+    if name == "wikitext2":
+        # one document per article (a top-level heading line ` = Title = ` starts each)
+        text = _halves(root / "wikitext2" / "valid.txt")[1]
+        return [a for a in re.split(r"(?m)^(?= = [^=])", text) if a.strip()]
+    if name == "fortunes":
+        first, second = _halves(root / "calib" / "fortunes_calib.txt")
+        return [d for part in (first[len(first) // 2:], second[len(second) // 2:]) for d in part.split("\n\n")
+                if d.strip()]
+    records = _records(root / "gsm8k" / "train.jsonl")
+    part = _record_parts(len(records))["train"]
+    if name == "gsm8k":
+        return [f"{records[i]['question']}\n{records[i]['answer']}" for i in part]
+    return [_chat_text(tokenizer, records[i]) for i in part]
+
+
+def train_files(name: str, root: Path) -> list[Path]:
+    """The shared-data files a mix domain reads (none for python and pydoc: they come with Python)."""
+    return {"wikitext2": [root / "wikitext2" / "valid.txt"], "gsm8k": [root / "gsm8k" / "train.jsonl"],
+            "chat": [root / "gsm8k" / "train.jsonl"], "fortunes": [root / "calib" / "fortunes_calib.txt"]}.get(name, [])
 
 
 def domain_windows(cfg: DomainEvalConfig, tokenizer) -> dict[str, torch.Tensor]:

@@ -154,14 +154,24 @@ class VideoPrepConfig:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
 
 
+MIX_TRAIN_BLOCKS = 1024            # training blocks of a `data.mix` when max_train_blocks is not set
+# Domains `data.mix` can train on (lpq.train.domains.train_documents: the parts no scored window reads).
+MIX_DOMAINS = ("wikitext2", "gsm8k", "chat", "python", "pydoc", "fortunes")
+
+
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.TEXT
-    paths: list[str] = field(default_factory=lambda: [PYDOC_TOPICS])   # text/JSONL files or "pydoc-topics"
+    # Text/JSONL files or "pydoc-topics" (the default when neither `paths` nor `mix` is given).
+    paths: list[str] | None = None
+    # Or a mix of built-in text domains (MIX_DOMAINS) -> relative weight: training and
+    # held-out blocks of each domain's training part (text no domain_eval window reads), shared out by weight.
+    mix: dict[str, float] | None = None
+    data_dir: str | None = None           # `mix` data: default $LPQ_DATA_DIR, else ../shared/data
     text_field: str = "text"              # JSONL key holding the text
     seq_len: int = 128
     eval_blocks: int = 32                 # held out from the end of the corpus (Wan: samples)
-    max_train_blocks: int | None = None
+    max_train_blocks: int | None = None   # with `mix`: the total over its domains (default MIX_TRAIN_BLOCKS)
     cache_dir: Path | None = None         # Wan latent cache (written by prepare-data)
     video: VideoPrepConfig = field(default_factory=VideoPrepConfig)
 
@@ -170,10 +180,38 @@ class DataConfig:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.eval_blocks < 1:
             raise ValueError(f"eval_blocks must be >= 1, got {self.eval_blocks}")
+        if self.max_train_blocks is not None and self.max_train_blocks < 1:
+            raise ValueError(f"max_train_blocks must be >= 1, got {self.max_train_blocks}")
         if self.kind is DataKind.WAN_LATENTS and self.cache_dir is None:
             raise ValueError("kind 'wan_latents' needs cache_dir (the folder `lpq prepare-data` writes)")
-        if self.kind is DataKind.TEXT and not self.paths:
+        if self.mix is not None:
+            self._check_mix()
+        elif self.paths is None:
+            self.paths = [PYDOC_TOPICS]
+        if self.kind is DataKind.TEXT and self.mix is None and not self.paths:
             raise ValueError("paths must name at least one text/JSONL file or 'pydoc-topics'")
+
+    def _check_mix(self) -> None:
+        if self.kind is not DataKind.TEXT:
+            raise ValueError(f"mix is a mix of text domains; it needs kind 'text', not {self.kind.value!r}")
+        if self.paths is not None:
+            raise ValueError("set either paths or mix, not both")
+        bad = [d for d in self.mix if d not in MIX_DOMAINS]
+        if bad:
+            raise ValueError(f"mix: unknown domain {bad[0]!r}; allowed: {', '.join(MIX_DOMAINS)}")
+        if not self.mix or any(not w > 0 for w in self.mix.values()):
+            raise ValueError(f"mix needs at least one domain and weights > 0, got {self.mix}")
+        for name, count in (("eval_blocks", self.eval_blocks), ("max_train_blocks", self.max_train_blocks)):
+            if count is not None and count < len(self.mix):
+                raise ValueError(f"{name} ({count}) must be >= the number of mix domains ({len(self.mix)}): "
+                                 "each gets at least one block")
+
+    @property
+    def train_blocks(self) -> int | None:
+        """The number of training blocks asked for (None: all the corpus gives)."""
+        if self.mix is not None and self.max_train_blocks is None:
+            return MIX_TRAIN_BLOCKS
+        return self.max_train_blocks
 
 
 # The text domains lpq.train.domains reads (with its own valid/test halves), of lpq.data.domains' names.
