@@ -159,3 +159,21 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path, kind, t
     with pytest.raises(ValueError, match=f"{target}: [0-9]+ of [0-9]+ values are NaN or Inf"):
         export_model(model, r, tmp_path / "out", kind=kind)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finite_check_goes_slice_by_slice_and_counts_every_bad_value(monkeypatch):
+    """The check reads a tensor a slice at a time (an embedding's whole mask would cost 0.6 GB); a bad
+    value in any slice, of a non-contiguous tensor too, is found and all of them are counted."""
+    import torch
+
+    from lpq.export import tensor_io
+
+    monkeypatch.setattr(tensor_io, "_CHECK_CHUNK", 7)
+    t = torch.randn(10, 9, dtype=torch.bfloat16)
+    tensor_io.check_finite("w", t)
+    t[9, 8] = float("inf")
+    t[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="w: 2 of 90 values are NaN or Inf"):
+        tensor_io.check_finite("w", t)
+    with pytest.raises(ValueError, match="w.T: 2 of 90 values"):
+        tensor_io.check_finite("w.T", t.T)
