@@ -299,6 +299,24 @@ def test_linears_sharing_an_input_quantize_it_once(scaling, monkeypatch):
     assert _same_bits(shared[1](x), fake_quant_scaled(x, "hif8", float(shared[1].scale)))
 
 
+def test_the_shared_input_cache_keeps_no_activation_alive():
+    """The cache of the last input quantization lets go of its result with the input: under
+    activation checkpointing the model drops a block's activations, and the cache must not keep the
+    last one (and its quantized copy) through the backward pass."""
+    import gc
+    import weakref
+
+    q = TensorQuantizer(QuantizerSpec("hif8", scaling="delayed", history_len=4), "input").train()
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(8, 64) @ w            # an activation: made by the model, not a leaf
+    y = q(x)
+    assert q(x) is y                      # the second linear of the pair reuses the first's result
+    y_ref, x_ref = weakref.ref(y), weakref.ref(x)
+    del x, y
+    gc.collect()
+    assert x_ref() is None and y_ref() is None
+
+
 def test_training_weight_quantization_reuses_one_buffer():
     # A training-mode weight quantization writes into the same memory every step (no fresh pages),
     # with the values a fresh quantization gives; eval mode lets the buffer go.
