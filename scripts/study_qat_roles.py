@@ -15,6 +15,13 @@ Results are appended as JSON lines to `--out` (a rerun skips variants already th
     OMP_NUM_THREADS=1 .venv/bin/python scripts/study_qat_roles.py --grid roles --out /tmp/roles.jsonl
     .venv/bin/python scripts/study_qat_roles.py --variant 'p_amax3={"attention": {"p": {"format": "hif8",
         "scaling": "current", "target": "amax", "amax_target": 8}}}' --out /tmp/p.jsonl
+
+`--pair RUN_DIR` scores the models an `lpq train` run trained instead: every quantized run's `final/`
+(its quantizers re-applied as trained, with their saved scales) against the reference's `final/`,
+on the domains and on any `--text NAME=FILE[+FILE...]` (plain text: a domain no training mix holds):
+
+    .venv/bin/python scripts/study_qat_roles.py --pair runs/smollm2_hif8 --domains "" --windows 8 \
+        --text licenses=/usr/share/common-licenses/GPL-3+/usr/share/common-licenses/Apache-2.0 --out /tmp/pair.jsonl
 """
 from __future__ import annotations
 
@@ -108,6 +115,55 @@ def grad_error(base, recipe: QuantRecipe, blocks: torch.Tensor, batches: int, ba
     return {"grad_rel_err": sum(errs) / len(errs), "grad_cosine": sum(coss) / len(coss)}
 
 
+def trained_model(run_dir: Path, label: str, quant: QuantRecipe | None):
+    """A run's `final/` model in float32; a quantized run with its quantizers and their saved buffers."""
+    from safetensors.torch import load_file
+
+    folder = run_dir / label / "final"
+    loaded = load_model(ModelConfig(id=str(folder), dtype="float32"))
+    model = loaded.model
+    if quant is not None:
+        quantize_model(model, quant)
+        state = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise SystemExit(f"{folder}: {len(unexpected)} saved tensors fit no module, e.g. {unexpected[0]}")
+    return model.eval(), loaded.tokenizer
+
+
+def pair_runs(args: argparse.Namespace) -> None:
+    """Each quantized run of a finished `lpq train` against its reference, window by window."""
+    from lpq.eval.shift import token_windows
+    from lpq.train.compare import quant_for_mode
+    from lpq.train.recipe import load_recipe
+
+    run_dir = args.pair
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    report = json.loads((run_dir / "train_report.json").read_text())
+    ref_model, tok = trained_model(run_dir, report["reference"], None)
+    domains = [d for d in args.domains.split(",") if d]
+    windows = domain_windows(DomainEvalConfig(domains=domains, split=args.split, windows=args.windows,
+                                              seq_len=args.seq_len, batch_size=1), tok) if domains else {}
+    for item in args.text:
+        name, _, files = item.partition("=")
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files.split("+"))
+        windows[name] = token_windows(tok, text, args.windows, args.seq_len)
+    ref = score_domains(ref_model, windows, 1)
+    del ref_model
+    for label, entry in report["runs"].items():
+        if not entry.get("quantized"):
+            continue
+        quant = quant_for_mode(recipe.quant, entry["scaling"]) if recipe.train.compare else recipe.quant
+        model, _ = trained_model(run_dir, label, quant)
+        row = {"variant": f"pair:{label}", "run": str(run_dir), "split": args.split, "seq_len": args.seq_len,
+               "domains": compare_domains(ref, score_domains(model, windows, 1), args.seq_len)}
+        del model
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{label}: " + ", ".join(f"{d} {v['ppl_increase_pct']:+.2f}% ({v['ci95_low']:+.2f}..{v['ci95_high']:+.2f})"
+                                      for d, v in row["domains"].items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="built-in name or a trained final/ folder")
@@ -124,9 +180,16 @@ def main() -> None:
     ap.add_argument("--calib-batch", type=int, default=2)
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--grad-batches", type=int, default=2)
+    ap.add_argument("--pair", type=Path, default=None,
+                    help="a finished `lpq train` output folder: its quantized runs against its reference")
+    ap.add_argument("--text", action="append", default=[], help="--pair: NAME=FILE[+FILE...] plain-text domain")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.pair is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pair_runs(args)
+        return
 
     loaded = load_model(ModelConfig(id=args.model))
     base, tok = loaded.model.eval(), loaded.tokenizer
