@@ -15,9 +15,11 @@ bf16 was measured 12x slower here), and plain SGD applied to each parameter as s
 complete, which then is freed (so all gradients are never held at once; the GPU run holds them, plus
 AdamW's two states: 4 + 8 bytes per parameter more); the token counts are small (latent frames x
 (height/16) x (width/16)).
-Each token count runs in its own process; its peak RSS minus the RSS after building and quantizing
-the model is the step's own memory. Fitting time and memory over the token counts gives per-token
-costs; the script prints them with the extrapolation to 21 latent frames x 30 x 52 = 32,760 tokens.
+Each token count runs in its own process. The step's own memory is the peak of live tensor bytes
+during the step less the weights (torch's MemTracker: exact, whatever glibc does with freed memory);
+the RSS peak minus the RSS after building and quantizing the model is printed beside it. Fitting time
+and memory over the token counts gives per-token costs; the script prints them with the extrapolation
+to 21 latent frames x 30 x 52 = 32,760 tokens.
 
     OMP_NUM_THREADS=1 python scripts/rehearse_wan_qat.py --tokens 390 780 1560 --attention materialized \\
         --json /work/exp/E/wan_qat_materialized.json
@@ -59,6 +61,7 @@ def one_step(args: argparse.Namespace) -> dict:
     import torch
     import yaml
     from diffusers import WanTransformer3DModel
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     from lpq.config import from_dict
     from lpq.quant import AttentionQuantizers, QuantRecipe, quantize_model
@@ -98,11 +101,19 @@ def one_step(args: argparse.Namespace) -> dict:
 
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(sgd_and_free)
+    # RSS alone misleads here: glibc keeps freed blocks and its mmap threshold moves, so the RSS
+    # high-water mark of a step at a few hundred tokens says little about the per-token cost. The
+    # tensor figures count live tensor storages exactly (torch's MemTracker sees every allocation
+    # made through the dispatcher, the C++ kernels' included) and are what the extrapolation uses.
+    tracker = MemTracker()
+    tracker.track_external(model, *[t for t in batch.values() if torch.is_tensor(t)])
     t1 = time.perf_counter()
-    with RssPeak() as step:
+    with RssPeak() as step, tracker:
         loss = WanFlowObjective.loss(model, batch)
         t_fwd = time.perf_counter() - t1
+        after_fwd = _tensor_mb(tracker.get_tracker_snapshot("current"))
         loss.backward()
+        peak = _tensor_mb(tracker.get_tracker_snapshot("peak"))
     step_s = time.perf_counter() - t1
     if not torch.isfinite(loss):
         raise SystemExit(f"non-finite loss {loss.item()}")
@@ -110,7 +121,17 @@ def one_step(args: argparse.Namespace) -> dict:
             "attention_impl": sorted(impls), "loss": round(loss.item(), 4), "build_s": round(build_s, 1),
             "forward_s": round(t_fwd, 1), "step_s": round(step_s, 1), "rss_after_imports_mb": round(base),
             "rss_model_mb": round(rss_model), "peak_step_mb": round(step.mb),
-            "step_extra_mb": round(step.mb - rss_model), "peak_rss_mb": round(peak_rss_mb())}
+            "step_extra_mb": round(step.mb - rss_model), "peak_rss_mb": round(peak_rss_mb()),
+            "tensors_after_forward_mb": after_fwd, "tensors_peak_mb": peak,
+            "step_tensor_mb": round(peak["total"] - peak["parameters"] - peak["buffers"])}
+
+
+def _tensor_mb(snapshot: dict) -> dict[str, int]:
+    """MemTracker's snapshot (one device here) as MB per kind of tensor."""
+    (per_kind,) = snapshot.values()
+    names = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Activation": "activations",
+             "Temp": "temporaries", "Optstate": "optimizer", "Other": "other", "Total": "total"}
+    return {names[getattr(k, "value", k)]: round(v / 2**20) for k, v in per_kind.items()}
 
 
 def fit(xs: list[float], ys: list[float], degree: int) -> list[float]:
@@ -142,13 +163,19 @@ def main() -> None:
     result = {"attention": args.attention, "runs": runs}
     if len(runs) >= 2:
         xs = [r["tokens"] for r in runs]
-        degree = min(2, len(runs) - 1)
-        mem, step = fit(xs, [r["step_extra_mb"] for r in runs], degree), fit(xs, [r["step_s"] for r in runs], degree)
+        # Tiled attention makes every per-token cost linear; the materialized path adds a square term.
+        degree = 1 if args.attention == "tiled" or len(runs) == 2 else 2
         at = lambda c, n: sum(ck * n ** k for k, ck in enumerate(c))
-        result["fit"] = {"degree": degree, "step_extra_mb": mem, "step_s": step,
-                         "per_token_mb_at_last": round(runs[-1]["step_extra_mb"] / xs[-1], 3)}
-        result["extrapolated_to_32760_tokens"] = {"step_extra_gb": round(at(mem, FULL_TOKENS) / 1024, 1),
-                                                  "step_s_this_cpu": round(at(step, FULL_TOKENS))}
+        tensors = fit(xs, [r["step_tensor_mb"] for r in runs], degree)
+        rss = fit(xs, [r["step_extra_mb"] for r in runs], degree)
+        step = fit(xs, [r["step_s"] for r in runs], degree)
+        weights_mb = runs[-1]["tensors_peak_mb"]["parameters"] + runs[-1]["tensors_peak_mb"]["buffers"]
+        result["fit"] = {"degree": degree, "step_tensor_mb": tensors, "step_rss_extra_mb": rss, "step_s": step}
+        result["extrapolated_to_32760_tokens"] = {
+            "step_tensor_gb": round(at(tensors, FULL_TOKENS) / 1024, 1),
+            "with_weights_gb": round((at(tensors, FULL_TOKENS) + weights_mb) / 1024, 1),
+            "step_rss_extra_gb": round(at(rss, FULL_TOKENS) / 1024, 1),
+            "step_s_this_cpu": round(at(step, FULL_TOKENS))}
         print(json.dumps({k: result[k] for k in ("fit", "extrapolated_to_32760_tokens")}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
