@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lpq.algorithms.step import Phase, Step, register
+from lpq.eval.shift import kl_rows, log_softmax_slices
 from lpq.export.atomic import save_atomic
 from lpq.schema import Choice
 
@@ -64,31 +65,25 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-# Positions whose softmaxes are computed at once: the whole (positions x vocabulary) float32
-# intermediates of a 2 x 512-token batch are 0.2 GB each for SmolLM2's 49,152 tokens and 0.6 GB for
-# Qwen3's 151,936, and the plain autograd expression holds four of them.
-_KL_ROWS = 128
-
-
 class _TokenKL(torch.autograd.Function):
     """sum over positions of KL(softmax(t) || softmax(s)), a few rows at a time in forward and
-    backward; d/ds = softmax(s) - softmax(t) per row (each softmax(t) row sums to 1)."""
+    backward (lpq.eval.shift.KL_ROWS; the whole (positions x vocabulary) float32 intermediates would
+    be held otherwise); d/ds = softmax(s) - softmax(t) per row (each softmax(t) row sums to 1)."""
 
     @staticmethod
     def forward(ctx, teacher: Tensor, student: Tensor) -> Tensor:
         ctx.save_for_backward(teacher, student)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for t, s in zip(teacher.split(_KL_ROWS), student.split(_KL_ROWS)):
-            lt, ls = t.float().log_softmax(-1), s.float().log_softmax(-1)
-            total += (lt.exp() * (lt - ls)).sum()
+        for _, lt, ls in log_softmax_slices(teacher, student):
+            total += kl_rows(lt, ls).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         teacher, student = ctx.saved_tensors
         out = torch.empty_like(student)
-        for t, s, o in zip(teacher.split(_KL_ROWS), student.split(_KL_ROWS), out.split(_KL_ROWS)):
-            o.copy_((s.float().softmax(-1) - t.float().softmax(-1)) * grad)
+        for sl, lt, ls in log_softmax_slices(teacher, student):
+            out[sl] = (ls.exp() - lt.exp()) * grad
         return None, out
 
 

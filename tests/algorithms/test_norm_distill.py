@@ -1,6 +1,7 @@
 import copy
 
 from lpq.algorithms import norm_distill
+from lpq.eval import shift
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_token_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeyp
     """The sliced KL (a few positions' softmaxes at a time, forward and backward) against the plain
     autograd expression over the whole logits: value and student gradient agree to float32 rounding,
     with slices that do not divide the positions."""
-    monkeypatch.setattr(norm_distill, "_KL_ROWS", 5)
+    monkeypatch.setattr(shift, "KL_ROWS", 5)
     gen = torch.Generator().manual_seed(0)
     teacher = (4 * torch.randn(2, 13, 97, generator=gen)).to(dtype)
     student = (teacher.float() + torch.randn(2, 13, 97, generator=gen)).to(dtype).requires_grad_()

@@ -39,7 +39,13 @@ def test_distribution_shift_of_a_model_against_itself_is_zero(tiny_lm):
     assert len(r["kl_per_window"]) == r["windows"] == 3
 
 
-def test_distribution_shift_matches_a_direct_computation(tiny_lm):
+@pytest.mark.parametrize("rows", [None, 7])
+def test_distribution_shift_matches_a_direct_computation(tiny_lm, rows, monkeypatch):
+    """Also with softmax slices that straddle windows (7 positions at a time, windows of 64)."""
+    from lpq.eval import shift
+
+    if rows:
+        monkeypatch.setattr(shift, "KL_ROWS", rows)
     model, tok = tiny_lm
     cand = perturbed(model, scale=0.05)
     r = distribution_shift(model, cand, tok, TEXT, windows=3, seq_len=64, batch_size=2)
