@@ -63,14 +63,12 @@ def perplexity(model, tokenizer, text: str, windows: int = 40, seq_len: int = 51
 KL_ROWS = 128
 
 
-def log_softmax_slices(a: torch.Tensor, b: torch.Tensor, rows: int | None = None) -> Iterator[
-        tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(positions, log_softmax(a), log_softmax(b)) in float32 for `rows` positions at a time of two
+def log_softmax_slices(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(positions, log_softmax(a), log_softmax(b)) in float32 for KL_ROWS positions at a time of two
     (..., vocabulary) logits tensors of one shape, flattened to positions."""
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    step = rows or KL_ROWS
-    for i in range(0, a.shape[0], step):
-        sl = slice(i, i + step)
+    for i in range(0, a.shape[0], KL_ROWS):
+        sl = slice(i, i + KL_ROWS)
         yield sl, a[sl].float().log_softmax(-1), b[sl].float().log_softmax(-1)
 
 
