@@ -365,6 +365,10 @@ class NormDistill(Step):
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
                              f"{run.kind.name} model")
         run.require_whole_model("norm_distill trains through the whole model at once")
+        if self.settings.rounding:
+            from lpq.formats.grid import block_grid
+
+            block_grid(run.weight_format)   # the rounding moves weights on fixed block metadata
         if run.cfg.model.dtype == "float16":
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "
