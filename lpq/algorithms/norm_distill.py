@@ -46,9 +46,9 @@ class NormDistillSettings:
     # freedom the norm weights give the others.
     input_scales: bool = False
     # Also tune the rounding of every quantized linear weight, trained on the same KL: AutoRound's
-    # signed-gradient update (lpq.algorithms.norm_distill.WeightRounding), `rounding_lr` units of the
-    # weight's format block per step (unit: the block's max |w| / 8, about one grid step of a 4-bit
-    # element) under the cosine schedule, so a weight moves at most rounding_lr * steps / 2 units.
+    # signed-gradient update (lpq.algorithms.norm_distill.WeightRounding), `rounding_lr` units per step
+    # (unit: the finest step of the weight's element grid) under the cosine schedule, so a weight
+    # moves at most rounding_lr * steps / 2 units.
     rounding: bool = False
     rounding_lr: float = 0.02
 
@@ -133,9 +133,9 @@ class WeightRounding:
     Each weight of the `linears` becomes a latent value, rounded in training forwards onto the grid
     of its block metadata as the quantizer left it (GPTQ's searched scales; fixed: a moving block
     maximum would otherwise switch whole blocks to another scale), with a straight-through gradient.
-    `step` moves it by lr * unit * sign(grad), unit = max |w| of its format block / 8 (about one grid
-    step of a 4-bit element), so a weight crosses a rounding boundary only where the sign of its
-    gradient persists. `finish` puts each weight back on the grid (set_quantized_weight), restores
+    `step` moves it by lr * unit * sign(grad), unit = the finest step of its element grid (HiF4: the
+    grid spacing 2^d * S / 4; MXFP4: 0.5 x 2^X), so a weight crosses a rounding boundary only where
+    the sign of its gradient persists. `finish` puts each weight back on the grid (set_quantized_weight), restores
     the quantizers and returns the share of weights whose quantized value changed.
     """
 
@@ -147,7 +147,6 @@ class WeightRounding:
         with torch.no_grad():
             self._start = [lin.quantized_weight().detach().clone() for lin in linears]
             self.fixed = [_OnFixedGrid(q.spec.format, w) for q, w in zip(self.quantizers, self._start)]
-            self.units = [_block_absmax(w, f.grid.block) / 8 for w, f in zip(self._start, self.fixed)]
             for lin, w in zip(linears, self._start):
                 lin.weight.copy_(w)
 
@@ -162,11 +161,11 @@ class WeightRounding:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        for lin, unit, fixed in zip(self.linears, self.units, self.fixed):
+        for lin, fixed in zip(self.linears, self.fixed):
             w = lin.weight
             if w.grad is None:
                 continue
-            w.sub_(_per_element(unit, fixed.grid.block, w.shape[1]) * w.grad.sign(), alpha=lr)
+            w.sub_(fixed.unit() * w.grad.sign(), alpha=lr)
             w.grad = None
 
     @torch.no_grad()
@@ -197,6 +196,10 @@ class _OnFixedGrid(nn.Module):
         if self.meta is None:
             raise ValueError(f"norm_distill rounding: a {fmt} weight is not on the format's grid")
 
+    def unit(self) -> Tensor:
+        """Per element, the finest step of its grid (float32, the weight's shape)."""
+        return self.grid.finest_step(self.grid.element_scales(self.meta))[:, :self.cols].float()
+
     def round(self, w: Tensor) -> Tensor:
         from lpq.formats.grid import pad
 
@@ -208,17 +211,6 @@ class _OnFixedGrid(nn.Module):
         from lpq.formats.api import StraightThrough
 
         return StraightThrough.apply(w, self.round(w))
-
-
-def _block_absmax(w: Tensor, block: int) -> Tensor:
-    """(rows, ceil(cols / block)) max |w| per format block along the input dim (zero padding)."""
-    rows, cols = w.shape
-    padded = torch.nn.functional.pad(w.abs().float(), (0, -cols % block))
-    return padded.view(rows, -1, block).amax(dim=-1)
-
-
-def _per_element(per_block: Tensor, block: int, cols: int) -> Tensor:
-    return per_block.repeat_interleave(block, dim=1)[:, :cols]
 
 
 def rounding_linears(model: nn.Module, adapter) -> list[nn.Module]:

@@ -53,6 +53,9 @@ class BlockGrid(Protocol):
     def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
         """x (rows, n) rounded onto the grid of per-element scales (rows, n), exactly as the format."""
 
+    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
+        """Per element, the smallest nonzero magnitude on its grid (the spacing of the grid near zero)."""
+
     def exact_meta(self, x2d: Tensor) -> Meta | None:
         """Metadata under which every element of x2d is exactly on the grid (round gives x2d back),
         or None if there is none; for weights another algorithm put on the grid with metadata of its

@@ -340,6 +340,10 @@ class Hif4Grid:
     def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
         return _round(x, *scales)
 
+    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
+        p, S, _ = scales
+        return 0.25 * p * S     # k = 1; the grid is uniform in k
+
     def exact_meta(self, x2d: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         rows, L = x2d.shape
         found = blocks_on_grid(x2d.double().abs().reshape(-1, BLOCK)) if bool(torch.isfinite(x2d).all()) else None

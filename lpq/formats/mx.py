@@ -410,6 +410,9 @@ class MxGrid:
         mag = _e2m1_rne(x.abs().double() * inv)      # exact in float64
         return torch.copysign(mag * scale, x.double()).float()
 
+    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
+        return (E2M1_VALUES[1] * scales[0]).float()
+
     def exact_meta(self, x2d: Tensor) -> Tensor | None:
         # The format's own rule re-encodes its grid exactly (MX quantization is idempotent).
         meta = self.default_meta(x2d)

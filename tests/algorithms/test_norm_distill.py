@@ -160,8 +160,8 @@ def test_token_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeyp
 
 def test_rounding_tuning_moves_weights_across_the_grid_and_leaves_them_on_it():
     """rounding: the quantized weights are trained too (signed steps, straight through the weight
-    quantizer); at the end every weight is on its format's grid again (re-quantizing changes nothing),
-    some quantized values differ from the start, and the KL is lower than with the norms alone."""
+    quantizer); at the end every weight is on its format's grid again, some quantized values differ
+    from the start, and the KL is lower than with the norms alone."""
     from lpq.algorithms.norm_distill import WeightRounding, rounding_linears
     from lpq.formats.grid import block_grid
     from lpq.models.adapters import get_adapter
@@ -169,7 +169,7 @@ def test_rounding_tuning_moves_weights_across_the_grid_and_leaves_them_on_it():
     teacher, norms_only = _pair()
     tuned = copy.deepcopy(norms_only)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
-    settings = NormDistillSettings(steps=12, lr=1e-2, batch_size=2, rounding=True, rounding_lr=0.05)
+    settings = NormDistillSettings(steps=40, lr=1e-2, batch_size=2, rounding=True, rounding_lr=0.1)
     distill_norms(norms_only, teacher, ids, settings)
     linears = rounding_linears(tuned, get_adapter(tuned))
     start = [lin.quantized_weight().detach().clone() for lin in linears]
@@ -178,9 +178,7 @@ def test_rounding_tuning_moves_weights_across_the_grid_and_leaves_them_on_it():
     assert 0 < stats["rounding_changed"] < 0.5
     for lin, w0 in zip(linears, start):
         assert lin.weight_prequantized and not lin.training
-        grid = block_grid("hif4")
-        w = lin.weight.detach()
-        assert torch.equal(grid.round(w, grid.element_scales(grid.search_meta(w))), w)
+        assert block_grid("hif4").exact_meta(lin.weight.detach()) is not None
     assert sum(int((lin.weight != w0).sum()) for lin, w0 in zip(linears, start)) == round(
         stats["rounding_changed"] * sum(w.numel() for w in start))
     assert _kl(teacher, tuned, ids) < _kl(teacher, norms_only, ids)

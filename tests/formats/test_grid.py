@@ -119,6 +119,18 @@ def test_exact_meta_recovers_metadata_of_gptq_weights_and_refuses_off_grid_value
         assert not torch.equal(grid.fake_quant(q, fmt), q)
 
 
+@pytest.mark.parametrize("fmt", GRID_FORMATS)
+def test_finest_step_is_the_smallest_nonzero_grid_value(fmt):
+    g = block_grid(fmt)
+    x = _data(seed=6)
+    x[5, :64] = 1.0        # no all-zero block: its scale is the format's minimum, where 0.49 x underflows
+    scales = g.element_scales(g.default_meta(x))
+    step = g.finest_step(scales)
+    assert torch.equal(g.round(step, scales), step) and bool((step > 0).all())
+    assert torch.equal(g.round(0.51 * step, scales), step)
+    assert not bool(g.round(0.49 * step, scales).any())
+
+
 def test_formats_without_a_grid_are_refused():
     with pytest.raises(ValueError, match="no block grid.*hif4, mxfp4, mxfp4-rceil"):
         grid.fake_quant(torch.zeros(2, 64), "hif8")
