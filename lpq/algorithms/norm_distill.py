@@ -147,8 +147,14 @@ class WeightRounding:
         with torch.no_grad():
             self._start = [lin.quantized_weight().detach().clone() for lin in linears]
             self.fixed = [_OnFixedGrid(q.spec.format, w) for q, w in zip(self.quantizers, self._start)]
-            for lin, w in zip(linears, self._start):
-                lin.weight.copy_(w)
+            # Start each latent weight at a seeded uniform offset within its rounding interval: it still
+            # rounds to the quantizer's value, but the distances to the rounding boundaries are spread
+            # as a float weight's are. From the grid point itself, every weight whose gradient keeps its
+            # sign would reach the boundary at the same step, and a mass flip breaks the model.
+            gen = torch.Generator().manual_seed(0)
+            for lin, w, fixed in zip(linears, self._start, self.fixed):
+                offset = (torch.rand(w.shape, generator=gen) - 0.5) * 0.98
+                lin.weight.copy_(w + offset.to(w.device) * fixed.unit().to(w.device))
 
     def weights(self) -> list[nn.Parameter]:
         return [lin.weight for lin in self.linears]
