@@ -6,8 +6,7 @@ exponents; MXFP4: a shared exponent). Algorithms need to
 1. take the metadata the format's own rule picks (`default_meta`),
 2. pick other legal metadata that lowers a weighted error (`search_meta`, scale search),
 3. round elements onto *fixed* metadata, a few columns at a time (`element_scales` + `round`: GPTQ
-   fixes a block's metadata at its first column, then rounds the block's columns one by one),
-4. recover the metadata of values already on the grid (`exact_meta`: rounding tuning keeps GPTQ's).
+   fixes a block's metadata at its first column, then rounds the block's columns one by one).
 
 Each family module (`lpq.formats.hif4`, `lpq.formats.mx`) implements `BlockGrid` with its own
 constants and rounding, so no format fact is repeated here or in the algorithms. With the default
@@ -52,14 +51,6 @@ class BlockGrid(Protocol):
 
     def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
         """x (rows, n) rounded onto the grid of per-element scales (rows, n), exactly as the format."""
-
-    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
-        """Per element, the smallest nonzero magnitude on its grid (the spacing of the grid near zero)."""
-
-    def exact_meta(self, x2d: Tensor) -> Meta | None:
-        """Metadata under which every element of x2d is exactly on the grid (round gives x2d back),
-        or None if there is none; for weights another algorithm put on the grid with metadata of its
-        choosing (GPTQ's scale search), which neither default_meta nor search_meta need recover."""
 
 
 def columns(scales: tuple[Tensor, ...], start: int, stop: int) -> tuple[Tensor, ...]:

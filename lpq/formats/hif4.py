@@ -280,51 +280,6 @@ def _best_micro(xb: Tensor, code: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Te
     return e1_8.to(torch.uint8), e1_16.to(torch.uint8), torch.minimum(g0, g1).sum(-1)
 
 
-def _e6m2_code(s: Tensor) -> tuple[Tensor, Tensor]:
-    """(code, exact) for float64 s: the E6M2 code nearest s, and whether it represents s exactly."""
-    inside = (s >= S_MIN) & (s <= S_MAX)
-    code = scale_code(torch.where(inside, s, torch.ones_like(s)).float())
-    return code, inside & (scale_value(code).double() == s)
-
-
-def blocks_on_grid(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """For |values| a (n, 64) float64 on the HiF4 grid: (scale code (n,), E1_8 (n, 8), E1_16 (n, 16),
-    k (n, 64)) encoding them exactly, or None. Per block, the candidate scales are
-    S = amax * 4 / (k * 2^d) (the block max is some k/4 * 2^d * S, k = 1..7, d = 0..2); a candidate
-    works when every element is (k/4) * 2^d * S with d = E1_8 + E1_16 shared as the format shares them."""
-    n = a.shape[0]
-    code = torch.zeros(n, dtype=torch.uint8)
-    e8 = torch.zeros(n, 8, dtype=torch.int64)
-    e16 = torch.zeros(n, 16, dtype=torch.int64)
-    k_out = torch.zeros(n, BLOCK, dtype=torch.int64)
-    todo = (a.amax(-1) > 0).nonzero().flatten()      # all-zero blocks: scale code 0, all k = 0
-    pow2 = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
-    for k_max in range(7, 0, -1):
-        for d_max in range(3):
-            if todo.numel() == 0:
-                return code, e8, e16, k_out
-            at = a[todo]
-            c, exact = _e6m2_code(at.amax(-1) * 4 / (k_max * 2 ** d_max))
-            S = scale_value(c).double()
-            # t[:, i, d]: element i in units of S * 2^d / 4; it fits when t is an integer <= 7
-            t = at.unsqueeze(-1) * 4 / (S[:, None, None] * pow2)
-            fits = (t == torch.round(t)) & (t <= 7)
-            ok4 = fits.reshape(-1, 16, 4, 3).all(-2)                                 # (m, 16, d)
-            by_e8 = torch.stack([ok4[..., 0] | ok4[..., 1], ok4[..., 1] | ok4[..., 2]], -1)
-            ok8 = by_e8.reshape(-1, 8, 2, 2).all(-2)                                 # (m, 8, E1_8)
-            b8 = (~ok8[..., 0]).long()                                               # prefer E1_8 = 0
-            b16 = (~ok4.gather(-1, b8.repeat_interleave(2, -1).unsqueeze(-1)).squeeze(-1)).long()
-            d = b8.repeat_interleave(8, -1) + b16.repeat_interleave(4, -1)
-            done = exact & ok8.any(-1).all(-1)
-            rows = todo[done]
-            code[rows] = c[done]
-            e8[rows] = b8[done]
-            e16[rows] = b16[done]
-            k_out[rows] = torch.round(t[done].gather(-1, d[done].unsqueeze(-1)).squeeze(-1)).long()
-            todo = todo[~done]
-    return (code, e8, e16, k_out) if todo.numel() == 0 else None
-
-
 class Hif4Grid:
     fmt = "hif4"
     block = BLOCK
@@ -339,20 +294,6 @@ class Hif4Grid:
 
     def round(self, x: Tensor, scales: tuple[Tensor, ...]) -> Tensor:
         return _round(x, *scales)
-
-    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
-        p, S, _ = scales
-        return 0.25 * p * S     # k = 1; the grid is uniform in k
-
-    def exact_meta(self, x2d: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        rows, L = x2d.shape
-        found = blocks_on_grid(x2d.double().abs().reshape(-1, BLOCK)) if bool(torch.isfinite(x2d).all()) else None
-        if found is None:
-            return None
-        code, e8, e16, _ = found
-        nblk = L // BLOCK
-        return (code.reshape(rows, nblk), e8.to(torch.uint8).reshape(rows, nblk, 8),
-                e16.to(torch.uint8).reshape(rows, nblk, 16))
 
     def search_meta(self, x2d: Tensor, importance: Tensor | None = None,
                     space: Hif4Search | None = None) -> tuple[Tensor, Tensor, Tensor]:

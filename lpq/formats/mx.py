@@ -410,14 +410,6 @@ class MxGrid:
         mag = _e2m1_rne(x.abs().double() * inv)      # exact in float64
         return torch.copysign(mag * scale, x.double()).float()
 
-    def finest_step(self, scales: tuple[Tensor, ...]) -> Tensor:
-        return (E2M1_VALUES[1] * scales[0]).float()
-
-    def exact_meta(self, x2d: Tensor) -> Tensor | None:
-        # The format's own rule re-encodes its grid exactly (MX quantization is idempotent).
-        meta = self.default_meta(x2d)
-        return meta if torch.equal(self.round(x2d, self.element_scales(meta)), x2d) else None
-
     def search_meta(self, x2d: Tensor, importance: Tensor | None = None, space: MxSearch | None = None) -> Tensor:
         space = space or self.default_space
         _check(x2d, self.fmt)

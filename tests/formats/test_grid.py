@@ -101,36 +101,6 @@ def test_mx_grid_is_idempotent():
     assert torch.equal(grid.fake_quant(q, "mxfp4"), q)
 
 
-@pytest.mark.parametrize("fmt", GRID_FORMATS)
-def test_exact_meta_recovers_metadata_of_gptq_weights_and_refuses_off_grid_values(fmt):
-    """GPTQ with scale search leaves weights on the grid under metadata the format's own rule does
-    not pick again (HiF4): exact_meta finds metadata reproducing them bit for bit; for values off
-    the grid there is none."""
-    from lpq.algorithms.gptq import GPTQSettings, gptq_quantize
-
-    g = block_grid(fmt)
-    w = _data(seed=4)
-    x = torch.randn(512, w.shape[1], generator=torch.Generator().manual_seed(5)) * torch.linspace(0.2, 3, w.shape[1])
-    q, _ = gptq_quantize(w, x.T @ x / 512, fmt, GPTQSettings(scale_search=True))
-    meta = g.exact_meta(q)
-    assert meta is not None and torch.equal(g.round(q, g.element_scales(meta)), q)
-    assert g.exact_meta(w) is None
-    if fmt == "hif4":   # what makes exact_meta necessary
-        assert not torch.equal(grid.fake_quant(q, fmt), q)
-
-
-@pytest.mark.parametrize("fmt", GRID_FORMATS)
-def test_finest_step_is_the_smallest_nonzero_grid_value(fmt):
-    g = block_grid(fmt)
-    x = _data(seed=6)
-    x[5, :64] = 1.0        # no all-zero block: its scale is the format's minimum, where 0.49 x underflows
-    scales = g.element_scales(g.default_meta(x))
-    step = g.finest_step(scales)
-    assert torch.equal(g.round(step, scales), step) and bool((step > 0).all())
-    assert torch.equal(g.round(0.51 * step, scales), step)
-    assert not bool(g.round(0.49 * step, scales).any())
-
-
 def test_formats_without_a_grid_are_refused():
     with pytest.raises(ValueError, match="no block grid.*hif4, mxfp4, mxfp4-rceil"):
         grid.fake_quant(torch.zeros(2, 64), "hif8")

@@ -284,34 +284,6 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
         _run(tmp_path, d)
 
 
-@pytest.mark.parametrize("fmt", ["hif4", "mxfp4"])
-def test_tuned_rounding_is_exported_bit_for_bit(tmp_path, fmt):
-    """norm_distill rounding moves GPTQ's weights on their block grids; the packed export reloads
-    exactly the runtime model's weights, and a format without a block grid is refused before any work."""
-    from lpq.export import load_quantized
-    from lpq.formats import grid as grids
-    from lpq.quant.linear import QuantLinear
-
-    block_grid = grids.block_grid
-    steps = [{"name": "hadamard"}, {"name": "gptq"},
-             {"name": "norm_distill", "steps": 3, "lr": 1e-2, "sequences": 2, "seq_len": 16, "batch_size": 1,
-              "rounding": True, "rounding_lr": 0.5}]
-    d = _recipe(tmp_path, "tiny-llama", steps, quant={"format": fmt})
-    report = _run(tmp_path, d)
-    assert 0 < report["norm_distill"]["rounding_changed"] < 1
-    assert "of the quantized weights changed" in (tmp_path / "out" / "report.md").read_text()
-    # The writer checks every packed weight decodes to the runtime weight; the reloaded ones are on the grid.
-    grid = block_grid(fmt)
-    weights = [m.weight.detach() for m in load_quantized(report["export"]["path"]).modules()
-               if isinstance(m, QuantLinear) and m.weight_quantizer is not None]
-    assert weights and all(grid.exact_meta(grids.pad(w, grid.block)) is not None for w in weights)
-    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}, {"name": "norm_distill", "rounding": True}],
-                quant={"format": "hif8"})
-    with pytest.raises(ValueError, match="no block grid"):
-        _run(tmp_path, d, name="hif8")
-    assert not (tmp_path / "hif8" / "checkpoint").exists()   # refused before the first block
-
-
 def test_recipe_errors_name_the_file_key_and_allowed_values(tmp_path):
     p = tmp_path / "r.yaml"
     d = _recipe(tmp_path, "tiny-llama", [{"name": "gptq", "alpha": 0.5}])
