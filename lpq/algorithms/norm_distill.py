@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lpq.algorithms.step import Phase, Step, register
-from lpq.eval.shift import kl_rows, log_softmax_slices
+from lpq.eval.shift import KL_ROWS, kl_rows
 from lpq.export.atomic import save_atomic
 from lpq.schema import Choice
 
@@ -65,34 +66,49 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-class _TokenKL(torch.autograd.Function):
-    """sum over positions of KL(softmax(t) || softmax(s)), a few rows at a time in forward and
-    backward (lpq.eval.shift.KL_ROWS; the whole (positions x vocabulary) float32 intermediates would
-    be held otherwise); d/ds = softmax(s) - softmax(t) per row (each softmax(t) row sums to 1)."""
+class _HeadKL(torch.autograd.Function):
+    """sum over positions of KL(softmax(head_t(h_t)) || softmax(head_s(h_s))), the logits formed KL_ROWS
+    positions at a time (lpq.eval.shift.KL_ROWS). The loss is a scalar, so its gradient with respect
+    to h_s, (softmax(s) - softmax(t)) W_s per row, is made in the same pass: no (positions x
+    vocabulary) tensor outlives its slice, in forward or backward (whole, a 2 x 512-token batch's
+    logits, their copy and their gradient are 0.2 GB each at SmolLM2's vocabulary, 0.6 GB at Qwen3's)."""
 
     @staticmethod
-    def forward(ctx, teacher: Tensor, student: Tensor) -> Tensor:
-        ctx.save_for_backward(teacher, student)
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for _, lt, ls in log_softmax_slices(teacher, student):
+    def forward(ctx, h_t: Tensor, h_s: Tensor, w_t: Tensor, b_t: Tensor | None, w_s: Tensor,
+                b_s: Tensor | None) -> Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        grad = torch.empty_like(h_s)
+        for i in range(0, h_s.shape[0], KL_ROWS):
+            sl = slice(i, i + KL_ROWS)
+            lt = F.linear(h_t[sl], w_t, b_t).float().log_softmax(-1).to(h_s.device)
+            ls = F.linear(h_s[sl], w_s, b_s).float().log_softmax(-1)
             total += kl_rows(lt, ls).sum()
+            grad[sl] = (ls.exp() - lt.exp()).to(w_s.dtype) @ w_s
+        ctx.save_for_backward(grad)
         return total
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        teacher, student = ctx.saved_tensors
-        out = torch.empty_like(student)
-        for sl, lt, ls in log_softmax_slices(teacher, student):
-            out[sl] = (ls.exp() - lt.exp()) * grad
-        return None, out
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, grad * g, None, None, None, None
 
 
-def token_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """Mean over positions of KL(teacher || student), in nats; gradients reach the student only."""
-    if teacher_logits.requires_grad:
-        raise ValueError("token_kl: the teacher's logits must not require gradients (compute them under no_grad)")
-    rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    return _TokenKL.apply(rows, student_logits.reshape(-1, student_logits.shape[-1])) / rows.shape[0]
+def head_kl(teacher_hidden: Tensor, student_hidden: Tensor, teacher_head: nn.Linear, student_head: nn.Linear) -> Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions that the output
+    heads make of the final hidden states, in nats; gradients reach the student's hidden states only."""
+    if teacher_hidden.requires_grad:
+        raise ValueError("head_kl: the teacher's hidden states must not require gradients (compute them under no_grad)")
+    if student_head.weight.requires_grad:
+        raise ValueError("head_kl trains what comes before the output head, not the head itself")
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(teacher_head.weight.device)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    total = _HeadKL.apply(h_t, h_s, teacher_head.weight, teacher_head.bias, student_head.weight, student_head.bias)
+    return total / h_s.shape[0]
+
+
+def final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """The hidden states a causal LM's output head reads (its base model's last, after the final norm)."""
+    return model.base_model(input_ids=input_ids).last_hidden_state
 
 
 def learnable_input_scales(model: nn.Module, adapter) -> list[Tensor]:
@@ -206,8 +222,9 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
             batch = tokens[idx].to(device)
             with autocast:
                 with torch.no_grad():
-                    target = teacher(input_ids=batch.to(next(teacher.parameters()).device)).logits
-                loss = token_kl(target.to(device), student(input_ids=batch).logits)
+                    target = final_hidden(teacher, batch.to(next(teacher.parameters()).device))
+                loss = head_kl(target, final_hidden(student, batch), teacher.get_output_embeddings(),
+                               student.get_output_embeddings())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"norm distillation: the loss is {float(loss)} at step {step + 1} "
                                          f"({_first_nonfinite(student, params) or 'the norms are finite'}); "
@@ -239,6 +256,9 @@ class NormDistill(Step):
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
                              f"{run.kind.name} model")
         run.require_whole_model("norm_distill trains through the whole model at once")
+        if not isinstance(run.loaded.model.get_output_embeddings(), nn.Linear):
+            raise ValueError(f"norm_distill needs a linear output head; {type(run.loaded.model).__name__} has "
+                             f"{type(run.loaded.model.get_output_embeddings()).__name__}")
         if run.cfg.model.dtype == "float16":
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "

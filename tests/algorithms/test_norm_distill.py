@@ -1,13 +1,12 @@
 import copy
 
 from lpq.algorithms import norm_distill
-from lpq.eval import shift
 
 import pytest
 import torch
 from torch import nn
 
-from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, norm_parameters, token_kl
+from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, final_hidden, head_kl, norm_parameters
 from lpq.config import from_dict
 from lpq.models.tiny import tiny_causal_lm
 from lpq.quant import QuantRecipe, quantize_model
@@ -30,7 +29,8 @@ def _pair():
 
 @torch.no_grad()
 def _kl(teacher, student, ids):
-    return float(token_kl(teacher(input_ids=ids).logits, student(input_ids=ids).logits))
+    lt, ls = teacher(input_ids=ids).logits.log_softmax(-1), student(input_ids=ids).logits.log_softmax(-1)
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
 
 
 def test_distillation_lowers_the_kl_and_touches_only_the_norms():
@@ -63,7 +63,7 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
     teacher, straight = _pair()
     resumed = copy.deepcopy(straight)
     a = distill_norms(straight, teacher, ids, settings)
-    real, calls = norm_distill.token_kl, {"n": 0}
+    real, calls = norm_distill.head_kl, {"n": 0}
 
     def dies_at_step_five(*args):
         calls["n"] += 1
@@ -71,11 +71,11 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
             raise KeyboardInterrupt("killed")
         return real(*args)
 
-    monkeypatch.setattr(norm_distill, "token_kl", dies_at_step_five)
+    monkeypatch.setattr(norm_distill, "head_kl", dies_at_step_five)
     with pytest.raises(KeyboardInterrupt):
         distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
     assert torch.load(tmp_path / "d.pt")["step"] == 4
-    monkeypatch.setattr(norm_distill, "token_kl", real)
+    monkeypatch.setattr(norm_distill, "head_kl", real)
     b = distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     for p, q in zip(norm_parameters(straight), norm_parameters(resumed)):
@@ -122,24 +122,45 @@ def test_learnable_input_scales_of_the_linears_no_norm_feeds():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeypatch, dtype):
-    """The sliced KL (a few positions' softmaxes at a time, forward and backward) against the plain
-    autograd expression over the whole logits: value and student gradient agree to float32 rounding,
-    with slices that do not divide the positions."""
-    monkeypatch.setattr(shift, "KL_ROWS", 5)
+def test_head_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeypatch, dtype):
+    """The KL made from hidden states and output heads a few positions at a time, its gradient made in
+    the same pass, against the plain autograd expression over whole logits: value and student
+    gradient agree to float32 rounding, with slices that do not divide the positions."""
+    monkeypatch.setattr(norm_distill, "KL_ROWS", 5)
     gen = torch.Generator().manual_seed(0)
-    teacher = (4 * torch.randn(2, 13, 97, generator=gen)).to(dtype)
-    student = (teacher.float() + torch.randn(2, 13, 97, generator=gen)).to(dtype).requires_grad_()
+    head_t, head_s = nn.Linear(16, 97, bias=False), nn.Linear(16, 97)
+    with torch.no_grad():
+        for p in (*head_t.parameters(), *head_s.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+            p.requires_grad_(False)
+    head_t, head_s = head_t.to(dtype), head_s.to(dtype)
+    teacher = torch.randn(2, 13, 16, generator=gen).to(dtype)
+    student = (teacher.float() + 0.3 * torch.randn(2, 13, 16, generator=gen)).to(dtype).requires_grad_()
     plain_s = student.detach().clone().requires_grad_()
-    lt, ls = teacher.float().log_softmax(-1), plain_s.float().log_softmax(-1)
+    lt, ls = head_t(teacher).float().log_softmax(-1), head_s(plain_s).float().log_softmax(-1)
     plain = (lt.exp() * (lt - ls)).sum(-1).mean()
     plain.backward()
-    sliced = token_kl(teacher, student)
+    sliced = head_kl(teacher, student, head_t, head_s)
     sliced.backward()
     assert sliced.dtype == torch.float32
-    torch.testing.assert_close(sliced, plain, rtol=1e-6, atol=1e-7)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(sliced, plain, **tol)
     assert student.grad.dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
-    torch.testing.assert_close(student.grad, plain_s.grad, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(student.grad, plain_s.grad, **tol)
+    else:   # bfloat16 matmuls round differently per element; the gradient as a whole agrees
+        err = (student.grad.float() - plain_s.grad.float()).norm() / plain_s.grad.float().norm()
+        assert err < 1e-2
     with pytest.raises(ValueError, match="must not require gradients"):
-        token_kl(student, teacher)
+        head_kl(student, teacher, head_t, head_s)
+    head_s.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="not the head itself"):
+        head_kl(teacher, student, head_t, head_s)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-pangu", "tiny-qwen3", "tiny-qwen3-moe"])
+def test_the_head_of_the_final_hidden_states_is_the_models_logits(name):
+    model = tiny_causal_lm(name, torch.float32)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model.get_output_embeddings()(final_hidden(model, ids)), model(input_ids=ids).logits)

@@ -271,7 +271,7 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
     def no_training(*args):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(norm_distill, "token_kl", no_training)
+    monkeypatch.setattr(norm_distill, "head_kl", no_training)
     again = _run(tmp_path, d)
     assert again["quantized"] == report["quantized"]
     assert {k: v for k, v in again["norm_distill"].items() if k != "seconds"} == \
