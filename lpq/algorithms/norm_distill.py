@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from lpq.algorithms.step import Phase, Step, register
 from lpq.eval.shift import KL_ROWS, kl_rows
 from lpq.export.atomic import save_atomic
+from lpq.memory import release_freed_memory
 from lpq.schema import Choice
 
 
@@ -234,6 +235,7 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            release_freed_memory()
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if resume_file is not None and ((step + 1) % save_every == 0 or step + 1 == settings.steps):
                 save_atomic({"step": step + 1, "tensors": [p.detach().clone() for p in params],
