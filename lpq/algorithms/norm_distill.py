@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lpq.algorithms.step import Phase, Step, register
-from lpq.eval.shift import KL_ROWS, kl_rows
+from lpq.eval import shift
 from lpq.export.atomic import save_atomic
 from lpq.memory import release_freed_memory
 from lpq.schema import Choice
@@ -68,10 +68,10 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class _HeadKL(torch.autograd.Function):
-    """sum over positions of KL(softmax(head_t(h_t)) || softmax(head_s(h_s))), the logits formed KL_ROWS
-    positions at a time (lpq.eval.shift.KL_ROWS). The loss is a scalar, so its gradient with respect
-    to h_s, (softmax(s) - softmax(t)) W_s per row, is made in the same pass: no (positions x
-    vocabulary) tensor outlives its slice, in forward or backward (whole, a 2 x 512-token batch's
+    """sum over positions of KL(softmax(head_t(h_t)) || softmax(head_s(h_s))), the logits formed
+    lpq.eval.shift.KL_ROWS positions at a time (the one setting for the evaluation's KL too). The
+    loss is a scalar, so its gradient with respect to h_s, (softmax(s) - softmax(t)) W_s per row, is
+    made in the same pass: no (positions x vocabulary) tensor outlives its slice, in forward or backward (whole, a 2 x 512-token batch's
     logits, their copy and their gradient are 0.2 GB each at SmolLM2's vocabulary, 0.6 GB at Qwen3's)."""
 
     @staticmethod
@@ -79,11 +79,11 @@ class _HeadKL(torch.autograd.Function):
                 b_s: Tensor | None) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         grad = torch.empty_like(h_s)
-        for i in range(0, h_s.shape[0], KL_ROWS):
-            sl = slice(i, i + KL_ROWS)
+        for i in range(0, h_s.shape[0], shift.KL_ROWS):
+            sl = slice(i, i + shift.KL_ROWS)
             lt = F.linear(h_t[sl], w_t, b_t).float().log_softmax(-1).to(h_s.device)
             ls = F.linear(h_s[sl], w_s, b_s).float().log_softmax(-1)
-            total += kl_rows(lt, ls).sum()
+            total += shift.kl_rows(lt, ls).sum()
             grad[sl] = (ls.exp() - lt.exp()).to(w_s.dtype) @ w_s
         ctx.save_for_backward(grad)
         return total

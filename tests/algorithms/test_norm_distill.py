@@ -1,6 +1,7 @@
 import copy
 
 from lpq.algorithms import norm_distill
+from lpq.eval import shift
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_head_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeypa
     """The KL made from hidden states and output heads a few positions at a time, its gradient made in
     the same pass, against the plain autograd expression over whole logits: value and student
     gradient agree to float32 rounding, with slices that do not divide the positions."""
-    monkeypatch.setattr(norm_distill, "KL_ROWS", 5)
+    monkeypatch.setattr(shift, "KL_ROWS", 5)
     gen = torch.Generator().manual_seed(0)
     head_t, head_s = nn.Linear(16, 97, bias=False), nn.Linear(16, 97)
     with torch.no_grad():
