@@ -57,9 +57,12 @@ class Hessian:
         self.count += x2.shape[0]
 
     def mean(self) -> Tensor:
+        """The mean Gram matrix, made from the running sum in place (an (n, n) float32 matrix is 604 MB
+        at n = 12288): the accumulator is emptied, so call it once."""
         if self.count == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return (self.H / self.count).float().cpu()
+        H, self.H, count, self.count = self.H, None, self.count, 0
+        return H.div_(count).float().cpu()
 
 
 def layer_hessian(block: BlockContext, name: str) -> Tensor | None:
@@ -104,27 +107,34 @@ class GPTQ(Step):
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + damp * mean diag)^-1; raises the damping until it factors.
 
-    H's diagonal is damped in place (and restored between attempts): an (n, n) float32 Hessian is
-    604 MB at n = 12288, so no damped copy is made, and each factor is freed once the next exists."""
+    H (contiguous) is scratch, overwritten: an (n, n) float32 Hessian is 604 MB at n = 12288, so at
+    most two such matrices exist at once. Its diagonal is damped in place and restored after a failed
+    attempt; once H factors, its storage receives the inverse."""
     mean_diag = H.diagonal().mean().clamp(min=1e-12)
     diag = H.diagonal().clone()
     for attempt in range(8):
         H.diagonal().add_(damp * (10 ** attempt) * mean_diag)
         try:
             L = torch.linalg.cholesky(H)
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            return torch.linalg.cholesky(Hinv, upper=True)
         except torch._C._LinAlgError:
             H.diagonal().copy_(diag)
             continue
+        # The inverse is exactly symmetric (LAPACK makes one triangle, torch mirrors it); written
+        # through the transposed view, which is column-major as LAPACK works, it needs no temporary.
+        torch.cholesky_inverse(L, out=H.mT)
+        del L
+        try:
+            return torch.linalg.cholesky(H, upper=True)
+        except torch._C._LinAlgError:
+            raise RuntimeError("GPTQ: the inverse of the damped Hessian is not positive definite in float32; "
+                               "raise the gptq step's `damp` setting") from None
     raise RuntimeError("GPTQ: the Hessian could not be factored even with strong damping")
 
 
 def gptq_quantize(weight: Tensor, H: Tensor, fmt: str, settings: GPTQSettings | None = None) -> tuple[Tensor, float]:
     """Quantize a (out, in) weight along `in` against the input Gram matrix H (in, in).
 
-    Returns the quantized weight (weight's dtype; exactly on the format's grid) and the GPTQ loss
+    H is used as scratch (a float32 H is overwritten, not copied). Returns the quantized weight (weight's dtype; exactly on the format's grid) and the GPTQ loss
     sum (w - q)^2 / U_jj^2 / 2 (the OBS estimate of the output error added).
     """
     s = settings or GPTQSettings()
@@ -147,8 +157,8 @@ def _gptq(weight: Tensor, H: Tensor, fmt: str, s: GPTQSettings) -> tuple[Tensor,
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
     pad = -cols % block
     W = torch.nn.functional.pad(weight.float(), (0, pad))
-    # One copy of H, ours to damp in place (pad makes a new tensor; otherwise clone).
-    H = torch.nn.functional.pad(H.float(), (0, pad, 0, pad)) if pad else H.float().clone()
+    # H is ours to overwrite (the caller's scratch); pad and float() copy it only when they must.
+    H = torch.nn.functional.pad(H.float(), (0, pad, 0, pad)) if pad else H.float()
     n = cols + pad
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0

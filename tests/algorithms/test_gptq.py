@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lpq.formats import grid
-from lpq.algorithms.gptq import GPTQSettings, Hessian, gptq_quantize
+from lpq.algorithms.gptq import GPTQSettings, Hessian, _inverse_cholesky, gptq_quantize
 
 
 def _problem(seed=0, rows=96, cols=256, tokens=2048):
@@ -47,3 +47,32 @@ def test_bad_inputs():
         GPTQSettings(lazy_batch=100)
     with pytest.raises(ValueError, match="no calibration"):
         Hessian(4).mean()
+
+
+def test_inverse_cholesky_overwrites_the_hessian_with_its_inverse_instead_of_copying_it():
+    # At n = 12288 each (n, n) float32 matrix is 604 MB: H's own storage must receive the inverse.
+    _, _, H = _problem(4, cols=128)
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(128)
+    ptr = H.data_ptr()
+    U = _inverse_cholesky(H, 0.01)
+    assert H.data_ptr() == ptr
+    torch.testing.assert_close(H, torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+    assert torch.equal(U, torch.triu(U))
+
+
+def test_a_failed_factorization_leaves_the_hessian_as_it_was_for_the_next_damping():
+    H = torch.diag(torch.tensor([4.0, 4.0, -1.0, 4.0]))      # factors only at the third damping (x 100)
+    U = _inverse_cholesky(H.clone(), 0.01)
+    d = 0.01 * float(H.diagonal().mean())
+    k = next(k for k in range(8) if -1.0 + d * 10 ** k > 0)
+    expected = torch.diag(1.0 / (H.diagonal() + d * 10 ** k))
+    torch.testing.assert_close(U.T @ U, expected)
+
+
+def test_the_hessian_mean_empties_its_accumulator():
+    h = Hessian(8)
+    h.add(torch.ones(3, 8))
+    assert torch.equal(h.mean(), torch.ones(8, 8))
+    with pytest.raises(ValueError, match="no calibration"):
+        h.mean()
