@@ -6,7 +6,8 @@ Each phase runs in a fresh child process, so its peak RSS (`ru_maxrss`) is its o
   the head and every block on disk, so it never sits in memory), quantized by `quantize_model`
   (RTN: each weight is quantized when the export reads it), and written by `export_model`, which
   reads one block at a time (an offloaded block is loaded for it) and streams the shards;
-* load: `load_quantized(export)` (meta skeleton filled tensor by tensor), then one forward.
+* load: `load_quantized(export)` (meta skeleton filled tensor by tensor), then one forward; with
+  `--keep-packed` the quantized weights stay as codes and are decoded per module in the forward.
 
 Printed and written to `--json`: wall times, peak RSS, the RSS right after the imports (the
 interpreter, torch, transformers), and the sizes the targets are stated in: one block, the index, the
@@ -131,13 +132,14 @@ def phase_load(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import lpq
+    from lpq.export.resident import packed_resident
     from transformers import AutoTokenizer
 
     _imports()
     base = rss_mb()
     t0 = time.perf_counter()
     with RssPeak() as during_load:
-        model = lpq.load_quantized(args.export)
+        model = lpq.load_quantized(args.export, keep_packed=args.keep_packed)
     t_load = time.perf_counter() - t0
     rss_loaded = rss_mb()
     ids = AutoTokenizer.from_pretrained(args.export)(PROMPT, return_tensors="pt").input_ids
@@ -147,11 +149,12 @@ def phase_load(args: argparse.Namespace) -> dict[str, Any]:
     t_fwd = time.perf_counter() - t1
     if not torch.isfinite(logits).all():
         raise SystemExit("the forward of the reloaded model gave non-finite logits")
-    return {"phase": "load", "load_s": round(t_load, 1), "forward_s": round(t_fwd, 2), "tokens": ids.shape[1],
+    packed = sum(w.nbytes for w in packed_resident(model).values())
+    return {"phase": "load", "keep_packed": args.keep_packed, "load_s": round(t_load, 1), "forward_s": round(t_fwd, 2), "tokens": ids.shape[1],
             "rss_after_imports_mb": round(base), "rss_after_load_mb": round(rss_loaded),
             "peak_rss_load_mb": round(during_load.mb), "peak_rss_forward_mb": round(during_forward.mb),
             "peak_rss_mb": round(peak_rss_mb()),
-            "model_tensors_mb": round(tensor_bytes(model) / 2**20),
+            "model_tensors_mb": round(tensor_bytes(model) / 2**20), "packed_weights_mb": round(packed / 2**20),
             "next_token": int(logits[0, -1].argmax())}
 
 
@@ -173,6 +176,7 @@ def main() -> None:
     ap.add_argument("--shard-gb", type=float, default=5.0)
     ap.add_argument("--skip-export", action="store_true", help="only load an existing export")
     ap.add_argument("--skip-load", action="store_true", help="only export (the loaded model must fit in memory)")
+    ap.add_argument("--keep-packed", action="store_true", help="load with keep_packed=True (codes in memory)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--phase", choices=["export", "load"], help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -11,7 +11,8 @@ written to `<out>.rehearsal.json` (beside `<out>`, which belongs to lpq ptq):
   from the config: embeddings = input embedding + output head), and its peak before the export step
   (RSS sampled every 0.2 s, `<out>.rss_timeline.json`),
 * load_quantized + one forward of the export, in a fresh process (scripts/rehearse_load.py), unless
-  `--skip-load` (the reloaded model holds every weight dequantized in bf16: 16 GB for the 8B shape).
+  `--skip-load` (the reloaded model holds every weight dequantized in bf16, 16 GB for the 8B shape,
+  unless `--keep-packed` keeps the codes: about the export's size).
 
     OMP_NUM_THREADS=1 python scripts/rehearse_ptq.py --model /work/exp/E/qwen3-8b-4l --out /work/exp/E/ptq-4l
     OMP_NUM_THREADS=1 python scripts/rehearse_ptq.py --model /work/exp/E/qwen3-8b-random --out /work/exp/E/ptq-8b \\
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--calibration", default=str(Path(__file__).resolve().parents[2] / "shared/data/calib/"
                                                    "fortunes_calib.txt"))
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--keep-packed", action="store_true", help="reload with keep_packed=True (codes in memory)")
     args = ap.parse_args()
 
     # lpq owns `out` (it refuses a folder it did not write): the rehearsal's own files go beside it.
@@ -106,7 +108,7 @@ def main() -> None:
     side("rss_timeline.json").write_text(json.dumps([(round(t, 1), round(r, 3)) for t, r in timeline]))
     print(json.dumps(result), flush=True)
     if not args.skip_load:
-        result["load"] = run_phase("load", ["--export", str(args.out / "export")])
+        result["load"] = run_phase("load", ["--export", str(args.out / "export")] + ["--keep-packed"] * args.keep_packed)
     side("rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -10,8 +10,10 @@ command line with that import done first, so every lm-eval option, output file a
 usual. In Python: `import lpq.eval.lm_eval_model` and then `simple_evaluate(model="lpq", ...)`.
 
 The model is `lpq.load_quantized(pretrained)`: the decoded weights, the recipe's input, expert and
-attention quantizers, and the online transforms, so lm-eval scores what the export computes. Every
-other argument is lm-eval's HFLM's (batch_size, max_length, device, ...), which runs it.
+attention quantizers, and the online transforms, so lm-eval scores what the export computes.
+`keep_packed=True` keeps the quantized weights as codes, decoded per module in each forward (memory
+about the export's size, same scores). Every other argument is lm-eval's HFLM's (batch_size,
+max_length, device, ...), which runs it.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class LpqLM(HFLM):
     """HFLM around `lpq.load_quantized(pretrained)` and the tokenizer saved beside it."""
 
     def __init__(self, pretrained: str, tokenizer: str | None = None, device: str | None = None,
-                 verify: bool = True, **kwargs: Any) -> None:
+                 verify: bool = True, keep_packed: bool = False, **kwargs: Any) -> None:
         import torch
         from transformers import AutoTokenizer
 
@@ -64,7 +66,7 @@ class LpqLM(HFLM):
                              f"{RUNTIMES.get(kind, 'the runtime it was written for')}")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"     # lm-eval's CLI passes cuda by default
-        model = load_quantized(folder, device=device, verify=verify)
+        model = load_quantized(folder, device=device, verify=verify, keep_packed=keep_packed)
         tok = AutoTokenizer.from_pretrained(tokenizer or str(folder))
         with hidden_quantization_config(model):
             super().__init__(pretrained=model, tokenizer=tok, device=device, **kwargs)

@@ -7,7 +7,9 @@ and given its input transforms. The files are then read one tensor at a time: ea
 takes the place of its meta placeholder in place (`torch.utils.swap_tensors`, so tied weights and
 every other holder of the parameter see it), and each quantized weight is decoded from its codes as
 soon as its parts are read and set as a pre-quantized weight (never quantized again). Peak memory is
-the loaded model plus one tensor being decoded.
+the loaded model plus one tensor being decoded. With `keep_packed`, each quantized weight stays as
+its codes and is decoded only while its module runs (`lpq.export.resident`): the loaded model is
+then about the export's size.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from lpq.config import ConfigError, from_dict
 from lpq.export import layout as L
 from lpq.export.packing import QuantizedWeight, quantized_weights, unpack
+from lpq.export.resident import PackedWeight, keep_packed as make_packed_resident, packed_resident
 from lpq.export.settings import RUNTIME_KINDS, runtime_export_refusal
 from lpq.export.tensor_io import StoredTensor, as_torch_dtype, check_files, iter_file, load_json, read_headers
 from lpq.formats import Packed
@@ -98,8 +101,10 @@ def _check_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any]) -> None:
 
 
 def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: dict[str, Tensor],
-                device: torch.device | None) -> None:
-    """Decode one quantized weight from its parts and make it the module's pre-quantized weight."""
+                device: torch.device | None, keep_packed: bool) -> None:
+    """Decode one quantized weight from its parts and make it the module's pre-quantized weight;
+    with `keep_packed`, keep its parts instead (decoded once here all the same, so that damaged codes
+    are found at load, not in some later forward)."""
     dtype = as_torch_dtype(entry["dtype"])
     if entry["storage"] == "dense":
         w = tensors[key]
@@ -109,6 +114,14 @@ def _set_weight(qw: QuantizedWeight, key: str, entry: dict[str, Any], tensors: d
         except (ValueError, TypeError, RuntimeError) as e:
             raise L.CheckpointError(f"{key}: cannot decode its {entry['format']} codes ({e}); the checkpoint "
                                     f"is damaged") from None
+        if keep_packed:
+            del w
+            if device is not None:
+                tensors = {k: t.to(device) for k, t in tensors.items()}
+            make_packed_resident(qw.module, qw.attr,
+                                 PackedWeight(_packed_of(key, entry, tensors), tensors.get(key + L.PRESCALE), dtype))
+            qw.set(qw.parameter())          # marks the placeholder pre-quantized
+            return
     w = w.to(dtype)
     _fill(qw.parameter(), w if device is None else w.to(device))
     qw.set(qw.parameter())          # marks it pre-quantized (the copy is onto itself)
@@ -151,7 +164,8 @@ def _open(folder: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
     return index, headers
 
 
-def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool) -> nn.Module:
+def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device | None, verify: bool,
+                  keep_packed: bool) -> nn.Module:
     index, headers = _open(folder)
     device = torch.device(device) if device is not None else None
     net = _build(folder, index["network"])
@@ -194,7 +208,7 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
                     continue
                 pending.setdefault(key, {})[name] = t
                 if len(pending[key]) == remaining[key]:
-                    _set_weight(weights[key], key, entries[key], pending.pop(key), device)
+                    _set_weight(weights[key], key, entries[key], pending.pop(key), device, keep_packed)
         for alias, kept in tied.items():
             a, k = _tensor_at(net, alias), _tensor_at(net, kept)
             if a.is_meta:
@@ -204,24 +218,32 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
     if pending:
         raise L.CheckpointError(f"{folder}: {next(iter(pending))} lacks some of its packed parts; the checkpoint "
                                 f"is damaged")
+    resident = packed_resident(net)
     unfilled = [n for n, t in [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]
-                if t.is_meta]
+                if t.is_meta and n not in resident]
     if unfilled:
         raise L.CheckpointError(f"{folder}: {unfilled[0]} is in neither the stored tensors nor the tied ones; "
                                 f"the checkpoint is damaged")
-    if device is not None:
-        net.to(device)               # the buffers the constructors made (weights are already there)
+    if device is not None:           # the buffers the constructors made (weights are already there)
+        if resident:                 # Module.to would try to copy the meta placeholders
+            for m in net.modules():
+                m._buffers.update({k: b.to(device) for k, b in m._buffers.items() if b is not None})
+        else:
+            net.to(device)
     return net.eval()
 
 
-def load_quantized(path: str | Path, device: str | torch.device | None = None, verify: bool = True) -> Any:
+def load_quantized(path: str | Path, device: str | torch.device | None = None, verify: bool = True,
+                   keep_packed: bool = False) -> Any:
     """The model (transformers causal LM) or Wan pipeline of a packed export at `path`.
 
     Outputs equal those of the quantized model that was exported, bit for bit. `device`: where to
     build it (quantized weights are marked pre-quantized, so a later dtype-preserving `.to()` keeps
     them too). `verify`: check
-    each file's SHA-256 (sizes are always checked). Raises CheckpointError for a damaged export or
-    one written with format/bit-order/export versions this lpq does not read."""
+    each file's SHA-256 (sizes are always checked). `keep_packed`: hold each quantized weight as its
+    codes and decode it only while its module runs (memory about the export's size, a decode per
+    weight per forward; inference only, see lpq.export.resident). Raises CheckpointError for a
+    damaged export or one written with format/bit-order/export versions this lpq does not read."""
     root = Path(path)
     manifest = load_json(root / L.MANIFEST, "not an lpq export (no manifest); is this the right folder?",
                          ("kind", "model_kind", "networks", "components", "recipe"))
@@ -236,10 +258,17 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None, v
     except ConfigError as e:
         raise L.CheckpointError(f"{root / L.MANIFEST}: its recipe cannot be used: {e}") from None
     if manifest["model_kind"] != "wan":
-        return _load_network(root, recipe, device, verify)
-    networks = {name: _load_network(root / name, recipe, device, verify) for name in manifest["networks"]}
+        return _load_network(root, recipe, device, verify, keep_packed)
+    networks = {name: _load_network(root / name, recipe, device, verify, keep_packed) for name in manifest["networks"]}
     pipe = _assemble_pipeline(root, networks, manifest["components"])
-    return pipe.to(device) if device is not None else pipe
+    if device is None:
+        return pipe
+    if not keep_packed:
+        return pipe.to(device)
+    for name, component in pipe.components.items():    # the networks are on `device` already
+        if name not in networks and isinstance(component, nn.Module):
+            component.to(device)
+    return pipe
 
 
 def _assemble_pipeline(root: Path, networks: dict[str, nn.Module], dtypes: dict[str, str]) -> Any:

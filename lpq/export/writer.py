@@ -22,6 +22,7 @@ from lpq.config import dump_yaml, to_dict
 from lpq.export import layout as L
 from lpq.export.atomic import staged_dir
 from lpq.export.packing import QuantizedWeight, input_transforms, pack, quantized_weights
+from lpq.export.resident import packed_resident
 from lpq.export.settings import KINDS, RUNTIME_KINDS
 from lpq.export.size import SizeReport, folder_bytes
 from lpq.export.tensor_io import ShardWriter, check_finite, write_hf_index, write_json
@@ -388,6 +389,10 @@ def export_model(model: Any, recipe: QuantRecipe | None, out_dir: str | Path, ki
         raise ValueError(f"export kind {kind!r} is not allowed; use one of {', '.join(KINDS)}")
     adapter = get_adapter(model, recipe.adapter if recipe is not None else None)
     networks = adapter.networks(model)
+    for name, net in networks:
+        if resident := packed_resident(net):
+            raise ValueError(f"{name or 'the model'} was loaded with keep_packed=True (e.g. {next(iter(resident))} "
+                             f"is held as codes): it cannot be exported again; load it with keep_packed=False")
     recipe = _recipe_of(networks, recipe)
     max_bytes = int(max_shard_gb * 1e9)
     total = _Sizes()

@@ -55,7 +55,8 @@ def _packed(tmp_path, model):
     return tmp_path / "packed"
 
 
-def test_lm_eval_model_lpq_scores_the_export_with_its_quantizers(data_dir, tmp_path):
+@pytest.mark.parametrize("keep_packed", [False, True])
+def test_lm_eval_model_lpq_scores_the_export_with_its_quantizers(data_dir, tmp_path, keep_packed):
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
@@ -68,7 +69,8 @@ def test_lm_eval_model_lpq_scores_the_export_with_its_quantizers(data_dir, tmp_p
     settings = _settings(data_dir)
     prepared = prepare_task("mmlu", settings)
     want = run_task(model, fixture_tokenizer(), prepared, settings).records
-    out = simple_evaluate(model="lpq", model_args=f"pretrained={folder},batch_size=4,max_length=256",
+    out = simple_evaluate(model="lpq", model_args=f"pretrained={folder},batch_size=4,max_length=256,"
+                                                f"keep_packed={keep_packed}",
                           tasks=[prepared.config], task_manager=TaskManager(include_defaults=False),
                           samples={prepared.config["task"]: prepared.indices}, bootstrap_iters=0, log_samples=True)
     got = sorted(out["samples"][prepared.config["task"]], key=lambda s: s["doc_id"])

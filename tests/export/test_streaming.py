@@ -255,9 +255,9 @@ def test_quantized_weights_decoded_as_read(tmp_path, monkeypatch):
             peak[0] = max(peak[0], live[0])
             yield item
 
-    def counting_set(qw, key, entry, tensors, device):
+    def counting_set(qw, key, entry, tensors, *rest):
         live[0] -= len(tensors) - 1
-        real_set(qw, key, entry, tensors, device)
+        real_set(qw, key, entry, tensors, *rest)
 
     monkeypatch.setattr(reader, "iter_file", counting_iter)
     monkeypatch.setattr(reader, "_set_weight", counting_set)
