@@ -136,7 +136,7 @@ def unpack(p: Packed, prescale: Tensor | None, dtype: torch.dtype) -> Tensor:
     rows, length = math.prod(p.shape[:-1]), p.shape[-1]
     if p.codes.shape[0] != rows or (p.scales is not None and p.scales.shape[0] != rows):
         raise ValueError(f"codes for {rows} rows expected, got {tuple(p.codes.shape)}")
-    out = torch.empty(rows, length, dtype=dtype)
+    out = torch.empty(rows, length, dtype=dtype, device=p.codes.device)
     # One scale per leading-dim slice (expert) or for the whole tensor: a value per row.
     row_scale = None if prescale is None else prescale.float().reshape(-1).repeat_interleave(
         rows // prescale.numel())[:, None]

@@ -72,3 +72,14 @@ def test_a_packed_resident_model_is_not_exported_again(tmp_path):
     with pytest.raises(ValueError, match="keep_packed=True .* load it with keep_packed=False"):
         export_model(packed, None, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.gpu
+def test_packed_resident_on_cuda_decodes_on_the_gpu_and_equals_the_dense_load(tmp_path):
+    model, r = quantized_lm("tiny-qwen3-moe", {"format": "hif4", "attention": {"format": "hif8"}}, torch.bfloat16)
+    export_model(model, r, tmp_path / "ckpt")
+    dense = load_quantized(tmp_path / "ckpt", device="cuda")
+    packed = load_quantized(tmp_path / "ckpt", device="cuda", keep_packed=True)
+    assert all(w.packed.codes.is_cuda for w in packed_resident(packed).values())
+    ids = tokens().cuda()
+    assert same_bits(logits(packed, ids), logits(dense, ids))
