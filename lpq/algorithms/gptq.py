@@ -134,8 +134,9 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
 def gptq_quantize(weight: Tensor, H: Tensor, fmt: str, settings: GPTQSettings | None = None) -> tuple[Tensor, float]:
     """Quantize a (out, in) weight along `in` against the input Gram matrix H (in, in).
 
-    H is used as scratch (a float32 H is overwritten, not copied). Returns the quantized weight (weight's dtype; exactly on the format's grid) and the GPTQ loss
-    sum (w - q)^2 / U_jj^2 / 2 (the OBS estimate of the output error added).
+    H is used as scratch (a float32 H is overwritten, not copied). Returns the quantized weight
+    (weight's dtype; exactly on the format's grid) and the GPTQ loss sum (w - q)^2 / U_jj^2 / 2 (the
+    OBS estimate of the output error added).
     """
     s = settings or GPTQSettings()
     block_grid(fmt)
