@@ -150,7 +150,8 @@ def phase_load(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.isfinite(logits).all():
         raise SystemExit("the forward of the reloaded model gave non-finite logits")
     packed = sum(w.nbytes for w in packed_resident(model).values())
-    return {"phase": "load", "keep_packed": args.keep_packed, "load_s": round(t_load, 1), "forward_s": round(t_fwd, 2), "tokens": ids.shape[1],
+    return {"phase": "load", "keep_packed": args.keep_packed, "load_s": round(t_load, 1),
+            "forward_s": round(t_fwd, 2), "tokens": ids.shape[1],
             "rss_after_imports_mb": round(base), "rss_after_load_mb": round(rss_loaded),
             "peak_rss_load_mb": round(during_load.mb), "peak_rss_forward_mb": round(during_forward.mb),
             "peak_rss_mb": round(peak_rss_mb()),

@@ -108,7 +108,8 @@ def main() -> None:
     side("rss_timeline.json").write_text(json.dumps([(round(t, 1), round(r, 3)) for t, r in timeline]))
     print(json.dumps(result), flush=True)
     if not args.skip_load:
-        result["load"] = run_phase("load", ["--export", str(args.out / "export")] + ["--keep-packed"] * args.keep_packed)
+        load_args = ["--export", str(args.out / "export")] + ["--keep-packed"] * args.keep_packed
+        result["load"] = run_phase("load", load_args)
     side("rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -71,8 +71,9 @@ class _HeadKL(torch.autograd.Function):
     """sum over positions of KL(softmax(head_t(h_t)) || softmax(head_s(h_s))), the logits formed
     lpq.eval.shift.KL_ROWS positions at a time (the one setting for the evaluation's KL too). The
     loss is a scalar, so its gradient with respect to h_s, (softmax(s) - softmax(t)) W_s per row, is
-    made in the same pass: no (positions x vocabulary) tensor outlives its slice, in forward or backward (whole, a 2 x 512-token batch's
-    logits, their copy and their gradient are 0.2 GB each at SmolLM2's vocabulary, 0.6 GB at Qwen3's)."""
+    made in the same pass: no (positions x vocabulary) tensor outlives its slice, in forward or
+    backward (whole, a 2 x 512-token batch's logits, their copy and their gradient are 0.2 GB each at
+    SmolLM2's vocabulary, 0.6 GB at Qwen3's)."""
 
     @staticmethod
     def forward(ctx, h_t: Tensor, h_s: Tensor, w_t: Tensor, b_t: Tensor | None, w_s: Tensor,
