@@ -27,6 +27,7 @@ from lpq.export.resident import PackedWeight, keep_packed as make_packed_residen
 from lpq.export.settings import RUNTIME_KINDS, runtime_export_refusal
 from lpq.export.tensor_io import StoredTensor, as_torch_dtype, check_files, iter_file, load_json, read_headers
 from lpq.formats import Packed
+from lpq.memory import release_freed_memory
 from lpq.quant import InputTransform, quantize_model, set_input_transform
 from lpq.quant.recipe import QuantRecipe
 
@@ -209,6 +210,7 @@ def _load_network(folder: Path, recipe: QuantRecipe, device: str | torch.device 
                 pending.setdefault(key, {})[name] = t
                 if len(pending[key]) == remaining[key]:
                     _set_weight(weights[key], key, entries[key], pending.pop(key), device, keep_packed)
+                    release_freed_memory()      # the decode's freed heap, else kept by glibc (GBs at 8B)
         for alias, kept in tied.items():
             a, k = _tensor_at(net, alias), _tensor_at(net, kept)
             if a.is_meta:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from lpq.export.tensor_io import as_torch_dtype, read_headers
 
 
 def _offload_hooks(root: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module, object]]:
@@ -47,6 +49,40 @@ def _tensors(mod: nn.Module, hook, skip: set[int]) -> list[str]:
             if id(mod.get_submodule(n.rpartition(".")[0])) not in skip]
 
 
+def read_offloaded(weights_map: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """weights_map[key], read from disk with plain reads into a fresh CPU tensor where accelerate
+    keeps it in a file (a safetensors shard of the checkpoint or its own .dat offload file).
+
+    accelerate's loader maps the file and copies out of the map: both the mapped pages and the copy
+    count as the process's memory until the map closes, twice the tensor (2.5 GB for a Qwen3-8B
+    embedding). Read here, the tensor is held once; its bytes are the same."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    loader, full = weights_map, key
+    if isinstance(weights_map, PrefixedDataset):
+        loader, full = weights_map.dataset, weights_map.prefix + key
+    if not isinstance(loader, OffloadedWeightsLoader) or full in loader.state_dict or full not in loader.index:
+        return weights_map[key]
+    info = loader.index[full]
+    if info.get("safetensors_file") is not None:
+        path = Path(info["safetensors_file"])
+        stored = read_headers(path.parent, {path.name: {}})[0][info.get("weight_name", full)]
+        start, dtype, shape = stored.start, stored.dtype, stored.shape
+    else:
+        path = Path(loader.save_folder) / f"{full}.dat"
+        start, dtype, shape = 0, as_torch_dtype(info["dtype"]), tuple(info["shape"]) or (1,)
+    t = torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as f:
+        f.seek(start)
+        if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+            raise ValueError(f"{path}: ends before the offloaded tensor {full!r} does")
+    if info.get("safetensors_file") is not None and "dtype" in info:
+        t = t.to(as_torch_dtype(info["dtype"]))
+    elif not info["shape"]:
+        t = t[0]
+    return t
+
+
 def is_offloaded(root: nn.Module) -> bool:
     return bool(_offload_hooks(root))
 
@@ -76,7 +112,7 @@ def materialized(block: nn.Module, store: Path | None, device: torch.device | st
     skip = _ids(exclude)
     for _, mod, hook in hooks:
         for t in _tensors(mod, hook, skip):
-            set_module_tensor_to_device(mod, t, device or hook.execution_device, value=hook.weights_map[t])
+            set_module_tensor_to_device(mod, t, device or hook.execution_device, value=read_offloaded(hook.weights_map, t))
         hook.offload = False
     try:
         yield
