@@ -54,8 +54,8 @@ def read_offloaded(weights_map: Mapping[str, torch.Tensor], key: str) -> torch.T
     keeps it in a file (a safetensors shard of the checkpoint or its own .dat offload file).
 
     accelerate's loader maps the file and copies out of the map: both the mapped pages and the copy
-    count as the process's memory until the map closes, twice the tensor (2.5 GB for a Qwen3-8B
-    embedding). Read here, the tensor is held once; its bytes are the same."""
+    count as the process's memory until the map closes: twice the tensor while it is read. Read here,
+    the tensor is held once; its bytes are the same."""
     from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
 
     loader, full = weights_map, key
