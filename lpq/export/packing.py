@@ -172,7 +172,10 @@ def _pack_whole(fmt: str, axis: int, param: Tensor, w_q: Tensor, s: Tensor | Non
     return None
 
 
-_PACK_ROWS_BYTES = 1 << 26      # float32 bytes of a weight packed at a time
+# float32 bytes of a weight packed at a time: the exact-code search costs ~120 bytes per value, so a
+# 16 MB chunk (4 M values) is ~0.5 GB; at 64 MB a 4,096 x 4,096 q_proj took 2 GB and made the peak of
+# the 36-layer Qwen3-8B-shaped PTQ run (docs/scale.md).
+_PACK_ROWS_BYTES = 1 << 24
 
 
 def pack(qw: QuantizedWeight, w_q: Tensor) -> Packed | None:
