@@ -6,9 +6,10 @@ export's size on disk) instead of every quantized weight decoded in the model's 
 that for a 4-bit format in bf16). A forward pre-hook decodes the module's weights with the same
 `unpack` as the dense load, so the values, and the outputs, are bit for bit those of the dense load;
 a forward hook puts the meta placeholders back, so one module's weights are decoded at a time, and
-hands the freed pages back to the system (glibc otherwise keeps the decode's freed heap memory: +1.4 GB
-over one forward of a 36-layer Qwen3-8B shape). The price is one decode per weight per forward. Such a model is for inference: it cannot be trained,
-moved with `.to()` (load it on its device), or exported again.
+after a decode on the CPU hands the freed pages back to the system (glibc otherwise keeps the
+decode's freed heap memory: +1.4 GB over one forward of a 36-layer Qwen3-8B shape). The price is one
+decode per weight per forward. Such a model is for inference: it cannot be trained, moved with
+`.to()` (load it on its device), or exported again.
 """
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def _decode_weights(module: nn.Module, args: Any) -> None:
 
 
 def _drop_weights(module: nn.Module, args: Any, output: Any) -> None:
-    for name, weight in module.__dict__[_STORE].items():
+    store: dict[str, PackedWeight] = module.__dict__[_STORE]
+    for name, weight in store.items():
         module._parameters[name] = weight.placeholder()
-    release_freed_memory()
+    if any(w.packed.codes.device.type == "cpu" for w in store.values()):   # a GPU decode frees no host heap
+        release_freed_memory()
 
 
 def packed_resident(net: nn.Module) -> dict[str, PackedWeight]:

@@ -8,7 +8,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import torch
 from torch import Tensor
@@ -268,11 +268,20 @@ def iter_file(folder: Path, fname: str, info: dict, tensors: dict[str, StoredTen
     mine = sorted(((n, t) for n, t in tensors.items() if t.file == fname), key=lambda nt: nt[1].start)
     with open(path, "rb") as f:
         for name, st in mine:
-            t = torch.empty(st.shape, dtype=st.dtype)
-            f.seek(st.start)
-            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != st.nbytes:
+            t = read_at(f, st.start, st.shape, st.dtype)
+            if t is None:
                 raise _damaged(path, f"{name} ends past the end of the file")
             yield name, t
+
+
+def read_at(f: BinaryIO, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """A fresh tensor filled with plain reads from byte `start` of the open file (no memory map), or
+    None when the file ends first."""
+    t = torch.empty(shape, dtype=dtype)
+    f.seek(start)
+    if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+        return None
+    return t
 
 
 def load_json(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:

@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lpq.export.tensor_io import as_torch_dtype, read_headers
+from lpq.export.tensor_io import as_torch_dtype, read_at, read_headers
 
 
 def _offload_hooks(root: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module, object]]:
@@ -64,23 +64,21 @@ def read_offloaded(weights_map: Mapping[str, torch.Tensor], key: str) -> torch.T
     if not isinstance(loader, OffloadedWeightsLoader) or full in loader.state_dict or full not in loader.index:
         return weights_map[key]
     info = loader.index[full]
-    if info.get("safetensors_file") is not None:
-        path = Path(info["safetensors_file"])
+    shard = info.get("safetensors_file")
+    if shard is not None:
+        path = Path(shard)
         stored = read_headers(path.parent, {path.name: {}})[0][info.get("weight_name", full)]
         start, dtype, shape = stored.start, stored.dtype, stored.shape
     else:
         path = Path(loader.save_folder) / f"{full}.dat"
         start, dtype, shape = 0, as_torch_dtype(info["dtype"]), tuple(info["shape"]) or (1,)
-    t = torch.empty(shape, dtype=dtype)
     with open(path, "rb") as f:
-        f.seek(start)
-        if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
-            raise ValueError(f"{path}: ends before the offloaded tensor {full!r} does")
-    if info.get("safetensors_file") is not None and "dtype" in info:
-        t = t.to(as_torch_dtype(info["dtype"]))
-    elif not info["shape"]:
-        t = t[0]
-    return t
+        t = read_at(f, start, shape, dtype)
+    if t is None:
+        raise ValueError(f"{path}: ends before the offloaded tensor {full!r} does")
+    if shard is not None and "dtype" in info:
+        return t.to(as_torch_dtype(info["dtype"]))
+    return t if info["shape"] else t[0]
 
 
 def is_offloaded(root: nn.Module) -> bool:
@@ -112,7 +110,8 @@ def materialized(block: nn.Module, store: Path | None, device: torch.device | st
     skip = _ids(exclude)
     for _, mod, hook in hooks:
         for t in _tensors(mod, hook, skip):
-            set_module_tensor_to_device(mod, t, device or hook.execution_device, value=read_offloaded(hook.weights_map, t))
+            value = read_offloaded(hook.weights_map, t)
+            set_module_tensor_to_device(mod, t, device or hook.execution_device, value=value)
         hook.offload = False
     try:
         yield
