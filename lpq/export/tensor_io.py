@@ -279,7 +279,7 @@ def read_at(f: BinaryIO, start: int, shape: tuple[int, ...], dtype: torch.dtype)
     None when the file ends first."""
     t = torch.empty(shape, dtype=dtype)
     f.seek(start)
-    if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.numel() * t.element_size():
+    if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != _nbytes(t):
         return None
     return t
 
