@@ -8,6 +8,7 @@ evaluated and exported: weights through `set_quantized_weight`, online transform
 from __future__ import annotations
 
 import contextlib
+import gc
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lpq.data.block_inputs import BlockInputs, iterate, run_block
+from lpq.memory import release_freed_memory
 from lpq.models.offload import is_offloaded
 from lpq.quant.apply import set_quant_enabled_in
 from lpq.quant.linear import QuantLinear
@@ -86,6 +88,13 @@ class RunContext:
                 model_cfg = dataclasses.replace(model_cfg, offload_dir=str(Path(model_cfg.offload_dir) / "float"))
             self._float = load_model(model_cfg).model
         return self._float
+
+    def release_float_model(self) -> None:
+        """Let the unquantized model's memory go (a step that has taken what it needs from it); the next
+        `float_model()` loads it again, the same weights from the same files."""
+        self._float = None
+        gc.collect()
+        release_freed_memory()
 
     def text_windows(self, num: int, seq_len: int) -> Tensor:
         """`num` windows of `seq_len` tokens of the calibration text (refused for models without text)."""

@@ -113,6 +113,40 @@ def final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.base_model(input_ids=input_ids).last_hidden_state
 
 
+def batch_indices(step: int, settings: NormDistillSettings, n: int) -> list[int]:
+    """The windows step `step` trains on: `batch_size` consecutive ones, the `n` windows cycled in order."""
+    return [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
+
+
+@dataclass
+class TeacherTargets:
+    """The float model's side of the distillation, made before it starts: the final hidden states for
+    each distinct batch the steps read, and the output head that turns them into logits. The rest of
+    the float model is then not needed while the student trains (SmolLM2: 0.4 GB of weights released,
+    docs/ptq_results.md), and a batch the data cycle repeats is not run through it twice."""
+
+    hidden: dict[tuple[int, ...], Tensor]
+    head: nn.Linear
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings) -> TeacherTargets:
+    """The teacher's hidden states for every batch of the `settings.steps` steps, computed as the steps
+    would (same batches, same autocast), so the distillation's result does not depend on when."""
+    head = teacher.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"norm_distill needs a linear output head; {type(teacher).__name__} has {type(head).__name__}")
+    device = next(teacher.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision is Precision.BFLOAT16)
+    hidden: dict[tuple[int, ...], Tensor] = {}
+    with autocast:
+        for step in range(settings.steps):
+            idx = tuple(batch_indices(step, settings, tokens.shape[0]))
+            if idx not in hidden:
+                hidden[idx] = final_hidden(teacher, tokens[list(idx)].to(device))
+    return TeacherTargets(hidden, head)
+
+
 def learnable_input_scales(model: nn.Module, adapter) -> list[Tensor]:
     """The online input scales (ones where none exists yet) of the quantized linears whose input
     no norm produces, by the adapter's folds; created in place on their InputTransforms."""
@@ -184,7 +218,7 @@ def _first_nonfinite(model: nn.Module, params: list[nn.Parameter]) -> str | None
                 None)
 
 
-def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
+def distill_norms(student: nn.Module, targets: TeacherTargets, tokens: Tensor, settings: NormDistillSettings,
                   resume_file: Path | None = None, save_every: int = 10,
                   blocks: nn.ModuleList | None = None, extra: list[Tensor] | None = None) -> dict:
     """Train the student's norm parameters (and the `extra` tensors, e.g. learnable input scales) in
@@ -220,13 +254,14 @@ def distill_norms(student: nn.Module, teacher: nn.Module, tokens: Tensor, settin
                unit="step")
     with _only_trainable(student, params), _recomputed(blocks):
         for step in bar:
-            idx = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
+            idx = batch_indices(step, settings, n)
+            target = targets.hidden.get(tuple(idx))
+            if target is None:
+                raise ValueError(f"norm distillation: no teacher target for step {step + 1}'s batch {idx}; make the "
+                                 f"targets with teacher_targets() from the same tokens and settings")
             batch = tokens[idx].to(device)
             with autocast:
-                with torch.no_grad():
-                    target = final_hidden(teacher, batch.to(next(teacher.parameters()).device))
-                loss = head_kl(target, final_hidden(student, batch), teacher.get_output_embeddings(),
-                               student.get_output_embeddings())
+                loss = head_kl(target, final_hidden(student, batch), targets.head, student.get_output_embeddings())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"norm distillation: the loss is {float(loss)} at step {step + 1} "
                                          f"({_first_nonfinite(student, params) or 'the norms are finite'}); "
@@ -270,10 +305,11 @@ class NormDistill(Step):
     def on_model_end(self, run) -> dict:
         s = self.settings
         tokens = run.text_windows(s.sequences, s.seq_len)
-        teacher = run.float_model()
+        targets = teacher_targets(run.float_model(), tokens, s)
+        run.release_float_model()   # reloaded from its files when the evaluation needs it
         model = run.loaded.model
         extra = learnable_input_scales(model, run.adapter) if s.input_scales else []
-        result = distill_norms(model, teacher, tokens, s, resume_file=run.resume_file(self),
+        result = distill_norms(model, targets, tokens, s, resume_file=run.resume_file(self),
                                blocks=run.adapter.blocks(model), extra=extra)
         return {"norm_distill": result}
 

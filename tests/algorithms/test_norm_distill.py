@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lpq.algorithms.norm_distill import NormDistillSettings, distill_norms, final_hidden, head_kl, norm_parameters
+from lpq.algorithms.norm_distill import (NormDistillSettings, distill_norms, final_hidden, head_kl, norm_parameters,
+                                         teacher_targets)
 from lpq.config import from_dict
 from lpq.models.tiny import tiny_causal_lm
 from lpq.quant import QuantRecipe, quantize_model
@@ -28,6 +29,10 @@ def _pair():
     return teacher, student
 
 
+def _distill(student, teacher, ids, settings, **kw):
+    return distill_norms(student, teacher_targets(teacher, ids, settings), ids, settings, **kw)
+
+
 @torch.no_grad()
 def _kl(teacher, student, ids):
     lt, ls = teacher(input_ids=ids).logits.log_softmax(-1), student(input_ids=ids).logits.log_softmax(-1)
@@ -40,7 +45,7 @@ def test_distillation_lowers_the_kl_and_touches_only_the_norms():
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     norms = {id(p) for p in norm_parameters(student)}
     kl0 = _kl(teacher, student, ids)
-    stats = distill_norms(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2))
+    stats = _distill(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2))
     assert _kl(teacher, student, ids) < 0.8 * kl0
     assert stats["first_loss"] > stats["last_loss"]
     assert stats["parameters"] == sum(p.numel() for p in norm_parameters(student))
@@ -53,9 +58,9 @@ def test_refuses_what_it_cannot_train():
     teacher, student = _pair()
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="steps >= 1"):
-        distill_norms(student, teacher, ids, NormDistillSettings(steps=0))
+        _distill(student, teacher, ids, NormDistillSettings(steps=0))
     with pytest.raises(ValueError, match="no normalization layers"):
-        distill_norms(nn.Sequential(nn.Linear(2, 2)), teacher, ids, NormDistillSettings())
+        _distill(nn.Sequential(nn.Linear(2, 2)), teacher, ids, NormDistillSettings())
 
 
 def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monkeypatch):
@@ -63,7 +68,7 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
     settings = NormDistillSettings(steps=6, lr=1e-2, batch_size=2)
     teacher, straight = _pair()
     resumed = copy.deepcopy(straight)
-    a = distill_norms(straight, teacher, ids, settings)
+    a = _distill(straight, teacher, ids, settings)
     real, calls = norm_distill.head_kl, {"n": 0}
 
     def dies_at_step_five(*args):
@@ -74,10 +79,10 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
 
     monkeypatch.setattr(norm_distill, "head_kl", dies_at_step_five)
     with pytest.raises(KeyboardInterrupt):
-        distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
+        _distill(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
     assert torch.load(tmp_path / "d.pt")["step"] == 4
     monkeypatch.setattr(norm_distill, "head_kl", real)
-    b = distill_norms(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
+    b = _distill(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     for p, q in zip(norm_parameters(straight), norm_parameters(resumed)):
         assert torch.equal(p, q)
@@ -92,12 +97,35 @@ def test_recomputing_block_activations_gives_the_same_training():
     for name, model in (("plain", plain), ("recomputed", recomputed)):
         model.model.layers[0].self_attn.register_forward_pre_hook(
             lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-    a = distill_norms(plain, teacher, ids, settings)
-    b = distill_norms(recomputed, teacher, ids, settings, blocks=recomputed.model.layers)
+    a = _distill(plain, teacher, ids, settings)
+    b = _distill(recomputed, teacher, ids, settings, blocks=recomputed.model.layers)
     assert calls == {"plain": 3, "recomputed": 6}   # the backward pass ran each block's forward again
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     assert all(torch.equal(p, q) for p, q in zip(norm_parameters(plain), norm_parameters(recomputed)))
     assert all("forward" not in block.__dict__ for block in recomputed.model.layers)
+
+
+def test_teacher_targets_run_each_distinct_batch_once_as_the_steps_would():
+    """6 steps of 2 over 4 windows read 2 distinct batches: the teacher runs twice, and each target is
+    bit for bit the hidden state of that batch."""
+    teacher, _ = _pair()
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(3))
+    calls = []
+    teacher.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    targets = teacher_targets(teacher, ids, NormDistillSettings(steps=6, batch_size=2))
+    assert len(calls) == 2 and sorted(targets.hidden) == [(0, 1), (2, 3)]
+    assert targets.head is teacher.lm_head
+    with torch.no_grad():
+        for idx, hidden in targets.hidden.items():
+            assert torch.equal(hidden, final_hidden(teacher, ids[list(idx)]))
+
+
+def test_targets_made_for_other_settings_are_refused():
+    teacher, student = _pair()
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(4))
+    targets = teacher_targets(teacher, ids, NormDistillSettings(steps=1, batch_size=2))
+    with pytest.raises(ValueError, match=r"no teacher target for step 2's batch \[2, 3\]"):
+        distill_norms(student, targets, ids, NormDistillSettings(steps=2, batch_size=2))
 
 
 def test_learnable_input_scales_of_the_linears_no_norm_feeds():
@@ -116,7 +144,7 @@ def test_learnable_input_scales_of_the_linears_no_norm_feeds():
     assert torch.equal(scales[0], torch.ones(64))
     weights = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith("norm.weight")}
     kl0 = _kl(teacher, student, ids)
-    distill_norms(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2), extra=scales)
+    _distill(student, teacher, ids, NormDistillSettings(steps=12, lr=1e-2, batch_size=2), extra=scales)
     assert _kl(teacher, student, ids) < kl0
     assert not torch.equal(scales[0], torch.ones(64)) and not scales[0].requires_grad
     assert all(torch.equal(p, weights[n]) for n, p in student.named_parameters() if n in weights)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from lpq.algorithms.context import RunContext
 from lpq.config import ConfigError, from_dict, load_config
 from lpq.models.hub import ModelConfig, load_model
 from lpq.pipelines import ptq
@@ -262,7 +263,17 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
     steps = [{"name": "hadamard"}, {"name": "gptq"},
              {"name": "norm_distill", "steps": 3, "lr": 1e-2, "sequences": 2, "seq_len": 16, "batch_size": 1}]
     d = _recipe(tmp_path, "tiny-llama", steps)
+    events = []
+    real_load, real_release, real_kl = RunContext.float_model, RunContext.release_float_model, norm_distill.head_kl
+    monkeypatch.setattr(RunContext, "float_model", lambda self: events.append("float model") or real_load(self))
+    monkeypatch.setattr(RunContext, "release_float_model",
+                        lambda self: events.append("released") or real_release(self))
+    monkeypatch.setattr(norm_distill, "head_kl", lambda *a: events.append("step") or real_kl(*a))
     report = _run(tmp_path, d)
+    # The float model is not held while the student trains: the distillation takes its targets, lets
+    # it go, and the evaluation loads it again.
+    assert events == ["float model", "released", "step", "step", "step", "float model"]
+    monkeypatch.setattr(norm_distill, "head_kl", real_kl)
     assert report["norm_distill"]["steps"] == 3 and report["timings"]["norm_distill_s"] > 0
     assert "norm distillation: " in (tmp_path / "out" / "report.md").read_text()
     norms = norm_distill.norm_parameters(load_quantized(report["export"]["path"]))
