@@ -190,17 +190,44 @@ def _only_trainable(model: nn.Module, params: list[Tensor]):
         model.train(was_training)
 
 
+class _TrimInBackward(torch.autograd.Function):
+    """The identity; its backward, which runs when the gradient reaches a block's output, that is after
+    the block behind it finished its backward, returns freed memory to the OS first."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        release_freed_memory()
+        return grad
+
+
+def _checkpointed_block(forward, *args, **kwargs):
+    out = checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # A block's temporaries are freed when it returns, but glibc keeps their pages: over one forward
+    # and backward pass of SmolLM2 that is ~1 GB of RSS held for nothing (docs/ptq_results.md), so it
+    # is returned after each block, in both passes.
+    release_freed_memory()
+    if isinstance(out, Tensor):
+        return _TrimInBackward.apply(out)
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):   # (hidden states, ...) of older layers
+        return (_TrimInBackward.apply(out[0]), *out[1:])
+    return out
+
+
 @contextlib.contextmanager
 def _recomputed(blocks: nn.ModuleList | None):
     """Activation checkpointing per block: the backward pass recomputes each block's forward, so only
     the block inputs are held instead of every activation of the model (the same gradients: the
-    forward is deterministic)."""
+    forward is deterministic). After each block, in both passes, freed memory goes back to the OS."""
     if blocks is None:
         yield
         return
     own = [block.__dict__.get("forward") for block in blocks]   # an instance forward (a hook's) stays
     for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(_checkpointed_block, block.forward)
     try:
         yield
     finally:

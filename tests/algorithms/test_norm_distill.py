@@ -105,6 +105,21 @@ def test_recomputing_block_activations_gives_the_same_training():
     assert all("forward" not in block.__dict__ for block in recomputed.model.layers)
 
 
+def test_freed_memory_is_returned_after_each_block_in_both_passes(monkeypatch):
+    """With recomputation, glibc's freed pages are returned after every block's forward and backward
+    (and after each step), not only between steps; the training is the same."""
+    teacher, student = _pair()
+    reference = copy.deepcopy(student)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(5))
+    settings = NormDistillSettings(steps=3, lr=1e-2, batch_size=1)
+    a = _distill(reference, teacher, ids, settings, blocks=reference.model.layers)
+    calls = []
+    monkeypatch.setattr(norm_distill, "release_freed_memory", lambda: calls.append(1) or True)
+    b = _distill(student, teacher, ids, settings, blocks=student.model.layers)
+    assert len(calls) == settings.steps * (2 * len(student.model.layers) + 1)
+    assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
+
+
 def test_teacher_targets_run_each_distinct_batch_once_as_the_steps_would():
     """6 steps of 2 over 4 windows read 2 distinct batches: the teacher runs twice, and each target is
     bit for bit the hidden state of that batch."""
