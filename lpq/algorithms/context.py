@@ -8,8 +8,8 @@ evaluated and exported: weights through `set_quantized_weight`, online transform
 from __future__ import annotations
 
 import contextlib
-import gc
 import dataclasses
+import gc
 import hashlib
 import json
 from dataclasses import dataclass, field
