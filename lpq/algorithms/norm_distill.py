@@ -113,6 +113,19 @@ def final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.base_model(input_ids=input_ids).last_hidden_state
 
 
+def linear_head(model: nn.Module) -> nn.Linear:
+    """The model's output head, refused in one line unless it is a linear layer (head_kl needs its weight)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"norm_distill needs a linear output head; {type(model).__name__} has {type(head).__name__}")
+    return head
+
+
+def _autocast(settings: NormDistillSettings, device: torch.device) -> torch.autocast:
+    """The forward passes' precision (`settings.precision`), the same for the teacher and the student."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision is Precision.BFLOAT16)
+
+
 def batch_indices(step: int, settings: NormDistillSettings, n: int) -> list[int]:
     """The windows step `step` trains on: `batch_size` consecutive ones, the `n` windows cycled in order."""
     return [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
@@ -133,13 +146,10 @@ class TeacherTargets:
 def teacher_targets(teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings) -> TeacherTargets:
     """The teacher's hidden states for every batch of the `settings.steps` steps, computed as the steps
     would (same batches, same autocast), so the distillation's result does not depend on when."""
-    head = teacher.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"norm_distill needs a linear output head; {type(teacher).__name__} has {type(head).__name__}")
+    head = linear_head(teacher)
     device = next(teacher.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision is Precision.BFLOAT16)
     hidden: dict[tuple[int, ...], Tensor] = {}
-    with autocast:
+    with _autocast(settings, device):
         for step in range(settings.steps):
             idx = tuple(batch_indices(step, settings, tokens.shape[0]))
             if idx not in hidden:
@@ -275,7 +285,7 @@ def distill_norms(student: nn.Module, targets: TeacherTargets, tokens: Tensor, s
         sched.load_state_dict(state["scheduler"])
         losses, start, spent = state["losses"], state["step"], state["seconds"]
     device = next(student.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision is Precision.BFLOAT16)
+    autocast = _autocast(settings, device)
     n = tokens.shape[0]
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="norm distillation",
                unit="step")
@@ -321,9 +331,7 @@ class NormDistill(Step):
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
                              f"{run.kind.name} model")
         run.require_whole_model("norm_distill trains through the whole model at once")
-        if not isinstance(run.loaded.model.get_output_embeddings(), nn.Linear):
-            raise ValueError(f"norm_distill needs a linear output head; {type(run.loaded.model).__name__} has "
-                             f"{type(run.loaded.model.get_output_embeddings()).__name__}")
+        linear_head(run.loaded.model)
         if run.cfg.model.dtype == "float16":
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "
