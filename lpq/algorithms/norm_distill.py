@@ -143,18 +143,27 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings) -> TeacherTargets:
-    """The teacher's hidden states for every batch of the `settings.steps` steps, computed as the steps
-    would (same batches, same autocast), so the distillation's result does not depend on when."""
+def teacher_targets(teacher: nn.Module, tokens: Tensor, settings: NormDistillSettings,
+                    first_step: int = 0) -> TeacherTargets:
+    """The teacher's hidden states for every batch of steps `first_step` .. `settings.steps` - 1 (a
+    resumed run needs none for the steps it has done), computed as the steps would (same batches, same
+    autocast), so the distillation's result does not depend on when."""
     head = linear_head(teacher)
     device = next(teacher.parameters()).device
     hidden: dict[tuple[int, ...], Tensor] = {}
     with _autocast(settings, device):
-        for step in range(settings.steps):
+        for step in range(first_step, settings.steps):
             idx = tuple(batch_indices(step, settings, tokens.shape[0]))
             if idx not in hidden:
                 hidden[idx] = final_hidden(teacher, tokens[list(idx)].to(device))
     return TeacherTargets(hidden, head)
+
+
+def steps_done(resume_file: Path | None) -> int:
+    """How many steps the distillation's resume file holds as done (0 without one)."""
+    if resume_file is None or not resume_file.is_file():
+        return 0
+    return int(torch.load(resume_file)["step"])
 
 
 def learnable_input_scales(model: nn.Module, adapter) -> list[Tensor]:
@@ -255,14 +264,15 @@ def _first_nonfinite(model: nn.Module, params: list[nn.Parameter]) -> str | None
                 None)
 
 
-def distill_norms(student: nn.Module, targets: TeacherTargets, tokens: Tensor, settings: NormDistillSettings,
+def distill_norms(student: nn.Module, targets: TeacherTargets | None, tokens: Tensor, settings: NormDistillSettings,
                   resume_file: Path | None = None, save_every: int = 10,
                   blocks: nn.ModuleList | None = None, extra: list[Tensor] | None = None) -> dict:
     """Train the student's norm parameters (and the `extra` tensors, e.g. learnable input scales) in
     place; every other parameter stays as it is.
 
     With `resume_file`, the norms, optimizer and losses are saved there every `save_every` steps, and a
-    call that finds the file continues from its step: the result is the same as an uninterrupted run.
+    call that finds the file continues from its step: the result is the same as an uninterrupted run
+    (`targets` need to cover the steps left only; None when the file holds every step).
     With `blocks` (the student's transformer blocks), each block's activations are recomputed in the
     backward pass instead of held. Returns the loss of the first and the last steps and the time taken."""
     from tqdm.auto import tqdm
@@ -292,7 +302,7 @@ def distill_norms(student: nn.Module, targets: TeacherTargets, tokens: Tensor, s
     with _only_trainable(student, params), _recomputed(blocks):
         for step in bar:
             idx = batch_indices(step, settings, n)
-            target = targets.hidden.get(tuple(idx))
+            target = targets.hidden.get(tuple(idx)) if targets is not None else None
             if target is None:
                 raise ValueError(f"norm distillation: no teacher target for step {step + 1}'s batch {idx}; make the "
                                  f"targets with teacher_targets() from the same tokens and settings")
@@ -340,11 +350,15 @@ class NormDistill(Step):
     def on_model_end(self, run) -> dict:
         s = self.settings
         tokens = run.text_windows(s.sequences, s.seq_len)
-        targets = teacher_targets(run.float_model(), tokens, s)
-        run.release_float_model()   # reloaded from its files when the evaluation needs it
+        resume_file = run.resume_file(self)
+        done = steps_done(resume_file)
+        targets = None
+        if done < s.steps:   # a finished distillation (a rerun) needs no float model
+            targets = teacher_targets(run.float_model(), tokens, s, first_step=done)
+            run.release_float_model()   # reloaded from its files when the evaluation needs it
         model = run.loaded.model
         extra = learnable_input_scales(model, run.adapter) if s.input_scales else []
-        result = distill_norms(model, targets, tokens, s, resume_file=run.resume_file(self),
+        result = distill_norms(model, targets, tokens, s, resume_file=resume_file,
                                blocks=run.adapter.blocks(model), extra=extra)
         return {"norm_distill": result}
 

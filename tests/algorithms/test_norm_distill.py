@@ -64,8 +64,8 @@ def test_refuses_what_it_cannot_train():
 
 
 def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monkeypatch):
-    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1))
-    settings = NormDistillSettings(steps=6, lr=1e-2, batch_size=2)
+    ids = torch.randint(0, 1000, (6, 16), generator=torch.Generator().manual_seed(1))
+    settings = NormDistillSettings(steps=6, lr=1e-2, batch_size=1)
     teacher, straight = _pair()
     resumed = copy.deepcopy(straight)
     a = _distill(straight, teacher, ids, settings)
@@ -80,12 +80,29 @@ def test_an_interrupted_distillation_continues_to_the_same_result(tmp_path, monk
     monkeypatch.setattr(norm_distill, "head_kl", dies_at_step_five)
     with pytest.raises(KeyboardInterrupt):
         _distill(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
-    assert torch.load(tmp_path / "d.pt")["step"] == 4
+    assert torch.load(tmp_path / "d.pt")["step"] == 4 == norm_distill.steps_done(tmp_path / "d.pt")
     monkeypatch.setattr(norm_distill, "head_kl", real)
-    b = _distill(resumed, teacher, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
+    # The resumed run is given the teacher's targets for the steps left only (5 and 6).
+    left = teacher_targets(teacher, ids, settings, first_step=4)
+    assert sorted(left.hidden) == [(4,), (5,)]
+    b = distill_norms(resumed, left, ids, settings, resume_file=tmp_path / "d.pt", save_every=2)
     assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
     for p, q in zip(norm_parameters(straight), norm_parameters(resumed)):
         assert torch.equal(p, q)
+
+
+def test_a_finished_distillation_needs_no_targets(tmp_path):
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(6))
+    settings = NormDistillSettings(steps=2, lr=1e-2, batch_size=1)
+    teacher, student = _pair()
+    assert norm_distill.steps_done(tmp_path / "d.pt") == 0 and norm_distill.steps_done(None) == 0
+    a = _distill(student, teacher, ids, settings, resume_file=tmp_path / "d.pt")
+    again = copy.deepcopy(_pair()[1])
+    b = distill_norms(again, None, ids, settings, resume_file=tmp_path / "d.pt")
+    assert (a["first_loss"], a["last_loss"]) == (b["first_loss"], b["last_loss"])
+    assert all(torch.equal(p, q) for p, q in zip(norm_parameters(student), norm_parameters(again)))
+    with pytest.raises(ValueError, match="no teacher target for step 1"):
+        distill_norms(copy.deepcopy(again), None, ids, settings)
 
 
 def test_recomputing_block_activations_gives_the_same_training():

@@ -283,7 +283,9 @@ def test_norm_distillation_is_exported_and_survives_a_rerun(tmp_path, monkeypatc
         raise AssertionError("trained again")
 
     monkeypatch.setattr(norm_distill, "head_kl", no_training)
+    events.clear()
     again = _run(tmp_path, d)
+    assert "released" not in events   # the finished distillation did not load the float model for targets
     assert again["quantized"] == report["quantized"]
     assert {k: v for k, v in again["norm_distill"].items() if k != "seconds"} == \
         {k: v for k, v in report["norm_distill"].items() if k != "seconds"}
