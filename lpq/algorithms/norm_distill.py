@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lpq import cpu_numerics
 from lpq.algorithms.step import Phase, Step, register
 from lpq.eval import shift
 from lpq.export.atomic import save_atomic
@@ -342,6 +343,15 @@ class NormDistill(Step):
                              f"{run.kind.name} model")
         run.require_whole_model("norm_distill trains through the whole model at once")
         linear_head(run.loaded.model)
+        bf16 = {"norm_distill.precision": self.settings.precision is Precision.BFLOAT16,
+                "model.dtype": run.cfg.model.dtype == "bfloat16"}
+        on_cpu = next(run.loaded.model.parameters()).device.type == "cpu"
+        if on_cpu and any(bf16.values()) and not cpu_numerics.native_bf16_matmul():
+            key = next(k for k, v in bf16.items() if v)
+            raise ValueError(f"norm_distill would compute in bfloat16 ({key}), but bfloat16 matmuls are emulated on "
+                             f"this CPU ({cpu_numerics.profile()['LPQ_CPU_NUMERICS']} numerics; tens of times "
+                             f"slower than float32): use float32, or LPQ_CPU_NUMERICS=native on a CPU with "
+                             f"AVX512-BF16 or AMX")
         if run.cfg.model.dtype == "float16":
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "
