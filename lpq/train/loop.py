@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from lpq import cpu_numerics
 from lpq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lpq.train.data import BatchPlan
 from lpq.train.monitor import JsonlLog, summarize_stats
 from lpq.train.nonfinite import NonFiniteError, diagnose
 from lpq.train.objectives import build_objective, move_batch
-from lpq.train.recipe import Distributed, LrSchedule, Optimizer, TrainConfig, TrainRecipe
+from lpq.train.recipe import Distributed, LrSchedule, MixedPrecision, Optimizer, TrainConfig, TrainRecipe
 
 if TYPE_CHECKING:
     from lpq.quant import QuantRecipe
@@ -91,6 +93,16 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def emulated_bf16_warning(cfg: TrainConfig) -> str | None:
+    """What to tell a CPU run in bf16 whose bfloat16 matmuls are emulated (~90x slower than float32 on
+    the development machine, docs/ptq_results.md round 10); None where there is nothing to say."""
+    if cfg.mixed_precision is not MixedPrecision.BF16 or torch.cuda.is_available() or cpu_numerics.native_bf16_matmul():
+        return None
+    return ("train.mixed_precision bf16 on a CPU whose bfloat16 matmuls are emulated (no AVX512-BF16/AMX, or the "
+            "pinned AVX2 numerics): tens of times slower than float32; for CPU runs use mixed_precision: \"no\", "
+            "or LPQ_CPU_NUMERICS=native on a CPU with AVX512-BF16")
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -104,6 +116,9 @@ def make_accelerator(cfg: TrainConfig):
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                                                state_dict_type="SHARDED_STATE_DICT")
     process_state()
+    warning = emulated_bf16_warning(cfg)
+    if warning:
+        print(f"lpq train: warning: {warning}", file=sys.stderr)
     return Accelerator(mixed_precision=cfg.mixed_precision.value, cpu=not torch.cuda.is_available(), **kwargs)
 
 

@@ -151,3 +151,21 @@ def test_lpq_eval_runs_on_both_trained_models(corpus, tmp_path):
     again = distribution_shift(bf16, bf16, hub.load_model(hub.ModelConfig(id="tiny-llama")).tokenizer, text, 2, 32)
     assert again["baseline_ppl"] == pytest.approx(shift["baseline_ppl"], rel=1e-5)
     assert shift["candidate_ppl"] != shift["baseline_ppl"]
+
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, native):
+    """Emulated bfloat16 matmuls (no AVX512-BF16/AMX, or the pinned numerics) are ~90x slower than float32:
+    a CPU run in bf16 is told so in one line before it trains; float32 runs and native bf16 are not."""
+    from lpq import cpu_numerics
+    from lpq.train.loop import emulated_bf16_warning
+    from lpq.train.recipe import MixedPrecision, TrainConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for CPU runs")
+    monkeypatch.setattr(cpu_numerics, "native_bf16_matmul", lambda: native)
+    warning = emulated_bf16_warning(TrainConfig(mixed_precision=MixedPrecision.BF16))
+    assert (warning is None) == native
+    assert native or warning.startswith("train.mixed_precision bf16 on a CPU whose bfloat16 matmuls are emulated")
+    assert emulated_bf16_warning(TrainConfig(mixed_precision=MixedPrecision.NO)) is None
