@@ -153,7 +153,6 @@ def test_lpq_eval_runs_on_both_trained_models(corpus, tmp_path):
     assert shift["candidate_ppl"] != shift["baseline_ppl"]
 
 
-
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, native):
     """Emulated bfloat16 matmuls (no AVX512-BF16/AMX, or the pinned numerics) are ~90x slower than float32:
