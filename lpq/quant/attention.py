@@ -15,7 +15,8 @@ for bit. Enabled, attention is computed explicitly, by one of these paths (`Atte
   independent of query length x key length, custom backward;
 * `fused` (opt-in): the tiled computation in Triton kernels (lpq.kernels.attention; CUDA, or CPU
   under TRITON_INTERPRET=1), P in HiF8 or unquantized;
-* `materialized`: the plain reference, P held whole (memory grows with query x key length).
+* `materialized` (lpq.quant.materialized_attention): the plain reference, P held in memory (memory
+  grows with query x key length), in chunks of `causal_rows` query rows where the call is causal.
 
 `auto` (the default) takes the tiled path when the scores of a call span more than one tile and
 the tiled path computes it exactly as the materialized one (no dropout on P, P's format and axis
@@ -28,9 +29,9 @@ import sys
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lpq.quant.materialized_attention import DEFAULT_CAUSAL_ROWS, materialized_attention
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import AttentionRecipe
 from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, fused_quantized_attention,
@@ -50,6 +51,7 @@ class AttentionQuantizers(nn.Module):
         self.impl = "auto"                 # see the module docstring
         self.block_q = DEFAULT_BLOCK_Q     # tile of the tiled path: query rows x keys
         self.block_k = DEFAULT_BLOCK_K
+        self.causal_rows = DEFAULT_CAUSAL_ROWS   # query rows per chunk of the materialized causal path
 
     def extra_repr(self) -> str:
         return f"quant_enabled={self.quant_enabled}, impl={self.impl}"
@@ -72,29 +74,19 @@ def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, val
     q = aq.quantize("q", query)
     k = aq.quantize("k", key)
     v = aq.quantize("v", value)
+    sq, skv = q.shape[-2], k.shape[-2]
+    tiled = aq.impl == "tiled" or (aq.impl == "auto" and why is None
+                                   and (sq > aq.block_q or skv > aq.block_k))
+    if not tiled and aq.impl != "fused":
+        return materialized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer, dropout, training,
+                                      aq.causal_rows)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    sq, skv = q.shape[-2], k.shape[-2]
-    tiled = aq.impl == "tiled" or (aq.impl == "auto" and why is None
-                                   and (sq > aq.block_q or skv > aq.block_k))
     if aq.impl == "fused":
         return fused_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer)
-    if tiled:
-        return tiled_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer, aq.block_q, aq.block_k)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is None and causal and sq > 1:
-        mask = torch.ones(sq, skv, dtype=torch.bool, device=scores.device).tril(diagonal=skv - sq)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask[..., :skv]
-    p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    p = F.dropout(p, p=dropout, training=training)
-    p = aq.quantize("p", p)
-    return torch.matmul(p, v)
+    return tiled_quantized_attention(q, k, v, mask, scaling, causal, aq.p_quantizer, aq.block_q, aq.block_k)
 
 
 # ---------------------------------------------------------------- transformers

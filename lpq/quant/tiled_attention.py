@@ -27,21 +27,20 @@ axis than the keys, and NVFP4 (its per-tensor scale is part of the format: the t
 would compute it per tile).
 
 FusedQuantAttention runs the same passes in Triton kernels (lpq.kernels.attention), P in HiF8 or
-unquantized; the quantizer bookkeeping around them is shared with the PyTorch version here.
+unquantized; the P quantizer bookkeeping of both is lpq.quant.p_quantization.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lpq.formats import fake_quant, get_format
-from lpq.formats.api import fake_quant_scaled, fake_quant_stats, moments
+from lpq.formats import get_format
+from lpq.formats.api import moments
+from lpq.quant.p_quantization import PStats, choose_p_scale, finish_p_quantizer, quantize_part
 from lpq.quant.quantizer import TensorQuantizer
-from lpq.quant.recipe import Scaling
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 1024
@@ -61,47 +60,6 @@ def unsupported_reason(p_quantizer: TensorQuantizer | None, dropout: float) -> s
     if p_quantizer.groups != 1:
         return "a P quantizer with several scale groups"
     return None
-
-
-class _PQuant:
-    """How P tiles are quantized in one call: the format and the one scale for the whole P."""
-
-    def __init__(self, quantizer: TensorQuantizer | None, scale: float | None):
-        self.quantizer = quantizer
-        self.fmt = quantizer.spec.format if quantizer is not None else None
-        self.scale = scale
-
-    def __call__(self, pc: Tensor) -> Tensor:
-        if self.fmt is None:
-            return pc
-        if self.scale is None:
-            return fake_quant(pc, self.fmt, -1)
-        # Bit for bit what TensorQuantizer._quantize does with one scale for the whole tensor.
-        return fake_quant_scaled(pc, self.fmt, self.scale, -1)
-
-
-class _Stats:
-    """Whole-tensor statistics of P, summed over tiles as tensors (no device syncs): amax and sum
-    of squares (the quantizer's amax/RMS) and, with counts, the counts of `_record_stats`.
-    `pending`: record amax/RMS as delayed scaling's pending statistics at the end."""
-
-    def __init__(self, device: torch.device, pending: bool, counts: bool):
-        self.pending, self.counts = pending, counts
-        self.amax = torch.zeros((), dtype=torch.float32, device=device)
-        self.sumsq = torch.zeros((), dtype=torch.float64, device=device)
-        self.totals = {k: torch.zeros((), dtype=torch.int64, device=device) for k in ("overflow", "flushed", "coarse")}
-
-    def add(self, amax: Tensor, sumsq: Tensor, counts: dict[str, Tensor] | None = None) -> None:
-        # max is order-free (NaN propagates); the squares are summed in float64, so the order of
-        # the tiles does not matter at float32 precision
-        self.amax = torch.maximum(self.amax, amax)
-        self.sumsq = self.sumsq + sumsq
-        for k, v in (counts or {}).items():
-            if k in self.totals:
-                self.totals[k] = self.totals[k] + v
-
-    def rms(self, numel: int) -> Tensor:
-        return (self.sumsq / max(numel, 1)).sqrt().float()
 
 
 def _tile_mask(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
@@ -196,7 +154,7 @@ class TiledQuantAttention(torch.autograd.Function):
         prob = _Problem(q, k, v, mask, scaling, causal, block_q, block_k)
         m, l = prob.row_stats()
         numel = q.shape[:-1].numel() * prob.skv
-        pquant, stats = _choose_p_scale(p_quantizer, q.device, numel, lambda: _tile_moments(prob, m, l))
+        pquant, stats = choose_p_scale(p_quantizer, q.device, numel, lambda: _tile_moments(prob, m, l))
         vf = v.float()
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         # O' = P V with the float P, for the softmax backward's row term; only when a gradient is due.
@@ -204,16 +162,11 @@ class TiledQuantAttention(torch.autograd.Function):
         for i0, i1 in prob.tiles_q():
             for j0, j1 in prob.tiles_k(i0, i1):
                 p = prob.probs(m, l, i0, i1, j0, j1)
-                pc = p.to(q.dtype)
-                if stats is None:
-                    pq = pquant(pc)
-                else:   # quantized and measured in one pass (one Triton kernel on CUDA)
-                    pq, st = fake_quant_stats(pc, pquant.fmt, pquant.scale, -1, counts=stats.counts)
-                    stats.add(st.pop("amax"), st.pop("sumsq"), st)
+                pq = quantize_part(pquant, stats, p.to(q.dtype))
                 out[..., i0:i1, :] += pq.float() @ vf[..., j0:j1, :]
                 if out_float_p is not None:
                     out_float_p[..., i0:i1, :] += p @ vf[..., j0:j1, :]
-        _finish_p_quantizer(p_quantizer, pquant, stats, numel)
+        finish_p_quantizer(p_quantizer, pquant, stats, numel)
         ctx.save_for_backward(q, k, v, m, l, out_float_p, mask)
         ctx.settings = (scaling, causal, block_q, block_k, pquant)
         return out.to(q.dtype)
@@ -263,14 +216,14 @@ class FusedQuantAttention(torch.autograd.Function):
             fp.forward(quant, None, 1, first, False)
             return first.amax, first.sumsq[0]
 
-        pquant, stats = _choose_p_scale(p_quantizer, q.device, numel, moments_of_p)
+        pquant, stats = choose_p_scale(p_quantizer, q.device, numel, moments_of_p)
         kernel_stats = Stats(q.device) if stats is not None else None
         need_grad = any(ctx.needs_input_grad[:3])
         out, out_float_p, m, l = fp.forward(quant, pquant.scale, 2, kernel_stats, need_grad)
         if stats is not None:
             stats.add(kernel_stats.amax, kernel_stats.sumsq[0],
                       dict(zip(("overflow", "flushed", "coarse"), kernel_stats.counts)))
-        _finish_p_quantizer(p_quantizer, pquant, stats, numel)
+        finish_p_quantizer(p_quantizer, pquant, stats, numel)
         ctx.fused = (fp, quant, pquant.scale)
         ctx.save_for_backward(out_float_p, m, l)
         return out.reshape(q.shape)
@@ -300,65 +253,11 @@ def fused_unsupported_reason(q: Tensor, p_quantizer: TensorQuantizer | None) -> 
 
 def _tile_moments(prob: _Problem, m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     """amax and float64 sum of squares of the whole P (in the query dtype), tile by tile."""
-    acc = _Stats(prob.q.device, True, False)
+    acc = PStats(prob.q.device, True, False)
     for i0, i1 in prob.tiles_q():
         for j0, j1 in prob.tiles_k(i0, i1):
             acc.add(*moments(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)))
     return acc.amax, acc.sumsq
-
-
-def _needs_stats_first(quantizer: TensorQuantizer) -> bool:
-    scaling = quantizer.spec.scaling
-    if scaling == Scaling.CURRENT:
-        return True
-    return scaling == Scaling.DELAYED and not bool((quantizer.scale > 0).all())
-
-
-def _choose_p_scale(quantizer: TensorQuantizer | None, device: torch.device, numel: int,
-                    moments_of_p: Callable[[], tuple[Tensor, Tensor]]) -> tuple[_PQuant, _Stats | None]:
-    """The scale P is quantized with, found as TensorQuantizer.forward finds it (a statistics pass,
-    `moments_of_p()` -> (amax, sum of squares) of the whole P, first where the scale depends on this
-    P), and the statistics still to gather in the output pass (None: none)."""
-    if quantizer is None:
-        return _PQuant(None, None), None
-    track = quantizer.track_stats
-    if quantizer.spec.scaling == Scaling.NONE:
-        return _PQuant(quantizer, None), (_Stats(device, False, True) if track else None)
-    if _needs_stats_first(quantizer):
-        first = _Stats(device, True, False)
-        first.add(*moments_of_p())
-        scale = quantizer._scale_for(first.amax.reshape(1), first.rms(numel).reshape(1), None)
-        return _PQuant(quantizer, float(scale.reshape(()))), (_Stats(device, False, True) if track else None)
-    # Delayed scaling with a stored scale: quantize with it; this call's statistics are recorded as
-    # pending (training) after the output pass.
-    gather = quantizer.training or track
-    stats = _Stats(device, quantizer.training, track) if gather else None
-    return _PQuant(quantizer, float(quantizer.scale.reshape(()))), stats
-
-
-def _finish_p_quantizer(quantizer: TensorQuantizer | None, pquant: _PQuant, stats: _Stats | None,
-                        numel: int) -> None:
-    """Record what TensorQuantizer.forward would have recorded for the whole P."""
-    if quantizer is None or stats is None:
-        return
-    spec = quantizer.spec
-    if stats.pending:
-        # Returns the stored scale (already used) and records the pending amax/RMS.
-        quantizer._scale_for(stats.amax.reshape(1), stats.rms(numel).reshape(1), None)
-    if quantizer.track_stats:
-        totals = {"amax": stats.amax, "sumsq": stats.sumsq, **stats.totals}
-        record = getattr(quantizer, "_record_fused_stats", None)
-        if record is not None:   # the quantizer's own recorder of fused statistics: the same meaning by construction
-            record(totals, pquant.scale, numel, None)
-            return
-        n = max(numel, 1)
-        quantizer.last_stats = {
-            "amax": float(stats.amax) if numel else 0.0,
-            "scale": pquant.scale,
-            "overflow": float(stats.totals["overflow"]) / n,
-            "flushed": float(stats.totals["flushed"]) / n,
-            "coarse": float(stats.totals["coarse"]) / n if spec.format == "hif8" else None,
-        }
 
 
 def tiled_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,

@@ -23,7 +23,8 @@ from lpq.quant import AttentionRecipe, QuantizerSpec, QuantRecipe
 from lpq.quant.attention import AttentionQuantizers, quantized_attention
 from lpq.quant.quantizer import update_delayed_scales
 from lpq.quant.scaling import compute_scale
-from lpq.quant.tiled_attention import _Problem, _PQuant, key_tile, tiled_quantized_attention
+from lpq.quant.p_quantization import PQuant
+from lpq.quant.tiled_attention import _Problem, key_tile, tiled_quantized_attention
 from tests.quant.tiny import LLMS, build, run
 
 
@@ -84,7 +85,7 @@ def _tiled_p(aq, q, k, v, mask, causal, scale):
         m, l = prob.row_stats()
         p = torch.zeros(*qq.shape[:-1], kk.shape[-2])
         pq = torch.zeros_like(p)
-        quant = _PQuant(aq.p_quantizer, scale)
+        quant = PQuant(aq.p_quantizer, scale)
         for i0, i1 in prob.tiles_q():
             for j0, j1 in prob.tiles_k(i0, i1):
                 t = prob.probs(m, l, i0, i1, j0, j1).to(q.dtype)
