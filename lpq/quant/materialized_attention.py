@@ -14,7 +14,7 @@ key, dK and dV add the chunks' parts). Measured on SmolLM2-135M's attention (9 q
 heads, HiF8 with delayed scaling; forward and backward, one CPU thread): at 1 x 512 tokens 64-row
 chunks 29-30 ms, the whole P 52 ms, sdpa 31 ms; at 2 x 128 tokens 6.1-6.5, 7.5 and 4.5 ms.
 
-Calls whose P quantizer cannot work on parts (see tiled_attention.unsupported_reason: NVFP4's
+Calls whose P quantizer cannot work on parts (p_quantization.parts_unsupported_reason: NVFP4's
 per-tensor scale, a block format along another axis, several scale groups) and every call with a
 mask or without causality compute the whole P in one piece, quantized by the P quantizer itself.
 """
@@ -26,9 +26,9 @@ from torch import Tensor
 
 from lpq.formats import get_format
 from lpq.formats.api import moments
-from lpq.quant.p_quantization import PStats, choose_p_scale, finish_p_quantizer, quantize_part
+from lpq.quant.p_quantization import (PStats, choose_p_scale, finish_p_quantizer, parts_unsupported_reason,
+                                      quantize_part)
 from lpq.quant.quantizer import TensorQuantizer
-from lpq.quant.tiled_attention import unsupported_reason
 
 DEFAULT_CAUSAL_ROWS = 64   # measured at 512 tokens: 64 and 128 rows alike, 256 12 % and 512 (one chunk) 75 % slower; at 128 tokens 64 best
 
@@ -42,7 +42,7 @@ def materialized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         raise ValueError(f"causal chunk rows must be >= 1, got {rows}")
     sq, skv = q.shape[-2], k.shape[-2]
     offset = skv - sq          # key j is visible from query i iff j <= i + offset
-    if mask is None and causal and sq > 1 and offset >= 0 and unsupported_reason(p_quantizer, 0.0) is None:
+    if mask is None and causal and sq > 1 and offset >= 0 and parts_unsupported_reason(p_quantizer) is None:
         return _causal_chunks(q, k, v, scaling, p_quantizer, dropout, training, rows, offset)
     scores = _grouped_matmul(q, k.transpose(-1, -2)) * scaling
     if mask is None and causal and sq > 1:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lpq.formats import fake_quant, fake_quant_ste
+from lpq.formats import fake_quant, fake_quant_ste, get_format
 from lpq.formats.api import StraightThrough, fake_quant_scaled, fake_quant_scaled_ste, fake_quant_stats
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import Scaling
@@ -74,6 +74,21 @@ def quantize_part(pquant: PQuant, stats: PStats | None, pc: Tensor) -> Tensor:
         pq, st = fake_quant_stats(pc, pquant.fmt, pquant.scale, -1, counts=stats.counts)
     stats.add(st.pop("amax"), st.pop("sumsq"), st)
     return StraightThrough.apply(pc, pq) if torch.is_grad_enabled() and pc.requires_grad else pq
+
+
+def parts_unsupported_reason(quantizer: TensorQuantizer | None) -> str | None:
+    """Why P cannot be quantized in parts exactly as the whole P would be (parts split the rows and
+    end on whole format blocks along the keys), or None."""
+    if quantizer is None:
+        return None
+    spec = quantizer.spec
+    if spec.format == "nvfp4":
+        return "P in nvfp4 needs the per-tensor scale of the whole P inside the format"
+    if get_format(spec.format).block > 1 and spec.axis not in (-1, 3):
+        return f"P in the block format {spec.format} along axis {spec.axis} (parts keep whole blocks along the keys only)"
+    if quantizer.groups != 1:
+        return "a P quantizer with several scale groups"
+    return None
 
 
 def _needs_stats_first(quantizer: TensorQuantizer) -> bool:

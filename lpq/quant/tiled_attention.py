@@ -39,7 +39,8 @@ from torch.autograd.function import once_differentiable
 
 from lpq.formats import get_format
 from lpq.formats.api import moments
-from lpq.quant.p_quantization import PStats, choose_p_scale, finish_p_quantizer, quantize_part
+from lpq.quant.p_quantization import (PStats, choose_p_scale, finish_p_quantizer, parts_unsupported_reason,
+                                      quantize_part)
 from lpq.quant.quantizer import TensorQuantizer
 
 DEFAULT_BLOCK_Q = 512
@@ -50,16 +51,7 @@ def unsupported_reason(p_quantizer: TensorQuantizer | None, dropout: float) -> s
     """Why the tiled path cannot compute this call exactly as the materialized one, or None."""
     if dropout > 0:
         return f"dropout on P ({dropout}) is only supported by the materialized path"
-    if p_quantizer is None:
-        return None
-    spec = p_quantizer.spec
-    if spec.format == "nvfp4":
-        return "P in nvfp4 needs the per-tensor scale of the whole P inside the format"
-    if get_format(spec.format).block > 1 and spec.axis not in (-1, 3):
-        return f"P in the block format {spec.format} along axis {spec.axis} (tiles split the keys only)"
-    if p_quantizer.groups != 1:
-        return "a P quantizer with several scale groups"
-    return None
+    return parts_unsupported_reason(p_quantizer)
 
 
 def _tile_mask(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
