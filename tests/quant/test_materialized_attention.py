@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lpq
 from lpq.formats import fake_quant
-from lpq.quant import AttentionRecipe, QuantizerSpec
+from lpq.models.tiny import tiny_causal_lm
+from lpq.quant import AttentionRecipe, QuantizerSpec, QuantRecipe
 from lpq.quant.attention import AttentionQuantizers, quantized_attention
 from lpq.quant.materialized_attention import _grouped_matmul, materialized_attention
 from lpq.quant.quantizer import update_delayed_scales
@@ -156,3 +158,24 @@ def test_quantized_p_by_hand():
     out = quantized_attention(aq, q, k, v, None, 0.3, True)
     s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), -torch.inf)
     torch.testing.assert_close(out, fake_quant(torch.softmax(s, -1), "hif8") @ v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_models_without_padding_take_the_chunks_and_keep_their_math(name, monkeypatch):
+    # No padding: transformers passes no mask and is_causal, so the chunked path runs (4-row chunks of
+    # 12 tokens). With every Q/K/V/P quantizer removed it must be the model's own attention.
+    model = tiny_causal_lm(name)
+    ids = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits
+    lpq.quantize_model(model, QuantRecipe(attention=AttentionRecipe(format="hif8")))
+    calls = []
+    for m in model.modules():
+        if isinstance(m, AttentionQuantizers):
+            m.q_quantizer = m.k_quantizer = m.v_quantizer = m.p_quantizer = None
+            m.impl, m.causal_rows = "materialized", 4
+    from lpq.quant import materialized_attention as mat
+    orig = mat._causal_chunks
+    monkeypatch.setattr(mat, "_causal_chunks", lambda *a: calls.append(1) or orig(*a))
+    out = model(input_ids=ids).logits
+    assert calls
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
