@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lpq
 from lpq.formats import fake_quant, get_format
@@ -25,7 +24,7 @@ from lpq.quant.quantizer import update_delayed_scales
 from lpq.quant.scaling import compute_scale
 from lpq.quant.p_quantization import PQuant
 from lpq.quant.tiled_attention import _Problem, key_tile, tiled_quantized_attention
-from tests.quant.tiny import LLMS, build, run
+from tests.quant.tiny import LLMS, LargestTensor, build, run
 
 
 def _quantizers(fmt: str = "hif8", scaling: str = "none", impl: str = "materialized", bq: int = 16,
@@ -233,19 +232,6 @@ def test_auto_picks_tiled_only_beyond_one_tile():
         quantized_attention(aq, q, k, v, None, 0.3, True)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_tensor_grows_with_query_times_key_length():
     # Forward and backward of 512 x 512 attention in 32 x 64 tiles: no tensor created on the way
     # is larger than a tile of scores or than Q itself (the Sq x Skv scores would be 16x larger).
@@ -253,7 +239,7 @@ def test_no_tensor_grows_with_query_times_key_length():
     q, k, v = _inputs(b, h, h, s, s, d)
     aq = _quantizers("hif8", "delayed", "tiled", 32, 64)
     aq.train()
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = quantized_attention(aq, q, k, v, None, 0.3, True)
         out.sum().backward()
     assert mode.largest <= max(b * h * 32 * 64, b * h * s * d)

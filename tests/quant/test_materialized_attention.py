@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lpq
 from lpq.formats import fake_quant
@@ -12,6 +11,7 @@ from lpq.quant import AttentionRecipe, QuantizerSpec, QuantRecipe
 from lpq.quant.attention import AttentionQuantizers, quantized_attention
 from lpq.quant.materialized_attention import _grouped_matmul, materialized_attention
 from lpq.quant.quantizer import update_delayed_scales
+from tests.quant.tiny import LargestTensor
 
 WHOLE = 10 ** 9   # rows per chunk that make one chunk of any call: the whole P
 
@@ -95,26 +95,13 @@ def test_causal_chunks_track_the_same_statistics():
         assert (got is None) == (want is None) and (want is None or abs(got - want) <= 1e-6 * max(abs(want), 1e-6)), key
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_causal_chunks_skip_the_masked_keys():
     # 64 queries in chunks of 16: the largest score tensor is the last chunk's 16 x 64, not 64 x 64.
     b, h, s = 1, 2, 64
     q, k, v = _inputs(b=b, h=h, hkv=h, sq=s, skv=s, d=8)
     aq = _quantizers("hif8", "delayed")
     aq.causal_rows = 16
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         quantized_attention(aq, q, k, v, None, 0.3, True, training=True).sum().backward()
     assert mode.largest == b * h * 16 * s
 
@@ -129,7 +116,7 @@ def test_masks_and_nvfp4_take_the_whole_p():
         assert torch.equal(a, b)
     aq = _quantizers("nvfp4")
     aq.causal_rows = 16
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         quantized_attention(aq, q, k, v, None, 0.3, True)
     assert mode.largest == 2 * 6 * 40 * 40    # NVFP4's per-tensor scale: P in one piece
 

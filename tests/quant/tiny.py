@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpq.models.tiny import tiny_causal_lm, tiny_wan_pipeline, tiny_wan_transformer
 
@@ -50,3 +51,18 @@ class LinearWeights(TorchFunctionMode):
         if func is F.linear:
             self.weights.append((args[1] if len(args) > 1 else kwargs["weight"]).detach())
         return func(*args, **kwargs)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
