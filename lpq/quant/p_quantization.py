@@ -11,13 +11,13 @@ sum of squares or the counts, and the RMS is taken over all `numel` entries of P
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from lpq.formats import fake_quant, fake_quant_ste, get_format
-from lpq.formats.api import StraightThrough, fake_quant_scaled, fake_quant_scaled_ste, fake_quant_stats
+from lpq.formats.api import StraightThrough, fake_quant_scaled, fake_quant_scaled_ste, fake_quant_stats, moments
 from lpq.quant.quantizer import TensorQuantizer
 from lpq.quant.recipe import Scaling
 
@@ -26,7 +26,6 @@ class PQuant:
     """How the parts of P are quantized in one call: the format and the one scale for the whole P."""
 
     def __init__(self, quantizer: TensorQuantizer | None, scale: float | None):
-        self.quantizer = quantizer
         self.fmt = quantizer.spec.format if quantizer is not None else None
         self.scale = scale
 
@@ -65,6 +64,14 @@ class PStats:
         return (self.sumsq / max(numel, 1)).sqrt().float()
 
 
+def moments_of_parts(parts: Iterable[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """amax and float64 sum of squares of the whole P from its parts (`moments` of each, combined)."""
+    acc = PStats(device, False, False)
+    for part in parts:
+        acc.add(*moments(part))
+    return acc.amax, acc.sumsq
+
+
 def quantize_part(pquant: PQuant, stats: PStats | None, pc: Tensor) -> Tensor:
     """One part of P quantized with the call's scale, its statistics added to `stats` (None: none
     gathered); the gradient is the identity (straight-through) where `pc` requires one."""
@@ -85,7 +92,8 @@ def parts_unsupported_reason(quantizer: TensorQuantizer | None) -> str | None:
     if spec.format == "nvfp4":
         return "P in nvfp4 needs the per-tensor scale of the whole P inside the format"
     if get_format(spec.format).block > 1 and spec.axis not in (-1, 3):
-        return f"P in the block format {spec.format} along axis {spec.axis} (parts keep whole blocks along the keys only)"
+        return (f"P in the block format {spec.format} along axis {spec.axis} "
+                f"(parts keep whole blocks along the keys only)")
     if quantizer.groups != 1:
         return "a P quantizer with several scale groups"
     return None

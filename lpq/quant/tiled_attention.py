@@ -38,8 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lpq.formats import get_format
-from lpq.formats.api import moments
-from lpq.quant.p_quantization import (PStats, choose_p_scale, finish_p_quantizer, parts_unsupported_reason,
+from lpq.quant.p_quantization import (choose_p_scale, finish_p_quantizer, moments_of_parts, parts_unsupported_reason,
                                       quantize_part)
 from lpq.quant.quantizer import TensorQuantizer
 
@@ -245,11 +244,9 @@ def fused_unsupported_reason(q: Tensor, p_quantizer: TensorQuantizer | None) -> 
 
 def _tile_moments(prob: _Problem, m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     """amax and float64 sum of squares of the whole P (in the query dtype), tile by tile."""
-    acc = PStats(prob.q.device, True, False)
-    for i0, i1 in prob.tiles_q():
-        for j0, j1 in prob.tiles_k(i0, i1):
-            acc.add(*moments(prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)))
-    return acc.amax, acc.sumsq
+    tiles = (prob.probs(m, l, i0, i1, j0, j1).to(prob.q.dtype)
+             for i0, i1 in prob.tiles_q() for j0, j1 in prob.tiles_k(i0, i1))
+    return moments_of_parts(tiles, prob.q.device)
 
 
 def tiled_quantized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, causal: bool,
