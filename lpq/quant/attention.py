@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from lpq.quant.materialized_attention import DEFAULT_CAUSAL_ROWS, materialized_attention
 from lpq.quant.quantizer import TensorQuantizer
-from lpq.quant.recipe import AttentionRecipe
+from lpq.algorithms.hadamard import fwht
+from lpq.quant.recipe import AttentionRecipe, QKRotation
 from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, fused_quantized_attention,
                                        fused_unsupported_reason, tiled_quantized_attention, unsupported_reason)
 
@@ -47,6 +48,7 @@ class AttentionQuantizers(nn.Module):
         for role in ROLES:
             spec = getattr(recipe, role)
             setattr(self, f"{role}_quantizer", TensorQuantizer(spec, role) if spec else None)
+        self.qk_rotation = recipe.qk_rotation
         self.quant_enabled = True
         self.impl = "auto"                 # see the module docstring
         self.block_q = DEFAULT_BLOCK_Q     # tile of the tiled path: query rows x keys
@@ -54,16 +56,24 @@ class AttentionQuantizers(nn.Module):
         self.causal_rows = DEFAULT_CAUSAL_ROWS   # query rows per chunk of the materialized causal path
 
     def extra_repr(self) -> str:
-        return f"quant_enabled={self.quant_enabled}, impl={self.impl}"
+        return f"quant_enabled={self.quant_enabled}, impl={self.impl}, qk_rotation={self.qk_rotation}"
 
     def quantize(self, role: str, x: Tensor) -> Tensor:
         q = getattr(self, f"{role}_quantizer")
         return q(x) if q is not None else x
 
 
+def rotate_heads(x: Tensor) -> Tensor:
+    """x H along head_dim, H the normalized Sylvester Hadamard (blocks of powers of two where head_dim is
+    not one): symmetric and orthogonal, so rotating Q and K alike leaves Q K^T as it was."""
+    d = x.shape[-1]
+    return fwht(x, 1 << (d.bit_length() - 1))
+
+
 def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                         scaling: float, causal: bool, dropout: float = 0.0, training: bool = False) -> Tensor:
-    """softmax(Q K^T * scaling + mask) V with Q, K, V, P quantized. Shapes (B, H, S, D); K and V may
+    """softmax(Q K^T * scaling + mask) V with Q, K, V, P quantized (Q and K first rotated per head where
+    `aq.qk_rotation` says so). Shapes (B, H, S, D); K and V may
     have fewer heads (grouped-query attention); mask: bool (True = visible) or additive, broadcastable
     to (B, H, Sq, Skv). Returns (B, H, Sq, D). The path follows `aq.impl` (module docstring)."""
     if aq.impl not in IMPLS:
@@ -71,6 +81,8 @@ def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, val
     why = unsupported_reason(aq.p_quantizer, dropout if training else 0.0)
     if aq.impl in ("tiled", "fused") and why is not None:
         raise NotImplementedError(f"{aq.impl} quantized attention: {why}; use impl='materialized' or 'auto'")
+    if aq.qk_rotation == QKRotation.HADAMARD:
+        query, key = rotate_heads(query), rotate_heads(key)
     q = aq.quantize("q", query)
     k = aq.quantize("k", key)
     v = aq.quantize("v", value)

@@ -63,6 +63,15 @@ def check_protected_budget(count: int, formats: Iterable[str], allow_over_budget
                      f"quant.allow_over_budget: true for research runs outside the challenge")
 
 
+class QKRotation(Choice):
+    """An orthogonal rotation of each head's Q and K rows before their quantizers. (Q H)(K H)^T = Q K^T, so
+    it changes nothing in float; it spreads the few large channels of a head (RoPE's slow frequencies)
+    over all of them before rounding (QuaRot's / SpinQuant's online Q/K rotation)."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"   # Sylvester Hadamard over head_dim (powers-of-two blocks if head_dim is not one)
+
+
 class Scaling(Choice):
     """How a per-tensor scale is found before the format's own quantization."""
 
@@ -131,7 +140,8 @@ class QuantizerSpec:
 class AttentionRecipe:
     """Attention quantization: Q and K along head_dim, V along the key sequence, P along the keys.
 
-    `format: hif8` is a short form that fills q, k, v and p with default axes.
+    `format: hif8` is a short form that fills q, k, v and p with default axes. `qk_rotation` rotates Q
+    and K before they are quantized (QKRotation).
     """
 
     format: str | None = None
@@ -139,8 +149,10 @@ class AttentionRecipe:
     k: QuantizerSpec | None = None
     v: QuantizerSpec | None = None
     p: QuantizerSpec | None = None
+    qk_rotation: QKRotation = QKRotation.NONE
 
     def __post_init__(self) -> None:
+        self.qk_rotation = QKRotation(self.qk_rotation)
         if self.format is not None:
             axes = {"q": -1, "k": -1, "v": -2, "p": -1}
             for role, axis in axes.items():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpq.config import dump_yaml
-from lpq.quant.recipe import QuantizerSpec, QuantRecipe, Scaling
+from lpq.quant.recipe import QKRotation, QuantizerSpec, QuantRecipe, Scaling
 from lpq.train.loop import RunResult, StepCallback, process_state, train_run
 from lpq.train.monitor import median, plot_loss_curves, plot_quant_stats, plot_stability, read_jsonl
 from lpq.train.recipe import MixedPrecision, TrainRecipe
@@ -105,6 +105,10 @@ def scaling_by_role(quant: QuantRecipe) -> dict[str, str]:
         if s.scaling.value == "delayed":
             detail = f"history={s.history_len}, {s.reduction.value}, " + detail
         out[role] = f"{s.format} {s.scaling.value}" + (f"({detail})" if s.scaling.value != "none" else "")
+    if quant.attention is not None and quant.attention.qk_rotation != QKRotation.NONE:
+        for role in ("attention.q", "attention.k"):
+            if role in out:
+                out[role] += f", rows rotated ({quant.attention.qk_rotation})"
     return out
 
 

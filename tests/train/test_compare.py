@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lpq.cli import app
 from lpq.config import ConfigError, from_dict, load_config, to_dict
-from lpq.train.compare import REPORT, describe, plan_runs, quant_for_mode, stability
+from lpq.train.compare import REPORT, describe, plan_runs, quant_for_mode, scaling_by_role, stability
 from lpq.train.domains import compare_domains, domain_text
 from lpq.train.recipe import Split, TrainRecipe
 from tests.train.helpers import make_recipe, quant_section
@@ -103,6 +103,19 @@ def test_plan_runs_and_mode_switch():
     assert [p.label for p in plan_runs(mixed)] == ["bf16", "hif8+mxfp4"]
     assert plan_runs(mixed)[1].title.startswith("HiF8+MXFP4 QAT")
 
+
+
+def test_mode_switch_keeps_the_qk_rotation_and_the_report_names_it():
+    section = quant_section("delayed")
+    section["attention"]["qk_rotation"] = "hadamard"
+    recipe = from_dict({"quant": section, "train": {"compare": ["current"]}}, TrainRecipe)
+    quant = plan_runs(recipe)[1].quant
+    assert quant.attention.qk_rotation.value == "hadamard"
+    roles = scaling_by_role(quant)
+    assert roles["attention.q"].endswith("rows rotated (hadamard)") and roles["attention.k"].endswith("(hadamard)")
+    assert "rotated" not in roles["attention.v"] + roles["input"]
+    plain = plan_runs(from_dict({"quant": quant_section("delayed")}, TrainRecipe))[1].quant
+    assert "rotated" not in scaling_by_role(plain)["attention.q"]
 
 @pytest.mark.parametrize("text, match", [
     ("train: {compare: [current, sometimes]}\nquant: {format: hif8}\n",
