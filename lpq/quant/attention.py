@@ -31,9 +31,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from lpq.algorithms.hadamard import fwht
 from lpq.quant.materialized_attention import DEFAULT_CAUSAL_ROWS, materialized_attention
 from lpq.quant.quantizer import TensorQuantizer
-from lpq.algorithms.hadamard import fwht
 from lpq.quant.recipe import AttentionRecipe, QKRotation
 from lpq.quant.tiled_attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, fused_quantized_attention,
                                        fused_unsupported_reason, tiled_quantized_attention, unsupported_reason)
@@ -73,9 +73,9 @@ def rotate_heads(x: Tensor) -> Tensor:
 def quantized_attention(aq: AttentionQuantizers, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                         scaling: float, causal: bool, dropout: float = 0.0, training: bool = False) -> Tensor:
     """softmax(Q K^T * scaling + mask) V with Q, K, V, P quantized (Q and K first rotated per head where
-    `aq.qk_rotation` says so). Shapes (B, H, S, D); K and V may
-    have fewer heads (grouped-query attention); mask: bool (True = visible) or additive, broadcastable
-    to (B, H, Sq, Skv). Returns (B, H, Sq, D). The path follows `aq.impl` (module docstring)."""
+    `aq.qk_rotation` says so). Shapes (B, H, S, D); K and V may have fewer heads (grouped-query
+    attention); mask: bool (True = visible) or additive, broadcastable to (B, H, Sq, Skv). Returns
+    (B, H, Sq, D). The path follows `aq.impl` (module docstring)."""
     if aq.impl not in IMPLS:
         raise ValueError(f"AttentionQuantizers.impl is {aq.impl!r}; valid: {', '.join(IMPLS)}")
     why = unsupported_reason(aq.p_quantizer, dropout if training else 0.0)
