@@ -104,7 +104,6 @@ def test_plan_runs_and_mode_switch():
     assert plan_runs(mixed)[1].title.startswith("HiF8+MXFP4 QAT")
 
 
-
 def test_mode_switch_keeps_the_qk_rotation_and_the_report_names_it():
     section = quant_section("delayed")
     section["attention"]["qk_rotation"] = "hadamard"
@@ -116,6 +115,7 @@ def test_mode_switch_keeps_the_qk_rotation_and_the_report_names_it():
     assert "rotated" not in roles["attention.v"] + roles["input"]
     plain = plan_runs(from_dict({"quant": quant_section("delayed")}, TrainRecipe))[1].quant
     assert "rotated" not in scaling_by_role(plain)["attention.q"]
+
 
 @pytest.mark.parametrize("text, match", [
     ("train: {compare: [current, sometimes]}\nquant: {format: hif8}\n",
