@@ -122,3 +122,25 @@ def test_weight_off_the_grid_is_stored_unpacked(tmp_path):
         report = export_model(model, r, tmp_path / "ckpt")
     assert report.dense_fallbacks == ["model.layers.0.mlp.up_proj.weight"]
     assert same_bits(logits(load_quantized(tmp_path / "ckpt"), ids), expected)
+
+
+def test_qk_rotation_survives_the_round_trip(tmp_path):
+    # The rotation is part of the recipe the checkpoint stores: the loaded model rotates Q and K as the
+    # exported one did, so its logits are the same bits (and differ from the unrotated model's).
+    from lpq.quant.attention import AttentionQuantizers
+    from lpq.quant.recipe import QKRotation
+
+    section = {"format": "hif8", "attention": {"format": "hif8", "qk_rotation": "hadamard"}, "protected_blocks": [1]}
+    model, r = quantized_lm("tiny-llama", section, torch.float32)
+    plain, _ = quantized_lm("tiny-llama", {**section, "attention": {"format": "hif8"}}, torch.float32)
+    ids = tokens()
+    expected = logits(model, ids)
+    assert not same_bits(logits(plain, ids), expected)
+    export_model(model, r, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+
+    assert same_bits(logits(loaded, ids), expected)
+    attention = [m for m in loaded.modules() if isinstance(m, AttentionQuantizers)]
+    assert attention and all(m.qk_rotation == QKRotation.HADAMARD for m in attention)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert qc["recipe"]["attention"]["qk_rotation"] == "hadamard"
