@@ -152,7 +152,7 @@ class AttentionRecipe:
     qk_rotation: QKRotation = QKRotation.NONE
 
     def __post_init__(self) -> None:
-        self.qk_rotation = QKRotation(self.qk_rotation)
+        self.qk_rotation = QKRotation.parse(self.qk_rotation, "qk_rotation")
         if self.format is not None:
             axes = {"q": -1, "k": -1, "v": -2, "p": -1}
             for role, axis in axes.items():
