@@ -6,7 +6,8 @@ stays light; everything else loads on first use.
 from importlib import import_module
 from typing import Any
 
-from lpq.quant.recipe import AttentionRecipe, QuantizerSpec, QuantRecipe, Reduction, Scaling, ScaleTarget
+from lpq.quant.recipe import (AttentionRecipe, QKRotation, QuantizerSpec, QuantRecipe, Reduction, Scaling,
+                              ScaleTarget)
 
 # name -> module that defines it (imported on first use: it imports torch)
 _LAZY = {
@@ -17,7 +18,7 @@ _LAZY = {
     "update_delayed_scales": "quantizer", "compute_scale": "scaling", "InputTransform": "transforms",
 }
 
-__all__ = ["AttentionRecipe", "QuantRecipe", "QuantizerSpec", "Reduction", "ScaleTarget", "Scaling", *_LAZY]
+__all__ = ["AttentionRecipe", "QKRotation", "QuantRecipe", "QuantizerSpec", "Reduction", "ScaleTarget", "Scaling", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from lpq.export import export_model, load_quantized
 from lpq.export.layout import BIT_ORDER_VERSION, SPEC_VERSION
-from lpq.quant import QuantExperts, QuantLinear, quantize_model
+from lpq.quant import AttentionQuantizers, QKRotation, QuantExperts, QuantLinear, quantize_model
 from tests.export.helpers import logits, quantized_lm, recipe, same_bits, tokens, wan_forward
 
 FORMATS = ["hif4", "mxfp4", "hif8"]
@@ -127,9 +127,6 @@ def test_weight_off_the_grid_is_stored_unpacked(tmp_path):
 def test_qk_rotation_survives_the_round_trip(tmp_path):
     # The rotation is part of the recipe the checkpoint stores: the loaded model rotates Q and K as the
     # exported one did, so its logits are the same bits (and differ from the unrotated model's).
-    from lpq.quant.attention import AttentionQuantizers
-    from lpq.quant.recipe import QKRotation
-
     section = {"format": "hif8", "attention": {"format": "hif8", "qk_rotation": "hadamard"}, "protected_blocks": [1]}
     model, r = quantized_lm("tiny-llama", section, torch.float32)
     plain, _ = quantized_lm("tiny-llama", {**section, "attention": {"format": "hif8"}}, torch.float32)

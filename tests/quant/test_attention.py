@@ -3,9 +3,8 @@ import torch
 
 import lpq
 from lpq.formats import fake_quant
-from lpq.quant import AttentionRecipe, QuantizerSpec, QuantRecipe
+from lpq.quant import AttentionRecipe, QKRotation, QuantizerSpec, QuantRecipe
 from lpq.quant.attention import AttentionQuantizers, quantized_attention, rotate_heads
-from lpq.quant.recipe import QKRotation
 from tests.quant.tiny import LLMS, build, networks, run
 
 
