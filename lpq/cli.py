@@ -54,7 +54,7 @@ class LazyCommands(TyperGroup):
 
     @staticmethod
     def _load(ctx: Any, name: str) -> Any:
-        sub = typer.Typer()
+        sub = typer.Typer(add_completion=False)
         importlib.import_module(f"lpq.pipelines.{COMMANDS[name][0]}").register(sub)
         cmd = typer.main.get_command(sub)    # a group when the module registers several commands
         return cmd.get_command(ctx, name) if isinstance(cmd, TyperGroup) else cmd
