@@ -104,12 +104,26 @@ def _refuse_duplicate_keys(node: yaml.Node, source: str, prefix: str = "", seen:
             _refuse_duplicate_keys(v, source, f"{prefix}[{i}]", seen)
 
 
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: file:line, then what it expected and found."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    what = ", ".join(p for p in parts if p) or str(e).splitlines()[0]
+    return f"{where}: not valid YAML: {what}"
+
+
 def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
     """Read `path` as YAML and build `cls` from it; `overrides` are dotted keys set afterwards."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a YAML text file") from None
     try:
         loader = _RecipeLoader(text)
         try:
@@ -120,7 +134,7 @@ def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(_yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a recipe must be a mapping of sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():

@@ -60,6 +60,27 @@ def test_wrong_type_and_missing_key(tmp_path):
         load_config(tmp_path / "nope.yaml", Outer)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("name: a\n inner: [\n", r"r.yaml:2: not valid YAML: mapping values are not allowed here"),
+    ("name: \"a\n", r"r.yaml:2: not valid YAML: while scanning a quoted scalar, found unexpected end of stream"),
+    ("name:\n\tinner: 1\n", r"r.yaml:2: not valid YAML: .*'\\t' that cannot start any token"),
+])
+def test_a_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(write(tmp_path, text), Outer)
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_that_is_not_text_or_not_a_file_is_named(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: not UTF-8 text \(byte 6\)"):
+        load_config(p, Outer)
+    (tmp_path / "d.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"d.yaml: a folder, not a recipe file"):
+        load_config(tmp_path / "d.yaml", Outer)
+
+
 def test_overrides_apply_before_validation(tmp_path):
     cfg = load_config(write(tmp_path, "name: a\n"), Outer, overrides={"inner.n": 7})
     assert cfg.inner.n == 7
