@@ -89,6 +89,13 @@ def train(
     """Fine-tune with QAT (one run per compared scaling mode) and a BF16 reference run of the same seed;
     write train_report.json."""
     recipe = _load(config, overrides)
+    from lpq.train.compare import select_runs
+
+    try:
+        select_runs(recipe, only)      # a wrong --only or a missing data file leaves no folder behind
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     _check_and_claim(config, recipe, force)
     n = num_processes or recipe.train.num_processes
     if n > 1 and _LAUNCHED_ENV not in os.environ:

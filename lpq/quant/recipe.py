@@ -32,6 +32,7 @@ so `scaling: none` is their natural setting. Example (HiF8 QAT with delayed scal
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -124,6 +125,15 @@ class QuantizerSpec:
             raise ValueError(f"history_len must be >= 1, got {self.history_len}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if not math.isfinite(self.window_center):
+            raise ValueError(f"window_center must be a finite log2 value, got {self.window_center}")
+        limit = self.limit()
+        if limit is not None and abs(self.window_center) > math.log2(limit):
+            # Beyond the format's largest value the overflow guard would silently turn the rule into
+            # an amax rule; below its reciprocal most of the tensor flushes to zero.
+            bound = math.log2(limit)
+            raise ValueError(f"window_center {self.window_center:g} is outside {self.format}'s range: "
+                             f"use -{bound:g} .. {bound:g} (log2 of where the RMS goes)")
         if self.amax_target is not None and not self.amax_target > 0:
             raise ValueError(f"amax_target must be > 0, got {self.amax_target}")
         if (self.scaling != Scaling.NONE and self.target == ScaleTarget.AMAX and self.amax_target is None

@@ -128,11 +128,10 @@ def step_time_ratio(quant: RunResult, ref: RunResult, first_step: int) -> tuple[
     return tq, tr, tq / tr
 
 
-def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None = None,
-                 on_step: StepCallback | None = None) -> dict:
-    """Train the runs the recipe asks for (`only`: the label of one run to train alone) and report."""
-    cfg = recipe.train
-    out = cfg.output_dir
+def select_runs(recipe: TrainRecipe, only: str | None = None) -> list[RunPlan]:
+    """The runs to train (`only`: the label of one run to train alone), after the checks that need no
+    model: the label exists, every data file the runs and their evaluation read is there. Raises
+    ValueError / FileNotFoundError naming the key or file; the CLI calls it before claiming the folder."""
     plans = plan_runs(recipe)
     if only is not None:
         if only not in [p.label for p in plans]:
@@ -146,6 +145,15 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
         from lpq.train.data import check_mix_files
 
         check_mix_files(recipe.data)
+    return plans
+
+
+def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None = None,
+                 on_step: StepCallback | None = None) -> dict:
+    """Train the runs the recipe asks for (`only`: the label of one run to train alone) and report."""
+    cfg = recipe.train
+    out = cfg.output_dir
+    plans = select_runs(recipe, only)
     state = process_state()
     main = state.is_main_process
     if main:

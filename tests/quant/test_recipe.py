@@ -64,3 +64,10 @@ def test_bad_recipes_rejected():
         QuantizerSpec("hif4", scaling="current", target="amax")
     with pytest.raises(ValueError, match="duplicates"):
         QuantRecipe(format="hif8", protected_blocks=[1, 1])
+
+
+@pytest.mark.parametrize("center", [16, -16, 99, float("inf"), float("nan")])
+def test_a_window_center_outside_the_format_is_refused(center):
+    with pytest.raises(ValueError, match="window_center"):
+        QuantizerSpec("hif8", scaling="current", window_center=center)
+    QuantizerSpec("hif8", scaling="current", window_center=15)      # the RMS at the largest value: allowed

@@ -147,6 +147,22 @@ def test_missing_domain_data_is_named_before_training(corpus, tmp_path):
     assert not (tmp_path / "out" / "bf16").exists()
 
 
+@pytest.mark.parametrize("case", ["unknown run label", "missing domain data"])
+def test_the_command_checks_runs_and_data_before_it_makes_the_output_folder(corpus, tmp_path, case):
+    data = to_dict(make_recipe(corpus, tmp_path / "out"))
+    args = []
+    if case == "unknown run label":
+        args, match = ["--only", "hif8_sometimes"], "--only hif8_sometimes: the recipe has no such run (runs: bf16, hif8)"
+    else:
+        data["domain_eval"] = {"data_dir": str(tmp_path / "nowhere")}
+        match = "nowhere does not exist"
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["train", "--config", str(config), *args])
+    assert res.exit_code == 2 and match in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_domain_parts_are_disjoint_and_chat_uses_the_template(tmp_path):
     from lpq.models.tiny import build_tiny
 
