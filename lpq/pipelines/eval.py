@@ -22,16 +22,28 @@ def _load_recipe(config: Path | None, overrides: dict):
     return from_dict(data, EvalRecipe)
 
 
+def check_models(recipe, candidate_id: str | None) -> None:
+    """Before any folder is made or weight read: exactly one candidate, and the baseline's and a
+    candidate checkpoint's sources resolve (lpq.models.hub.resolve: local folders complete, built-ins
+    known). A packed lpq export is checked by its own loader."""
+    from lpq.export.settings import export_kind
+    from lpq.models.hub import ModelConfig, resolve
+
+    if (recipe.quant is None) == (candidate_id is None):
+        raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
+                         "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
+    resolve(recipe.model)
+    if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
+        resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code))
+
+
 def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
-    """Load the baseline, make or load the candidate, and run the paired evaluation."""
+    """Load the baseline, make or load the candidate, and run the paired evaluation (after check_models)."""
     import copy
 
     from lpq.config import to_dict
     from lpq.models.hub import load_model
 
-    if (recipe.quant is None) == (candidate_id is None):
-        raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
-                         "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
     base = load_model(recipe.model)
     if recipe.quant is not None:
         from lpq.quant import quantize_model
@@ -101,6 +113,7 @@ def register(app: typer.Typer) -> None:
             for folder in (recipe.model.id, candidate):
                 if folder is not None:
                     refuse_runtime_export(folder)
+            check_models(recipe, candidate)
             # lpq.outputs' rules: never a folder lpq did not write; another recipe's only with --force.
             # The recipe format's version is not part of what a run computes (lpq.schema).
             fingerprint = recipe_fingerprint({"recipe": recipe, "candidate": candidate}, ignore=["recipe.version"])

@@ -34,6 +34,20 @@ def test_second_checkpoint_and_missing_candidate(data_dir, tmp_path):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["tasks"]["mmlu"]["rel_loss_pct"] in (0.0, None)
     result, out = _run(["--model", "tiny-llama", "--out", tmp_path / "x"])
     assert result.exit_code == 2 and "give exactly one candidate" in out
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("model, candidate, message", [
+    ("tiny-llama", "{tmp}", "has no config.json (nor model_index.json)"),
+    ("tiny-llama", "{tmp}/gone", "model folder {tmp}/gone does not exist"),
+    ("tiny-lama", "tiny-llama", "unknown built-in model 'tiny-lama'; did you mean tiny-llama?"),
+])
+def test_models_that_cannot_load_are_named_before_the_output_folder_is_made(tmp_path, model, candidate, message):
+    (tmp_path / "in").mkdir()
+    tmp = str(tmp_path / "in")
+    result, out = _run(["--model", model, "--candidate", candidate.format(tmp=tmp), "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and message.format(tmp=tmp) in out, out
+    assert not (tmp_path / "o").exists()
 
 
 def test_wan22_video_from_a_recipe(data_dir, tmp_path):
