@@ -243,7 +243,8 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         try:
             obj = tp(**kwargs)
         except (ValueError, TypeError) as e:
-            raise where.error(key, f"'{label}': {e}") from None
+            # A whole-recipe check (the message names its keys) has no section to prefix.
+            raise where.error(key, f"'{label}': {e}" if key else str(e)) from None
         return obj
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
