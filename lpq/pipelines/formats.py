@@ -125,7 +125,7 @@ def _top_codes(packed):
     codes = packed.codes
     if packed.fmt == "hif8":
         return (codes & 0x7F) == 0x6E
-    nib = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+    nib = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], 2 * codes.shape[1])
     return (nib & 0x7) == 0x7
 
 

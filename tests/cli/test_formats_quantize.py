@@ -26,6 +26,17 @@ def test_zero_dim_array_is_one_value(tmp_path):
     assert q.shape == () and q == fake_quant(torch.tensor([3.3]), "hif4").item() == 3.5
 
 
+@pytest.mark.parametrize("fmt", ["hif8", "hif4", "mxfp4"])
+def test_an_empty_tensor_is_reported_and_written_with_its_shape(tmp_path, fmt):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"empty": torch.zeros(0, 64), "w": torch.randn(2, 64)}, str(tmp_path / "m.safetensors"))
+    code, out, _ = _quantize(tmp_path, "m.safetensors", "--fmt", fmt, "--out", tmp_path / "q.safetensors")
+    assert code == 0, out
+    assert any(line.split()[:3] == ["empty", "0x64", "n/a"] for line in out.splitlines()), out
+    assert load_file(str(tmp_path / "q.safetensors"))["empty"].shape == (0, 64)
+
+
 @pytest.mark.parametrize("name, data, message", [
     ("c.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (4, 64), }",
      "c.npy: not a readable .npy file (EOF: reading array header"),
