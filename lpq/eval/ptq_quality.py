@@ -24,8 +24,10 @@ import torch
 
 def _cache_file(model: Any, ids: torch.Tensor) -> Path:
     from lpq.eval.cache import model_fingerprint
+    from lpq.train.domains import WINDOW_NLL_VERSION
 
     h = hashlib.sha256(model_fingerprint(model).encode())
+    h.update(f"window_nll v{WINDOW_NLL_VERSION}".encode())
     h.update(ids.contiguous().numpy().tobytes())
     h.update(str(tuple(ids.shape)).encode())
     root = Path(os.environ.get("LPQ_CACHE", Path.home() / ".cache" / "lpq")) / "eval" / "window_nll"

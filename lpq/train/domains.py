@@ -156,6 +156,11 @@ def domain_windows(cfg: DomainEvalConfig, tokenizer) -> dict[str, torch.Tensor]:
             for name in cfg.domains}
 
 
+# Bumped whenever window_nll's arithmetic changes, so that cached NLLs of the old one are not paired
+# with new ones (lpq.eval.ptq_quality's cache key). 2: cross-entropy over rows of the vocabulary.
+WINDOW_NLL_VERSION = 2
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> list[float]:
     """Summed next-token NLL (nats) of each window (seq_len - 1 predictions each), float32 logits."""
@@ -166,8 +171,10 @@ def window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> list[flo
     for i in range(0, ids.shape[0], batch_size):
         batch = ids[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out += nll.sum(-1).tolist()
+        # Rows of the vocabulary, not (batch, vocab, positions): the softmax runs along contiguous
+        # memory, ~7x faster than the strided transpose on CPU (a sixth of a 135M model's window).
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        out += nll.view(batch.shape[0], -1).sum(-1).tolist()
     model.train(was_training)
     return out
 

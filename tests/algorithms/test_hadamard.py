@@ -12,12 +12,15 @@ def test_block_sizes_need_no_power_of_two_width():
         block_sizes(64, 48)
 
 
-@pytest.mark.parametrize("n,block", [(576, 64), (1536, 32), (100, 32), (7, 4)])
-def test_kernel_matches_reference_exactly(n, block):
+@pytest.mark.parametrize("n,block", [(576, 64), (1536, 32), (100, 32), (7, 4), (4096, 4096)])
+@pytest.mark.parametrize("rows", [1, 15, 33, 300])   # the kernel takes 16 rows at a time, the rest one by one
+def test_kernel_matches_reference_exactly(n, block, rows):
     if load_kernel("fwht") is None:
         pytest.skip("C++ toolchain unavailable")
-    x = torch.randn(33, n, generator=torch.Generator().manual_seed(n))
-    assert torch.equal(fwht(x, block), fwht_ref(x, block_sizes(n, block)))
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n)) * 1e3
+    x[0, :3] = torch.tensor([float("inf"), float("nan"), 1e-40])
+    got, ref = fwht(x, block), fwht_ref(x, block_sizes(n, block))
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))       # bit for bit, NaN and Inf included
 
 
 def test_orthogonal_symmetric_and_block_diagonal():
