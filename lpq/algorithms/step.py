@@ -147,9 +147,11 @@ class StepSpec:
     def build(self) -> Step:
         return step_class(self.name)(self.settings)
 
-    # lpq.config hooks: the YAML entry is {name: ..., <settings>...}
+    # lpq.config hooks: the YAML entry is {name: ..., <settings>...}, or the name alone for the defaults
     @classmethod
     def from_config(cls, value: Any, convert, error) -> StepSpec:
+        if isinstance(value, str):
+            value = {"name": value}
         if not isinstance(value, dict) or "name" not in value:
             raise error("", f"an algorithm entry needs `name` (one of {', '.join(step_names())}), got {value!r}")
         name = value["name"]

@@ -124,6 +124,19 @@ def test_settings_are_validated_with_file_and_key(tmp_path):
         load_config(p, PTQConfig)
 
 
+def test_a_name_alone_is_the_step_with_its_default_settings(tmp_path):
+    d = _recipe(tmp_path)
+    d["algorithms"][0] = "test_counting"
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(d))
+    spec = load_config(p, PTQConfig).algorithms[0]
+    assert spec == StepSpec("test_counting", CountingSettings())
+    d["algorithms"][0] = "no_such_step"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"r\.yaml:\d+: .*no_such_step"):
+        load_config(p, PTQConfig)
+
+
 def test_order_rules_come_from_phases_not_names():
     with pytest.raises(ValueError, match="test_counting must come before the weight quantizer rtn"):
         check_order([StepSpec("rtn"), StepSpec("test_counting")])
