@@ -6,12 +6,11 @@ resumed run sees the same data.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lpq.config import RecipePath
+from lpq.data.files import json_records, read_user_text
 
 
 @dataclass
@@ -59,31 +58,33 @@ class CalibrationConfig:
 
 
 def read_text(cfg: CalibrationConfig) -> str:
-    """The raw calibration text of an LLM recipe."""
+    """The raw calibration text of an LLM recipe; a file that cannot be read as such is refused in one
+    line naming the key, the file and the line."""
     if cfg.text_file is not None:
-        p = Path(cfg.text_file).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"calibration text file not found: {p}")
-        return p.read_text(encoding="utf-8", errors="replace")
+        p, text = read_user_text(cfg.text_file, "calibration.text_file")
+        if not text.strip():
+            raise ValueError(f"calibration.text_file: {p} holds no text")
+        return text
     if cfg.jsonl is not None:
-        p = Path(cfg.jsonl).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"calibration JSONL file not found: {p}")
+        p, text = read_user_text(cfg.jsonl, "calibration.jsonl")
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for i, row in json_records(p, text, jsonl=True):
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}:{i}: expected a JSON object per line, got {type(row).__name__}")
             if cfg.jsonl_field not in row:
-                raise KeyError(f"{p}:{i}: no field {cfg.jsonl_field!r} (fields: {', '.join(row)})")
+                raise ValueError(f"{p}:{i}: no field {cfg.jsonl_field!r} (fields: {', '.join(row) or 'none'}); "
+                                 f"set calibration.jsonl_field")
             texts.append(str(row[cfg.jsonl_field]))
+        if not texts:
+            raise ValueError(f"calibration.jsonl: {p} holds no records")
         return "\n\n".join(texts)
     if cfg.dataset is not None:
         from datasets import load_dataset
 
         ds = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
         if cfg.dataset_field not in ds.column_names:
-            raise KeyError(f"dataset {cfg.dataset} has no column {cfg.dataset_field!r}: {ds.column_names}")
+            raise ValueError(f"dataset {cfg.dataset} has no column {cfg.dataset_field!r} (columns: "
+                             f"{', '.join(ds.column_names)}); set calibration.dataset_field")
         return "\n\n".join(str(t) for t in ds[cfg.dataset_field])
     raise ValueError("this calibration config holds prompts (for Wan), not text")
 
@@ -135,21 +136,13 @@ def read_prompts(cfg: CalibrationConfig) -> list[str]:
     """Prompt list for Wan calibration: plain lines, a JSON list, or JSONL with `prompt`/`caption`."""
     if cfg.prompts is None:
         raise ValueError("calibration.prompts is required for a Wan model")
-    p = Path(cfg.prompts).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    p, text = read_user_text(cfg.prompts, "calibration.prompts")
     prompts: list[str] = []
-    if p.suffix == ".json":
-        data = json.loads(text)
-        for item in data:
-            prompts.append(item if isinstance(item, str) else item.get("prompt_en") or item.get("prompt")
-                           or item.get("caption"))
-    elif p.suffix == ".jsonl":
-        for line in text.splitlines():
-            if line.strip():
-                row = json.loads(line)
-                prompts.append(row.get("prompt") or row.get("caption") or row.get("text"))
+    if p.suffix in (".json", ".jsonl"):
+        for _, item in json_records(p, text):
+            if isinstance(item, dict):
+                item = item.get("prompt_en") or item.get("prompt") or item.get("caption") or item.get("text")
+            prompts.append(item if isinstance(item, str) else None)
     else:
         prompts = [l.strip() for l in text.splitlines() if l.strip()]
     prompts = [q for q in prompts if q]

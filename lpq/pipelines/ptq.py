@@ -450,6 +450,7 @@ def validate_inputs(cfg: PTQConfig) -> None:
     """Everything that can be checked before a model is loaded: the model resolves, the protected
     blocks exist (global indices over every network, from the config alone), the data files exist
     and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file."""
+    from lpq.data.calibration import read_prompts, read_text
     from lpq.models.hub import peek_blocks, peek_context
 
     blocks = peek_blocks(cfg.model)
@@ -464,7 +465,7 @@ def validate_inputs(cfg: PTQConfig) -> None:
     context = peek_context(cfg.model)
     if context is not None:
         lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
-        if cfg.evaluation is not None:
+        if cfg.evaluation is not None and cfg.evaluation.windows:
             lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
             if cfg.evaluation.domain_eval is not None:
                 lengths["evaluation.domain_eval.seq_len"] = cfg.evaluation.domain_eval.seq_len
@@ -476,12 +477,10 @@ def validate_inputs(cfg: PTQConfig) -> None:
             key, value = next(iter(too_long.items()))
             raise ValueError(f"{key}: {value} tokens is beyond {cfg.model.id}'s context of {context} tokens")
     cal = cfg.calibration
-    for key in ("text_file", "jsonl", "prompts"):
-        path = getattr(cal, key)
-        if path is not None and not Path(path).expanduser().is_file():
-            raise FileNotFoundError(f"calibration.{key}: {path} not found")
-    if cal.text_file is not None and not Path(cal.text_file).expanduser().read_text(errors="replace").strip():
-        raise ValueError(f"calibration.text_file: {cal.text_file} holds no text")
+    if cal.text_file is not None or cal.jsonl is not None:
+        read_text(cal)          # parsed now, so a bad line is named before any folder or model
+    if cal.prompts is not None:
+        read_prompts(cal)
     if cal.domains is not None or (cfg.evaluation is not None and cfg.evaluation.domain_eval is not None):
         from lpq.data.domains import data_dir
 

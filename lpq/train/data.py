@@ -6,13 +6,13 @@ and ranks read disjoint slices of each global batch without a stateful sampler.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lpq.data.files import json_records, read_user_text
 from lpq.train.recipe import PYDOC_TOPICS, DataConfig
 
 
@@ -25,29 +25,21 @@ def read_texts(cfg: DataConfig) -> list[str]:
 
             texts.extend(topics[k] for k in sorted(topics))
             continue
-        path = Path(entry)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.paths: {path} does not exist (or use {PYDOC_TOPICS!r})")
+        if not Path(entry).expanduser().exists():
+            raise FileNotFoundError(f"data.paths: {entry} does not exist (or use {PYDOC_TOPICS!r})")
+        path, text = read_user_text(entry, "data.paths")
         if path.suffix in (".jsonl", ".json"):
-            texts.extend(_json_texts(path, cfg.text_field))
+            texts.extend(_json_texts(path, text, cfg.text_field))
         else:
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(text)
     if not any(t.strip() for t in texts):
         raise ValueError(f"data.paths {cfg.paths} hold no text")
     return texts
 
 
-def _json_texts(path: Path, key: str) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        records = json.loads(raw)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        numbered = list(enumerate(records, 1))
-    else:
-        numbered = [(i, json.loads(line)) for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
+def _json_texts(path: Path, text: str, key: str) -> list[str]:
     out = []
-    for i, rec in numbered:
+    for i, rec in json_records(path, text):
         if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
             raise ValueError(f"{path}:{i}: record has no string field {key!r} (set data.text_field)")
         out.append(rec[key])

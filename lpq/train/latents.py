@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lpq.data.files import json_records, read_user_text
 from lpq.train.recipe import VideoPrepConfig
 from lpq.train.video_io import clip_to_vae_input, read_frames
 
@@ -22,15 +23,11 @@ CACHE_VERSION = 1
 
 def read_caption_records(cfg: VideoPrepConfig) -> list[dict]:
     """(video path, caption) records from OpenS2V-style JSON/JSONL (`path` + `cap`, or `video` + `caption`)."""
-    if cfg.captions is None or not cfg.captions.is_file():
+    if cfg.captions is None or not cfg.captions.exists():
         raise FileNotFoundError(f"data.video.captions: {cfg.captions} does not exist")
-    text = cfg.captions.read_text(encoding="utf-8")
-    if cfg.captions.suffix == ".json":
-        rows = list(enumerate(json.loads(text), 1))
-    else:
-        rows = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    path, text = read_user_text(cfg.captions, "data.video.captions")
     out = []
-    for i, rec in rows:
+    for i, rec in json_records(path, text):
         path = rec.get("path", rec.get("video")) if isinstance(rec, dict) else None
         cap = rec.get("cap", rec.get("caption")) if isinstance(rec, dict) else None
         if not isinstance(path, str) or not isinstance(cap, str):

@@ -26,8 +26,33 @@ def test_text_and_jsonl_sources(tmp_path):
     assert toks.shape == (2, 50)
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "w1 w2"}) + "\n")
     assert read_text(CalibrationConfig(jsonl=str(tmp_path / "b.jsonl"), jsonl_field="body")) == "w1 w2"
-    with pytest.raises(KeyError, match="no field"):
+    with pytest.raises(ValueError, match=r"b.jsonl:1: no field 'text' \(fields: body\); set calibration.jsonl_field"):
         read_text(CalibrationConfig(jsonl=str(tmp_path / "b.jsonl")))
+
+
+@pytest.mark.parametrize("name, data, key, message", [
+    ("t.txt", b"w1 \xff\xfe w2", "text_file", r"calibration.text_file: .*t.txt is not UTF-8 text \(byte 3\)"),
+    ("t.txt", b"  \n\n", "text_file", r"calibration.text_file: .*t.txt holds no text"),
+    ("j.jsonl", b'{"text": "w1"}\nnot json\n', "jsonl", r"j.jsonl:2: not valid JSON \(Expecting value, column 1\)"),
+    ("j.jsonl", b'{"text": "w1"}\n[1, 2]\n', "jsonl", r"j.jsonl:2: expected a JSON object per line, got list"),
+    ("j.jsonl", b"\n\n", "jsonl", r"calibration.jsonl: .*j.jsonl holds no records"),
+    ("p.json", b'{"prompt": "x"}', "prompts", r"p.json: expected a JSON list of records, got dict"),
+    ("p.json", b'["x",', "prompts", r"p.json:1: not valid JSON"),
+    ("p.jsonl", b'{"prompt": "x"}\n{bad\n', "prompts", r"p.jsonl:2: not valid JSON"),
+])
+def test_unreadable_data_files_are_one_line_errors_naming_file_and_line(tmp_path, name, data, key, message):
+    (tmp_path / name).write_bytes(data)
+    cfg = CalibrationConfig(**{key: str(tmp_path / name)})
+    with pytest.raises(ValueError, match=message) as e:
+        read_prompts(cfg) if key == "prompts" else read_text(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_a_folder_or_a_missing_file_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"calibration.text_file: .* is a folder, not a file"):
+        read_text(CalibrationConfig(text_file=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match=r"calibration.jsonl: .*nope.jsonl not found"):
+        read_text(CalibrationConfig(jsonl=str(tmp_path / "nope.jsonl")))
 
 
 def test_prompts_and_validation(tmp_path):

@@ -86,6 +86,12 @@ def test_text_blocks_and_errors(tmp_path, corpus):
         read_texts(DataConfig(paths=[str(bad)]))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_texts(DataConfig(paths=[str(tmp_path / "missing.txt")]))
+    bad.write_text('{"text": "a"}\n{"text": "b",\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_texts(DataConfig(paths=[str(bad)]))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data.paths: .*latin1.txt is not UTF-8 text \(byte 3\)"):
+        read_texts(DataConfig(paths=[str(tmp_path / "latin1.txt")]))
 
 
 def test_seeded_generator_is_reproducible():

@@ -59,6 +59,9 @@ def test_caption_records_need_path_and_caption(tmp_path):
     bad.write_text('{"path": "a.npy", "cap": "x"}\n{"path": "b.npy"}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2: .*cap/caption"):
         read_caption_records(VideoPrepConfig(captions=bad, **VIDEO))
+    bad.write_text('{"path": "a.npy", "cap": "x"}\n\n{oops\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:3: not valid JSON"):
+        read_caption_records(VideoPrepConfig(captions=bad, **VIDEO))
 
 
 def test_flow_matching_levels():
