@@ -48,6 +48,11 @@ class NormDistillSettings:
     # Hadamard) for every quantized linear whose input no norm produces (o_proj, down_proj): the same
     # freedom the norm weights give the others.
     input_scales: bool = False
+    # Also learn an output bias on every quantized linear whose model class can carry one (the adapter's
+    # `bias_flags`: Llama's q/k/v/o and MLP, Qwen3's q/k/v/o), zero at the start: the mean shift that
+    # rounding leaves in each output channel. The flags are set in the model's config, so the export
+    # loads in any reader of that model class; linears that cannot carry a bias keep none.
+    biases: bool = False
 
     def __post_init__(self) -> None:
         self.precision = Precision.parse(self.precision, "norm_distill precision")
@@ -188,6 +193,37 @@ def learnable_input_scales(model: nn.Module, adapter) -> list[Tensor]:
                 lin.input_transform = InputTransform(t.hadamard_block if t else None, ones)
             scales.append(lin.input_transform.input_scale)
     return scales
+
+
+def learnable_biases(model: nn.Module, adapter) -> list[nn.Parameter]:
+    """The output biases of the quantized linears that the model class can carry (adapter.bias_flags),
+    created as zeros where none exists yet. A flag that is off in the model's config is turned on and
+    every linear it covers gets a zero bias, in protected blocks too, so that the model class built
+    from the config has exactly the parameters the checkpoint holds."""
+    from lpq.quant.linear import QuantLinear
+
+    config = getattr(model, "config", None)
+    carried: set[str] = set()
+    for flag, names in adapter.bias_flags:
+        carried.update(names)
+        if config is None or getattr(config, flag, False):
+            continue
+        for block in adapter.blocks(model):
+            modules = dict(block.named_modules())
+            for name in names:
+                lin = modules.get(name)
+                if lin is not None and lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                        device=lin.weight.device))
+        setattr(config, flag, True)
+    biases = []
+    for block in adapter.blocks(model):
+        modules = dict(block.named_modules())
+        for name in adapter.linears:
+            lin = modules.get(name)
+            if isinstance(lin, QuantLinear) and not lin.is_plain() and name in carried and lin.bias is not None:
+                biases.append(lin.bias)
+    return biases
 
 
 @contextlib.contextmanager
@@ -343,6 +379,10 @@ class NormDistill(Step):
                              f"{run.kind.name} model")
         run.require_whole_model("norm_distill trains through the whole model at once")
         linear_head(run.loaded.model)
+        if self.settings.biases and not run.adapter.bias_flags:
+            raise ValueError(f"norm_distill.biases: lpq knows no config flag that gives {run.adapter.family} "
+                             f"linears a bias (the adapter's bias_flags), so the export could not hold them; "
+                             f"set biases: false")
         bf16 = {"norm_distill.precision": self.settings.precision is Precision.BFLOAT16,
                 "model.dtype": run.cfg.model.dtype == "bfloat16"}
         on_cpu = next(run.loaded.model.parameters()).device.type == "cpu"
@@ -368,6 +408,7 @@ class NormDistill(Step):
             run.release_float_model()   # reloaded from its files when the evaluation needs it
         model = run.loaded.model
         extra = learnable_input_scales(model, run.adapter) if s.input_scales else []
+        extra += learnable_biases(model, run.adapter) if s.biases else []
         result = distill_norms(model, targets, tokens, s, resume_file=resume_file,
                                blocks=run.adapter.blocks(model), extra=extra)
         return {"norm_distill": result}

@@ -43,6 +43,9 @@ class Adapter:
     folds: tuple[tuple[tuple[str, ...], str], ...] = ()
     final_norm: str | None = None      # the norm before the output head (causal LMs)
     residual: ResidualMap | None = None   # None: residual rotation not supported
+    # Config flags that give per-block linears a bias in the model class (transformers builds them when
+    # the flag is true): where learned output biases can live in a checkpoint any loader reads.
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def model_kind(self) -> ModelKind:
@@ -85,19 +88,23 @@ _LLAMA_RESIDUAL = ResidualMap("model.embed_tokens",
                               readers=(("input_layernorm", _QKV),
                                        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
                               writers=("self_attn.o_proj", "mlp.down_proj"))
+_ATTENTION_BIAS = ("attention_bias", _QKV + ("self_attn.o_proj",))
 _LLAMA_LIKE = dict(attention=("self_attn",), exclude=_LLM_EXCLUDE, folds=_LLAMA_FOLDS, final_norm="model.norm",
                    residual=_LLAMA_RESIDUAL)
 
 ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
-    Adapter("llama", "causal_lm", ("llama",), "model.layers", _LLAMA_LINEARS, **_LLAMA_LIKE),
-    # Qwen3's q/k RMSNorms act per head after q_proj/k_proj: the residual stream is Llama's.
-    Adapter("qwen3", "causal_lm", ("qwen3",), "model.layers", _LLAMA_LINEARS, **_LLAMA_LIKE),
+    Adapter("llama", "causal_lm", ("llama",), "model.layers", _LLAMA_LINEARS, **_LLAMA_LIKE,
+            bias_flags=(_ATTENTION_BIAS, ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))),
+    # Qwen3's q/k RMSNorms act per head after q_proj/k_proj: the residual stream is Llama's. Its MLP
+    # linears have no bias in transformers' Qwen3 classes.
+    Adapter("qwen3", "causal_lm", ("qwen3",), "model.layers", _LLAMA_LINEARS, **_LLAMA_LIKE,
+            bias_flags=(_ATTENTION_BIAS,)),
     # Sparse layers have fused experts and a router (`mlp.gate`, kept in high precision); layers
     # listed in config.mlp_only_layers are dense. The fused experts read and write the residual
     # stream through 3-D weights, which the residual rotation does not handle.
     Adapter("qwen3_moe", "causal_lm", ("qwen3_moe",), "model.layers", _LLAMA_LINEARS,
             experts=("mlp.experts",), attention=("self_attn",), exclude=_LLM_EXCLUDE + ("*.mlp.gate",),
-            folds=_LLAMA_FOLDS, final_norm="model.norm"),
+            folds=_LLAMA_FOLDS, final_norm="model.norm", bias_flags=(_ATTENTION_BIAS,)),
     # openPangu-Embedded (remote code, trust_remote_code=True): Llama layout with biased q/k/v/o.
     Adapter("pangu", "causal_lm", ("PanguEmbedded", "openpangu_dense"), "model.layers", _LLAMA_LINEARS,
             **_LLAMA_LIKE),

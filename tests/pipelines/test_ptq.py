@@ -97,6 +97,55 @@ def test_the_quantized_model_and_its_export_compute_the_same(tmp_path, monkeypat
     assert reloaded.model.layers[1].self_attn.q_proj.weight_quantizer is None      # protected block
 
 
+@pytest.mark.parametrize("model, flags", [("tiny-llama", {"attention_bias": True, "mlp_bias": True}),
+                                          ("tiny-qwen3", {"attention_bias": True})])
+def test_learned_biases_are_exported_for_the_model_class_and_its_loaders(tmp_path, monkeypatch, model, flags):
+    """norm_distill.biases: every linear the model class can give a bias gets one (the config flags turned
+    on, zeros in the protected block), the quantized ones are trained; the packed export computes what
+    the runtime model does, and the fake-quantized export loads in stock transformers with every tensor."""
+    import transformers
+
+    from lpq.export import load_quantized
+
+    ids = torch.randint(4, 900, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    real = ptq.export
+
+    def spy(ctx, out_dir):
+        with torch.no_grad():
+            logits["runtime"] = ctx.loaded.model(ids).logits
+        return real(ctx, out_dir)
+
+    monkeypatch.setattr(ptq, "export", spy)
+    distill = {"name": "norm_distill", "steps": 3, "lr": 1e-2, "sequences": 2, "seq_len": 16, "batch_size": 1,
+               "biases": True}
+    report = _run(tmp_path, _recipe(tmp_path, model, [{"name": "hadamard"}, {"name": "rtn"}, distill],
+                                    evaluation=None))
+    reloaded = load_quantized(report["export"]["path"])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits["runtime"])
+    assert {k: getattr(reloaded.config, k) for k in flags} == flags
+    layers = reloaded.model.layers
+    assert layers[0].self_attn.o_proj.bias.abs().sum() > 0                  # trained
+    assert layers[1].self_attn.o_proj.bias.abs().sum() == 0                 # protected: present, zero
+    assert (layers[0].mlp.down_proj.bias is not None) == ("mlp_bias" in flags)
+
+    # A fake-quantized export holds float weights for stock classes, which run no online Hadamard.
+    fake = dict(_recipe(tmp_path, model, [{"name": "rtn"}, distill], evaluation=None), export={"kind": "fake"})
+    path = _run(tmp_path, fake, name="fake")["export"]["path"]
+    stock, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info                                      # no missing / unexpected keys
+    assert stock.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+
+
+def test_biases_for_a_family_whose_class_has_no_bias_flag_are_refused(tmp_path):
+    distill = {"name": "norm_distill", "steps": 1, "sequences": 1, "seq_len": 8, "batch_size": 1, "biases": True}
+    with pytest.raises(ValueError, match="norm_distill.biases: lpq knows no config flag that gives pangu linears"):
+        _run(tmp_path, _recipe(tmp_path, "tiny-pangu", [{"name": "rtn"}, distill], evaluation=None,
+                               quant={"format": "hif4", "adapter": "pangu"}))
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
 def test_hadamard_on_chosen_linears_only(tmp_path):
     """hadamard.linears: only matching linears are rotated (in the runtime transforms and the export
     too); a pattern that splits linears sharing one input is refused when smoothing needs them alike."""
