@@ -182,6 +182,29 @@ def test_learnable_input_scales_of_the_linears_no_norm_feeds():
     assert all(torch.equal(p, weights[n]) for n, p in student.named_parameters() if n in weights)
 
 
+@pytest.mark.parametrize("name, per_block, flags", [("tiny-llama", 7, ("attention_bias", "mlp_bias")),
+                                                    ("tiny-qwen3", 4, ("attention_bias",))])
+def test_learnable_biases_are_zeros_where_the_model_class_can_carry_them(name, per_block, flags):
+    """biases: a zero bias on every linear a config flag covers (the flag turned on); the model computes
+    what it did; the biases of quantized linears are returned to train."""
+    from lpq.algorithms.norm_distill import learnable_biases
+    from lpq.models.adapters import get_adapter
+
+    model = tiny_causal_lm(name, torch.float32).eval()
+    quantize_model(model, from_dict({"format": "hif4"}, QuantRecipe))
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    biases = learnable_biases(model, get_adapter(model))
+    assert len(biases) == per_block * len(model.model.layers)
+    assert all(isinstance(b, nn.Parameter) and not b.any() for b in biases)
+    assert all(getattr(model.config, f) for f in flags)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    again = learnable_biases(model, get_adapter(model))                   # a second call finds the same ones
+    assert len(again) == len(biases) and all(a is b for a, b in zip(again, biases))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeypatch, dtype):
     """The KL made from hidden states and output heads a few positions at a time, its gradient made in

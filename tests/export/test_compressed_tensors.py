@@ -136,6 +136,24 @@ def test_transformers_loads_weight_only_export_with_lpq_outputs(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_learned_biases_reach_transformers_through_the_config_flags(tmp_path):
+    """norm_distill.biases turns on Llama's attention_bias / mlp_bias: the compressed-tensors folder then
+    loads in stock transformers with every bias and computes what lpq's packed export does."""
+    from lpq.algorithms.norm_distill import learnable_biases
+    from lpq.models.adapters import get_adapter
+
+    model, _ = quantized_lm("tiny-llama", W4A16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for b in learnable_biases(model, get_adapter(model)):
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(b.numel())) * 0.1)
+    out, _ = _export(tmp_path, model)
+    export_model(model, None, tmp_path / "packed")
+    ids = tokens()
+    runtime = _runtime(out, model)
+    assert runtime.config.attention_bias and runtime.config.mlp_bias
+    torch.testing.assert_close(logits(runtime, ids), logits(load_quantized(tmp_path / "packed"), ids), rtol=0, atol=0)
+
+
 def _runtime_mx_rule(x: torch.Tensor) -> torch.Tensor:
     """compressed-tensors' dynamic MXFP4 activation rule, as measured: OCP's exponent floor(log2 amax) - 2,
     one higher when amax's mantissa is >= 1.75 (it rounds amax to a power of two before taking the log)."""
