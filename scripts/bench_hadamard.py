@@ -8,19 +8,10 @@ reference to the kernel. Shapes: one 512-token window of SmolLM2's linear inputs
 from __future__ import annotations
 
 import argparse
-import time
+
+from bench_formats import best_of     # scripts/ is on the path of a script run from it
 
 SHAPES = [((512, 576), 64), ((512, 1536), 64), ((4096, 1536), 32), ((256, 4096), 4096)]
-
-
-def best_of(fn, reps: int) -> float:
-    fn()  # warm-up: kernel build/load, allocator
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:

@@ -67,14 +67,8 @@ def test_causal_lms_go_through_the_pipeline(tmp_path, model, protect):
     assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["id"] == model
 
 
-def test_the_quantized_model_and_its_export_compute_the_same(tmp_path, monkeypatch):
-    """The pipeline calibrates the runtime modules themselves (QuantLinear, InputTransform,
-    set_quantized_weight): the model it ends with and the reloaded packed export give the same
-    logits, bit for bit."""
-    from lpq.export import load_quantized
-    from lpq.quant import QuantLinear
-
-    ids = torch.randint(4, 900, (2, 16), generator=torch.Generator().manual_seed(0))
+def _logits_when_exported(monkeypatch, ids: torch.Tensor) -> dict:
+    """{"runtime": the pipeline's model's logits on `ids`, taken just before it is exported}, once a run ends."""
     logits = {}
     real = ptq.export
 
@@ -84,6 +78,18 @@ def test_the_quantized_model_and_its_export_compute_the_same(tmp_path, monkeypat
         return real(ctx, out_dir)
 
     monkeypatch.setattr(ptq, "export", spy)
+    return logits
+
+
+def test_the_quantized_model_and_its_export_compute_the_same(tmp_path, monkeypatch):
+    """The pipeline calibrates the runtime modules themselves (QuantLinear, InputTransform,
+    set_quantized_weight): the model it ends with and the reloaded packed export give the same
+    logits, bit for bit."""
+    from lpq.export import load_quantized
+    from lpq.quant import QuantLinear
+
+    ids = torch.randint(4, 900, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = _logits_when_exported(monkeypatch, ids)
     report = _run(tmp_path, _recipe(tmp_path, "tiny-llama", [{"name": "rotate_residual"}] + FULL, evaluation=None))
     reloaded = load_quantized(report["export"]["path"])
     with torch.no_grad():
@@ -108,15 +114,7 @@ def test_learned_biases_are_exported_for_the_model_class_and_its_loaders(tmp_pat
     from lpq.export import load_quantized
 
     ids = torch.randint(4, 900, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = {}
-    real = ptq.export
-
-    def spy(ctx, out_dir):
-        with torch.no_grad():
-            logits["runtime"] = ctx.loaded.model(ids).logits
-        return real(ctx, out_dir)
-
-    monkeypatch.setattr(ptq, "export", spy)
+    logits = _logits_when_exported(monkeypatch, ids)
     distill = {"name": "norm_distill", "steps": 3, "lr": 1e-2, "sequences": 2, "seq_len": 16, "batch_size": 1,
                "biases": True}
     report = _run(tmp_path, _recipe(tmp_path, model, [{"name": "hadamard"}, {"name": "rtn"}, distill],
