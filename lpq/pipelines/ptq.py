@@ -465,8 +465,9 @@ def validate_inputs(cfg: PTQConfig) -> None:
     context = peek_context(cfg.model)
     if context is not None:
         lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
-        if cfg.evaluation is not None and cfg.evaluation.windows:
-            lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
+        if cfg.evaluation is not None:
+            if cfg.evaluation.windows:          # WikiText-2 windows are scored at this length
+                lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
             if cfg.evaluation.domain_eval is not None:
                 lengths["evaluation.domain_eval.seq_len"] = cfg.evaluation.domain_eval.seq_len
         for i, spec in enumerate(cfg.algorithms):

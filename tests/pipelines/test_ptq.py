@@ -514,6 +514,8 @@ def test_two_runs_of_the_command_give_identical_exports(tmp_path):
     ({"calibration": {"num_sequences": 60}}, "holds 37 windows of 16 tokens .* fewer than the 60 asked for"),
     ({"skip_linears": ["mlp.no_such_proj"]}, "pattern '\\*.mlp.no_such_proj' matches no module"),
     ({"evaluation": {"wikitext2": "/nonexistent/test.txt"}}, "evaluation.wikitext2: /nonexistent/test.txt not found"),
+    ({"evaluation": {"windows": 0, "domain_eval": {"domains": ["gsm8k"], "windows": 1, "seq_len": 300}}},
+     "evaluation.domain_eval.seq_len: 300 tokens is beyond tiny-llama's context of 256"),
 ])
 def test_bad_values_are_refused_before_the_blocks(tmp_path, monkeypatch, change, message):
     """Ranges, lengths, patterns and files are checked before any block is quantized, with the key."""
@@ -525,6 +527,12 @@ def test_bad_values_are_refused_before_the_blocks(tmp_path, monkeypatch, change,
         cfg = from_dict(d, PTQConfig)
         ptq.validate_inputs(cfg)
         ptq.run(cfg, tmp_path / "out")
+
+
+def test_no_wikitext2_windows_means_no_check_of_their_length(tmp_path):
+    d = _recipe(tmp_path, "tiny-llama", [{"name": "rtn"}], export=None,
+                evaluation={"windows": 0, "seq_len": 512, "wikitext2": "/nonexistent/test.txt"})
+    ptq.validate_inputs(from_dict(d, PTQConfig))          # neither the length nor the file is read
 
 
 def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
