@@ -203,26 +203,22 @@ def learnable_biases(model: nn.Module, adapter) -> list[nn.Parameter]:
     from lpq.quant.linear import QuantLinear
 
     config = getattr(model, "config", None)
-    carried: set[str] = set()
-    for flag, names in adapter.bias_flags:
-        carried.update(names)
-        if config is None or getattr(config, flag, False):
-            continue
-        for block in adapter.blocks(model):
-            modules = dict(block.named_modules())
-            for name in names:
-                lin = modules.get(name)
-                if lin is not None and lin.bias is None:
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                        device=lin.weight.device))
-        setattr(config, flag, True)
+    carried = {name for _, names in adapter.bias_flags for name in names}
+    turn_on = [(flag, names) for flag, names in adapter.bias_flags
+               if config is not None and not getattr(config, flag, False)]
     biases = []
     for block in adapter.blocks(model):
         modules = dict(block.named_modules())
+        for name in (name for _, names in turn_on for name in names):
+            lin = modules.get(name)
+            if lin is not None and lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
         for name in adapter.linears:
             lin = modules.get(name)
             if isinstance(lin, QuantLinear) and not lin.is_plain() and name in carried and lin.bias is not None:
                 biases.append(lin.bias)
+    for flag, _ in turn_on:
+        setattr(config, flag, True)
     return biases
 
 
