@@ -6,6 +6,7 @@ pipeline (or torch), and `lpq <command>` imports only that command's module.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from lpq import cpu_numerics
@@ -14,6 +15,10 @@ cpu_numerics.pin()      # before any command imports torch: the same bits on eve
 
 import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+# The click that typer runs on (its own copy in recent versions): its exceptions module, where the
+# usage errors are defined.
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
 
 # command -> (module in lpq.pipelines that registers it, one-line help for the command list)
 COMMANDS = {
@@ -69,5 +74,24 @@ def main() -> None:
     """Quantize LLMs and video DiTs to HiFloat8 / HiFloat4 / MXFP4, evaluate, export."""
 
 
+def run() -> None:
+    """The `lpq` executable: the app, with its usage errors (an unknown option, a missing argument, a
+    value of the wrong type) on one line that names the command, as every other error of lpq is."""
+    try:
+        code = app(standalone_mode=False, prog_name="lpq")
+    except _click_errors.NoArgsIsHelpError as e:    # `lpq` or a group alone: its help
+        e.show()
+        code = e.exit_code
+    except _click_errors.ClickException as e:
+        command = e.ctx.command_path if getattr(e, "ctx", None) else "lpq"
+        message = " ".join(e.format_message().split())
+        typer.echo(f"error: {command}: {message} (see {command} --help)", err=True)
+        code = e.exit_code
+    except (typer.Abort, _click_errors.Abort):
+        typer.echo("error: aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()

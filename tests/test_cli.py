@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lpq.cli import COMMANDS
-from tests.cli.helpers import lpq
+from tests.cli.helpers import error_line, lpq, lpq_process
 
 
 def test_the_command_list_imports_no_pipeline_and_no_torch():
@@ -28,3 +28,23 @@ def test_each_command_help_shows_its_own_options_only(name):
     assert code == 0, out
     assert "--help" in out
     assert "completion" not in out, out
+
+
+@pytest.mark.parametrize("args, names", [
+    (["formats", "quantize", "t.safetensors", "--format", "hif4"], ["lpq formats quantize", "--format", "--fmt"]),
+    (["formats", "quantize"], ["lpq formats quantize", "'file'"]),
+    (["inspect"], ["lpq inspect", "'--config'"]),
+    (["nope"], ["lpq:", "'nope'"]),
+])
+def test_usage_errors_are_one_line_naming_the_command(args, names):
+    # The executable's entry point (lpq.cli:run, as `python -m lpq.cli`): a mistyped option or a missing
+    # argument fails like every other error, one line and exit 2, not a framed box or a traceback.
+    code, out = lpq_process(*args)
+    assert code == 2, out
+    assert out.strip() == error_line(out), out
+    assert all(n in out for n in names), out
+
+
+def test_lpq_alone_prints_the_command_list():
+    code, out = lpq_process()
+    assert "Traceback" not in out and all(name in out for name in COMMANDS), out
