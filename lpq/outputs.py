@@ -5,7 +5,7 @@ and, once a run has finished, the files it wrote. The rules, the same for every 
 
 * A folder without the marker is never written into or deleted. An empty folder is adopted.
 * A marked folder from another recipe (another fingerprint or command) is replaced, or started over,
-  only with `force`. The same recipe continues in place (ptq, train) or is rewritten (export, eval).
+  only with `force`, unless its run stopped before writing anything but its recipe copy. The same recipe continues in place (ptq, train) or is rewritten (export, eval).
 * Even with `force`, lpq never deletes or replaces the filesystem root, the home folder, the working
   folder or a folder above it, a folder without the marker, or a marked folder that holds files lpq
   did not write (a user's notes added later).
@@ -53,6 +53,7 @@ except ImportError:          # not POSIX: the lock falls back to the pid check a
 
 MARKER = "lpq_output.json"
 MARKER_VERSION = 1
+RECIPE_COPY = "recipe.yaml"     # the copy of its recipe that a run writes first
 HELD_ENV = "LPQ_HELD_OUTPUTS"   # folders whose lock an ancestor lpq process holds (os.pathsep list)
 # Names lpq uses beside (or, for nested outputs, inside) an output folder while it works.
 _TRANSIENT = re.compile(r"\.(?P<name>.+)\.lpq-(?:lock|(?P<what>tmp|old)-[0-9a-f]{8})")
@@ -161,6 +162,12 @@ def _user_files(folder: Path, marker: dict) -> list[str]:
     return sorted(present & set(marker.get("foreign") or []))
 
 
+def _holds_no_results(folder: Path, marker: dict) -> bool:
+    """A run that stopped before writing anything but its copy of the recipe (a data error found after
+    the folder was claimed): nothing there to protect, so a corrected recipe may start over without force."""
+    return not _user_files(folder, marker) and _files(folder) <= {RECIPE_COPY}
+
+
 def _describe(marker: dict, fingerprint: str | None = None) -> str:
     when = f"`{marker.get('command', 'lpq')}`, {marker.get('updated', 'unknown time')}"
     # Without a fingerprint (e.g. export_model) nothing tells whether it was the same recipe.
@@ -189,7 +196,7 @@ def _plan(target: Path, shown: str, fingerprint: str | None, force: bool, comman
     same = fingerprint is not None and marker.get("fingerprint") == fingerprint and marker.get("command") == command
     if same and not staged:
         return "continued"
-    if not same and not force:
+    if not same and not force and not _holds_no_results(target, marker):
         raise OutputError(f"{shown} holds the output of {_describe(marker, fingerprint)}; pass --force to replace it, "
                           "or choose another folder")
     if why := _protected(target):
@@ -452,7 +459,8 @@ def claim_output(path: str | os.PathLike, *, fingerprint: str | None, force: boo
         state = _plan(target, shown, fingerprint, force, command, staged=False)
         marker = read_marker(target) if target.is_dir() else None
         if state == "replaced":
-            _say(f"{shown}: deleting the output of {_describe(marker or {}, fingerprint)} to start over (--force)")
+            why = "--force" if force else "it holds no results"
+            _say(f"{shown}: deleting the output of {_describe(marker or {}, fingerprint)} to start over ({why})")
             for p in list(target.iterdir()):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             marker = None

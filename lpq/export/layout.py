@@ -5,13 +5,14 @@ from pathlib import Path
 from typing import Any
 
 from lpq.formats.api import BIT_ORDER_VERSION, SPEC_VERSION
+from lpq.outputs import RECIPE_COPY
 
 EXPORT_VERSION = 2                 # layout of the folder, index and tensor names; bump on any change
 # 2 added input transforms (index "input_transforms"); a version-1 reader would load a model with
 # rotated weights but no online rotation, so it must refuse version 2. Version 1 is still read.
 READABLE_EXPORT_VERSIONS = (1, 2)
 MANIFEST = "lpq_export.json"       # root: kind, versions, recipe, networks, size report
-RECIPE_FILE = "recipe.yaml"
+RECIPE_FILE = RECIPE_COPY
 README = "README.md"
 INDEX = "lpq_index.json"           # per packed network: files, checksums, tensor -> file, quantized weights
 PACKED_STEM = "lpq_packed"         # not model.safetensors: stock loaders must not mistake codes for weights

@@ -47,6 +47,7 @@ from lpq.export.atomic import save_atomic
 from lpq.models.adapters import Adapter, get_adapter
 from lpq.models.hub import load_model
 from lpq.models.offload import materialized
+from lpq.outputs import RECIPE_COPY
 from lpq.pipelines.ptq_config import PTQConfig
 from lpq.pipelines.ptq_report import summary, write_report
 from lpq.quant import quantize_model, set_quant_enabled
@@ -273,7 +274,7 @@ def run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None = None) -> dict:
 def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: Callable[[], None]) -> dict:
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out_dir / "recipe.yaml")
+    dump_yaml(cfg, out_dir / RECIPE_COPY)
     ckpt = Checkpoint(out_dir / "checkpoint", fingerprint(cfg))
     meta = ckpt.load()
     if meta is None:
@@ -451,7 +452,7 @@ def validate_inputs(cfg: PTQConfig) -> None:
     blocks exist (global indices over every network, from the config alone), the data files exist
     and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file."""
     from lpq.data.calibration import read_prompts, read_text
-    from lpq.models.hub import peek_blocks, peek_context
+    from lpq.models.hub import check_context, peek_blocks
 
     blocks = peek_blocks(cfg.model)
     total = sum(blocks.values())
@@ -462,21 +463,16 @@ def validate_inputs(cfg: PTQConfig) -> None:
                              f"(0-{total - 1})")
     if cfg.protect.auto is not None and cfg.protect.auto > total:
         raise ValueError(f"protect.auto: {cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
-    context = peek_context(cfg.model)
-    if context is not None:
-        lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
-        if cfg.evaluation is not None:
-            if cfg.evaluation.windows:          # WikiText-2 windows are scored at this length
-                lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
-            if cfg.evaluation.domain_eval is not None:
-                lengths["evaluation.domain_eval.seq_len"] = cfg.evaluation.domain_eval.seq_len
-        for i, spec in enumerate(cfg.algorithms):
-            if isinstance(getattr(spec.settings, "seq_len", None), int):
-                lengths[f"algorithms[{i}].seq_len"] = spec.settings.seq_len
-        too_long = {k: v for k, v in lengths.items() if v > context}
-        if too_long:
-            key, value = next(iter(too_long.items()))
-            raise ValueError(f"{key}: {value} tokens is beyond {cfg.model.id}'s context of {context} tokens")
+    lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
+    if cfg.evaluation is not None:
+        if cfg.evaluation.windows:          # WikiText-2 windows are scored at this length
+            lengths["evaluation.seq_len"] = cfg.evaluation.seq_len
+        if cfg.evaluation.domain_eval is not None:
+            lengths["evaluation.domain_eval.seq_len"] = cfg.evaluation.domain_eval.seq_len
+    for i, spec in enumerate(cfg.algorithms):
+        if isinstance(getattr(spec.settings, "seq_len", None), int):
+            lengths[f"algorithms[{i}].seq_len"] = spec.settings.seq_len
+    check_context(cfg.model, lengths)
     cal = cfg.calibration
     if cal.text_file is not None or cal.jsonl is not None:
         read_text(cal)          # parsed now, so a bad line is named before any folder or model

@@ -43,13 +43,17 @@ def _load(config: Path, overrides: list[str]):
 
 
 def _check_and_claim(config: Path, recipe, force: bool) -> None:
-    """Before any work: protected blocks within the model's depth (from its config, no weights), then
-    the output folder, locked until this process ends (lpq.outputs; launched ranks inherit the lock)."""
-    from lpq.models.hub import check_blocks
+    """Before any work: protected blocks within the model's depth and sequence lengths within its context
+    (from its config, no weights), then the output folder, locked until this process ends (lpq.outputs;
+    launched ranks inherit the lock)."""
+    from lpq.models.hub import check_blocks, check_context
     from lpq.outputs import claim_output, recipe_fingerprint
 
     try:
         check_blocks(recipe.model, recipe.quant.protected_blocks if recipe.quant else [])
+        lengths = {"data.seq_len": getattr(recipe.data, "seq_len", None),
+                   "domain_eval.seq_len": recipe.domain_eval.seq_len if recipe.domain_eval else None}
+        check_context(recipe.model, {k: v for k, v in lengths.items() if isinstance(v, int)})
         # The recipe format's version is not part of what a run computes (lpq.schema).
         claim_output(recipe.train.output_dir,
                      fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir", "version"]),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpq.config import dump_yaml
+from lpq.outputs import RECIPE_COPY
 from lpq.quant.recipe import QKRotation, QuantizerSpec, QuantRecipe, Scaling
 from lpq.train.loop import RunResult, StepCallback, process_state, train_run
 from lpq.train.monitor import median, plot_loss_curves, plot_quant_stats, plot_stability, read_jsonl
@@ -158,7 +159,7 @@ def run_training(recipe: TrainRecipe, *, resume: bool = True, only: str | None =
     main = state.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(recipe, out / "recipe.yaml")
+        dump_yaml(recipe, out / RECIPE_COPY)
     has_ref = bool(plans) and plans[0].quant is None
     evaluating = recipe.eval is not None and has_ref and len(plans) > 1
     if evaluating and state.num_processes > 1 and cfg.distributed.value == "fsdp":

@@ -112,7 +112,7 @@ def mix_splits(cfg: DataConfig, tokenizer) -> TextSplits:
         if blocks is None:
             raise ValueError(f"data.mix: domain {name!r}'s training part holds fewer than {n_train + n_eval} blocks "
                              f"of {cfg.seq_len} tokens ({n_train} training + {n_eval} held out); lower "
-                             f"data.max_train_blocks or its weight")
+                             f"data.seq_len, data.max_train_blocks or its weight")
         train.append(blocks[:n_train])
         held_out.append(blocks[n_train:])
     return TextSplits(torch.cat(train), torch.cat(held_out))

@@ -235,6 +235,29 @@ def test_train_output_of_another_recipe_needs_force(tmp_path):
     assert read_marker(out)["fingerprint"] == "an-older-recipe"
 
 
+def test_a_run_that_stopped_before_any_result_starts_over_without_force(tmp_path, capsys):
+    """A run whose data failed after its folder was claimed leaves only its recipe copy: a corrected
+    recipe may take the folder over (said so); a user's file of that name is never taken for it."""
+    out = tmp_path / "run"
+    with claim_output(out, fingerprint="a", command="lpq train"):
+        (out / "recipe.yaml").write_text("lpq's copy")
+    with claim_output(out, fingerprint="b", command="lpq train") as run:
+        assert run.state == "replaced" and not (out / "recipe.yaml").exists()
+    assert "it holds no results" in capsys.readouterr().err
+    (out / "recipe.yaml").write_text("the user's")          # not in the marker's list: the user's file
+    with pytest.raises(ValueError, match="pass --force"):
+        claim_output(out, fingerprint="c", command="lpq train")
+    assert (out / "recipe.yaml").read_text() == "the user's"
+
+
+def test_train_sequence_longer_than_the_model_context_is_refused_before_any_folder(tmp_path):
+    out = tmp_path / "run"
+    recipe = _train_recipe(tmp_path, out)
+    code, text = lpq("train", "--config", recipe, "--set", "data.seq_len=999")
+    assert code == 2 and "data.seq_len: 999 tokens is beyond tiny-llama's context of 256" in error_line(text)
+    assert not out.exists()
+
+
 def test_marker_is_required_before_anything_is_deleted(tmp_path):
     """The marker alone does not make a folder deletable when it lists what lpq wrote."""
     out = tmp_path / "run"
