@@ -35,10 +35,11 @@ class _Where:
     """Maps dotted key paths of a YAML document to their line numbers; knows the recipe's folder."""
 
     def __init__(self, source: str, node: yaml.Node | None, base: Path | None = None,
-                 from_cwd: frozenset[str] = frozenset()):
+                 from_cwd: frozenset[str] = frozenset(), options: dict[str, str] | None = None):
         self.source = source
         self.base = base               # the recipe file's folder (None: paths stay as given)
         self.from_cwd = from_cwd       # dotted keys given on the command line
+        self.options = options or {}   # dotted key -> the command-line option that gave it
         self.lines: dict[str, int] = {}
         if node is not None:
             self._walk(node, "")
@@ -55,6 +56,9 @@ class _Where:
                 self._walk(v, f"{prefix}[{i}]")
 
     def error(self, key: str, msg: str) -> ConfigError:
+        option = next((self.options[k] for k in _key_and_parents(key) if k in self.options), None)
+        if option is not None:
+            return ConfigError(f"{option}: {msg}")
         line = self.lines.get(key)
         while line is None and key:
             key_parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -62,6 +66,15 @@ class _Where:
             key = key_parent
         loc = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{loc}: {msg}")
+
+
+def _key_and_parents(key: str) -> list[str]:
+    """'eval.tasks[0]' -> ['eval.tasks[0]', 'eval.tasks', 'eval']."""
+    out = [key]
+    while (cut := max(key.rfind("."), key.rfind("["))) > 0:
+        key = key[:cut]
+        out.append(key)
+    return out
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -146,6 +159,12 @@ def from_dict(data: Any, cls: type[T], where: _Where | None = None, key: str = "
     """Build `cls` (a dataclass or a type annotation) from plain data, validating as it goes."""
     where = where or _Where("<recipe>", None)
     return _convert(data, cls, where, key)
+
+
+def from_options(data: dict, cls: type[T], options: dict[str, str], source: str) -> T:
+    """Build `cls` from values given as command-line options (no recipe file): an error names the
+    option that gave the bad value (`options`: dotted key -> option), else `source`."""
+    return from_dict(data, cls, _Where(source, None, options=options))
 
 
 def to_dict(obj: Any) -> Any:

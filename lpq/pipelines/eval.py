@@ -6,8 +6,13 @@ from pathlib import Path
 import typer
 
 
+# The recipe key each command-line option sets.
+OPTION_KEYS = {"--model": "model.id", "--limit": "eval.limit", "--data-dir": "eval.data_dir", "--tasks": "eval.tasks",
+               "--kl/--no-kl": "eval.kl", "--cache/--no-cache": "eval.use_cache", "--vbench": "eval.video.vbench_python"}
+
+
 def _load_recipe(config: Path | None, overrides: dict):
-    from lpq.config import from_dict, load_config
+    from lpq.config import from_options, load_config
     from lpq.eval.recipe import EvalRecipe
 
     if config is not None:
@@ -19,7 +24,7 @@ def _load_recipe(config: Path | None, overrides: dict):
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
-    return from_dict(data, EvalRecipe)
+    return from_options(data, EvalRecipe, {key: option for option, key in OPTION_KEYS.items()}, "lpq eval (no --config)")
 
 
 def check_models(recipe, candidate_id: str | None) -> None:
@@ -100,11 +105,10 @@ def register(app: typer.Typer) -> None:
         from lpq.export import CheckpointError
         from lpq.export.settings import refuse_runtime_export
 
-        overrides = {k: v for k, v in {
-            "model.id": model, "eval.limit": limit, "eval.data_dir": str(data_dir) if data_dir else None,
-            "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-            "eval.kl": kl, "eval.use_cache": cache,
-            "eval.video.vbench_python": vbench_python}.items() if v is not None}
+        given = {"--model": model, "--limit": limit, "--data-dir": str(data_dir) if data_dir else None,
+                 "--tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                 "--kl/--no-kl": kl, "--cache/--no-cache": cache, "--vbench": vbench_python}
+        overrides = {OPTION_KEYS[option]: v for option, v in given.items() if v is not None}
         from lpq.outputs import claim_output, recipe_fingerprint
 
         try:

@@ -77,3 +77,13 @@ def test_packed_lpq_export_as_candidate(data_dir, tmp_path):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["recipe"]["candidate"] == str(tmp_path / "export")
     assert res["distribution_shift"]["kl_div"] > 0              # the packed HiF8 weights differ from float
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "wikitext2,nope"], "error: --tasks: 'eval.tasks[1]': 'nope' is not allowed; use one of"),
+    (["--tasks", "wikitext2", "--limit", -1], "error: lpq eval (no --config): 'eval': limit must be >= 1"),
+])
+def test_bad_option_values_name_the_option_before_any_folder(tmp_path, args, message):
+    result, out = _run(["--model", "tiny-llama", "--candidate", "tiny-llama", *args, "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and message in out, out
+    assert not (tmp_path / "o").exists()
