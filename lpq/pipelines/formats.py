@@ -251,13 +251,14 @@ def quantize(
 
     _spec_or_exit(fmt, get_format)
     tensors = _load_tensors(file)
-    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
     if out is not None:
-        _check_out(out, file, force, len(floats))
+        _check_out(out, file, force, len(tensors))
     results, rows, notes = {}, [], []
     for name, x in tensors.items():
-        if name not in floats:
-            typer.echo(f"skipping {name}: dtype {x.dtype} is not floating point", err=True)
+        if not x.is_floating_point():
+            # An index or count (position ids, a step counter) has no format; the output keeps every tensor.
+            typer.echo(f"kept {name} unchanged: dtype {x.dtype} is not floating point", err=True)
+            results[name] = x
             continue
         try:
             q = fake_quant(x, fmt, axis if x.dim() else -1, backend=backend)

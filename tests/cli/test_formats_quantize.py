@@ -67,6 +67,21 @@ def test_unsupported_dtypes(tmp_path):
     assert np.array_equal(np.load(tmp_path / "q.npy"), fake_quant(torch.arange(64.0).reshape(1, 64), "hif8").numpy())
 
 
+def test_integer_tensors_are_kept_unchanged_in_the_output(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ids = torch.arange(10)
+    save_file({"w": torch.randn(2, 64), "position_ids": ids}, str(tmp_path / "m.safetensors"))
+    code, out, _ = _quantize(tmp_path, "m.safetensors", "--fmt", "hif4", "--out", tmp_path / "q.safetensors")
+    assert code == 0 and "kept position_ids unchanged" in out, out
+    q = load_file(str(tmp_path / "q.safetensors"))
+    assert set(q) == {"w", "position_ids"} and torch.equal(q["position_ids"], ids)
+    # A .npy holds one array: the integer tensor would be lost, so that is refused before any work.
+    code, out, before = _quantize(tmp_path, "m.safetensors", "--fmt", "hif4", "--out", tmp_path / "q.npy")
+    assert code == 2 and "a .npy file holds one tensor" in error_line(out)
+    assert snapshot(tmp_path) == before
+
+
 def test_nan_blocks_are_counted_separately_from_overflow(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     x[0, 3] = np.nan                                   # HiF4: the whole first 64-block becomes NaN
