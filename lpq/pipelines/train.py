@@ -139,9 +139,6 @@ def prepare_data(
 ) -> None:
     """Encode captioned video clips into the Wan latent cache (VAE latents + text embeddings)."""
     recipe = _load(config, overrides)
-    if recipe.data.cache_dir is None:
-        typer.echo("error: data.cache_dir is not set: where should the latents go?", err=True)
-        raise typer.Exit(2)
     from lpq.models.hub import load_model, resolve
     from lpq.outputs import claim_output
     from lpq.train.latents import prepare_latent_cache
@@ -153,6 +150,8 @@ def prepare_data(
         if kind != "wan":
             raise ValueError(f"prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a {kind} "
                              f"(text data needs no preparation)")
+        if recipe.data.cache_dir is None:
+            raise ValueError("data.cache_dir is not set: where should the latents go?")
         folder = claim_output(recipe.data.cache_dir, fingerprint=cache_fingerprint(recipe), force=force,
                               command="lpq prepare-data")
     except ValueError as e:

@@ -4,6 +4,7 @@ recipe continues its cache, and a second run into a folder in use is refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,20 @@ def test_a_text_model_is_refused_before_it_loads(tmp_path, no_model_load):
     assert code == 2 and "prepare-data encodes videos for Wan pipelines; 'tiny-llama' is a causal_lm" in \
         error_line(out)
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_shipped_text_recipe_is_told_it_needs_no_preparation(no_model_load):
+    # A text recipe has no cache_dir: the first thing said is what prepare-data is for, with the file.
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "smollm2_hif8.yaml"
+    code, out = lpq("prepare-data", "--config", recipe)
+    assert code == 2 and error_line(out).startswith(f"error: {recipe}: prepare-data encodes videos")
+
+
+def test_a_wan_recipe_without_cache_dir_is_refused_before_it_loads(tmp_path, no_model_load):
+    recipe = _recipe(tmp_path)
+    code, out = lpq("prepare-data", "--config", recipe, "--set", "data.cache_dir=null", "--set", "data.kind=text",
+                    "--set", "data.paths=[x.txt]")
+    assert code == 2 and "data.cache_dir is not set" in error_line(out) and str(recipe) in out
 
 
 def test_same_recipe_continues_another_needs_force(tmp_path):
