@@ -5,7 +5,8 @@ and, once a run has finished, the files it wrote. The rules, the same for every 
 
 * A folder without the marker is never written into or deleted. An empty folder is adopted.
 * A marked folder from another recipe (another fingerprint or command) is replaced, or started over,
-  only with `force`, unless its run stopped before writing anything but its recipe copy. The same recipe continues in place (ptq, train) or is rewritten (export, eval).
+  only with `force`, unless its run stopped before writing anything but its recipe copy. The same
+  recipe continues in place (ptq, train) or is rewritten (export, eval).
 * Even with `force`, lpq never deletes or replaces the filesystem root, the home folder, the working
   folder or a folder above it, a folder without the marker, or a marked folder that holds files lpq
   did not write (a user's notes added later).
