@@ -7,8 +7,9 @@ import typer
 
 
 # The recipe key each command-line option sets.
-OPTION_KEYS = {"--model": "model.id", "--limit": "eval.limit", "--data-dir": "eval.data_dir", "--tasks": "eval.tasks",
-               "--kl/--no-kl": "eval.kl", "--cache/--no-cache": "eval.use_cache", "--vbench": "eval.video.vbench_python"}
+OPTION_KEYS = {"--model": "model.id", "--limit": "eval.limit", "--data-dir": "eval.data_dir",
+               "--tasks": "eval.tasks", "--kl/--no-kl": "eval.kl", "--cache/--no-cache": "eval.use_cache",
+               "--vbench": "eval.video.vbench_python"}
 
 
 def _load_recipe(config: Path | None, overrides: dict):
@@ -24,7 +25,8 @@ def _load_recipe(config: Path | None, overrides: dict):
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
-    return from_options(data, EvalRecipe, {key: option for option, key in OPTION_KEYS.items()}, "lpq eval (no --config)")
+    options = {key: option for option, key in OPTION_KEYS.items()}
+    return from_options(data, EvalRecipe, options, "lpq eval (no --config)")
 
 
 def check_models(recipe, candidate_id: str | None) -> None:
