@@ -491,7 +491,9 @@ def validate_inputs(cfg: PTQConfig) -> None:
 def _resolve_recipe(config: Path | None, scheme: str | None, overrides: dict) -> PTQConfig:
     from lpq.pipelines.recipes import SCHEMES, shipped_recipe
 
-    if (config is None) == (scheme is None):
+    if config is not None and scheme is not None:
+        raise ConfigError(f"--config {config} and --scheme {scheme}: give one recipe, not both")
+    if config is None and scheme is None:
         raise ConfigError("give a recipe: --config FILE, or --scheme " + "|".join(SCHEMES) + " for a shipped default")
     if scheme is not None:
         if scheme not in SCHEMES:
@@ -536,12 +538,12 @@ def register(app: typer.Typer) -> None:
             if mmlu:
                 overrides["evaluation.mmlu"] = True
             cfg = _resolve_recipe(config, scheme, overrides)
-            if scheme is not None or overrides:
-                typer.echo(f"lpq ptq: resolved recipe (saved as recipe.yaml in the output folder):\n"
-                           f"{yaml_text(cfg)}", err=True)
             validate_inputs(cfg)
             out_dir = out or Path(cfg.output_dir)
             folder = claim_output(out_dir, fingerprint=fingerprint(cfg), force=force, command="ptq")
+            if scheme is not None or overrides:    # after the checks: a refused command prints one line
+                typer.echo(f"lpq ptq: resolved recipe (saved as recipe.yaml in the output folder):\n"
+                           f"{yaml_text(cfg)}", err=True)
         except (ConfigError, OutputError, ValueError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

@@ -87,7 +87,8 @@ def test_a_finished_run_of_another_recipe_needs_force(tmp_path):
     """Case 2: a rerun with a different recipe does not replace a finished run without --force; with
     --force and the same blocks it reruns only what differs; a user's file in the folder is kept."""
     recipe = _write(tmp_path, _recipe(tmp_path))
-    assert lpq("ptq", "--config", recipe, "--out", tmp_path / "out")[0] == 0
+    code, out = lpq("ptq", "--config", recipe, "--model", "tiny-llama", "--out", tmp_path / "out")
+    assert code == 0 and "resolved recipe" in out and "id: tiny-llama" in out    # an override: what runs is shown
     (tmp_path / "out" / "my_notes.txt").write_text("mine")
     report = (tmp_path / "out" / "report.json").read_text()
     other = _write(tmp_path, _recipe(tmp_path, evaluation={"windows": 1, "seq_len": 8}), "other.yaml")
@@ -137,6 +138,8 @@ def test_presets_resolve_to_the_shipped_recipe(tmp_path):
     assert code == 2 and "--protect 'auto:x'" in error_line(out)
     code, out = lpq("ptq", "--scheme", "hif4", "--model", "tiny-llama", "--protect", "7", "--out", tmp_path / "o")
     assert code == 2 and "protect.blocks: block 7 is out of range: tiny-llama has 2 blocks" in error_line(out)
-    assert "resolved recipe" in out and "id: tiny-llama" in out
+    assert out.strip() == error_line(out)    # the resolved recipe is shown only once the checks pass
+    code, out = lpq("ptq", "--scheme", "hif4", "--config", "r.yaml", "--out", tmp_path / "o")
+    assert code == 2 and "--config r.yaml and --scheme hif4: give one recipe, not both" in error_line(out)
     code, out = lpq("recipes", "show", "w4a4_hif4")
     assert code == 0 and "algorithms:" in out
