@@ -76,7 +76,10 @@ def _target(path: str | os.PathLike) -> Path:
     if not str(path).strip():
         raise OutputError("the output folder is an empty string; give a folder")
     # abspath normalizes `.` and `..` without following links: `--out .` is the working folder itself.
-    return Path(os.path.abspath(Path(path).expanduser()))
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    if target == Path(target.anchor):     # nothing can sit beside it (the lock, a staging folder)
+        raise OutputError(f"{path} is the filesystem root; give a folder below it")
+    return target
 
 
 def _protected(target: Path) -> str | None:

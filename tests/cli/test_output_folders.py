@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lpq.outputs import HELD_ENV, MARKER, claim_output, read_marker
+from lpq.outputs import HELD_ENV, MARKER, check_output, claim_output, read_marker
 from tests.cli.helpers import RECIPE, error_line, lpq, lpq_process, snapshot, user_folder
 
 
@@ -248,6 +248,12 @@ def test_a_run_that_stopped_before_any_result_starts_over_without_force(tmp_path
     with pytest.raises(ValueError, match="pass --force"):
         claim_output(out, fingerprint="c", command="lpq train")
     assert (out / "recipe.yaml").read_text() == "the user's"
+
+
+@pytest.mark.parametrize("how", [claim_output, check_output])
+def test_the_filesystem_root_is_refused_in_one_line(how):
+    with pytest.raises(ValueError, match="^/ is the filesystem root; give a folder below it$"):
+        how("/", fingerprint="f", force=True)
 
 
 def test_train_sequence_longer_than_the_model_context_is_refused_before_any_folder(tmp_path):
