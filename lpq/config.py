@@ -249,7 +249,8 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         unknown = [k for k in value if k not in fields]
         if unknown:
             sub = f"{key}.{unknown[0]}" if key else str(unknown[0])
-            raise where.error(sub, f"unknown key '{sub}'; allowed in '{label}': " + ", ".join(fields))
+            section = f"in '{key}'" if key else "at the top level"
+            raise where.error(sub, f"unknown key '{sub}'; allowed {section}: " + ", ".join(fields))
         kwargs = {}
         for name, f in fields.items():
             sub = f"{key}.{name}" if key else name

@@ -44,6 +44,9 @@ def test_unknown_key_names_file_line_and_allowed(tmp_path):
         load_config(p, Outer)
     msg = str(e.value)
     assert f"{p}:4" in msg and "inner.colour" in msg and "n, color" in msg
+    p = write(tmp_path, "name: a\nmore: 1\n")
+    with pytest.raises(ConfigError, match=r":2: unknown key 'more'; allowed at the top level: name, inner, ids"):
+        load_config(p, Outer)
 
 
 def test_bad_enum_value_lists_allowed(tmp_path):
