@@ -51,9 +51,10 @@ def _check_and_claim(config: Path, recipe, force: bool) -> None:
 
     try:
         check_blocks(recipe.model, recipe.quant.protected_blocks if recipe.quant else [])
-        lengths = {"data.seq_len": getattr(recipe.data, "seq_len", None),
-                   "domain_eval.seq_len": recipe.domain_eval.seq_len if recipe.domain_eval else None}
-        check_context(recipe.model, {k: v for k, v in lengths.items() if isinstance(v, int)})
+        lengths = {"data.seq_len": recipe.data.seq_len}
+        if recipe.domain_eval is not None:
+            lengths["domain_eval.seq_len"] = recipe.domain_eval.seq_len
+        check_context(recipe.model, lengths)
         # The recipe format's version is not part of what a run computes (lpq.schema).
         claim_output(recipe.train.output_dir,
                      fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir", "version"]),
