@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lpq.schema import KeyedError
+
 T = TypeVar("T")
 
 
@@ -126,8 +128,10 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {what}"
 
 
-def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
-    """Read `path` as YAML and build `cls` from it; `overrides` are dotted keys set afterwards."""
+def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None,
+                options: dict[str, str] | None = None) -> T:
+    """Read `path` as YAML and build `cls` from it; `overrides` are dotted keys set afterwards, and
+    `options` names the command-line option that set an override (an error about it names the option)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a recipe file")
@@ -152,7 +156,7 @@ def load_config(path: str | Path, cls: type[T], overrides: dict[str, Any] | None
         raise ConfigError(f"{path}:1: a recipe must be a mapping of sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
-    return from_dict(data, cls, _Where(str(path), node, path.resolve().parent, frozenset(overrides or ())))
+    return from_dict(data, cls, _Where(str(path), node, path.resolve().parent, frozenset(overrides or ()), options))
 
 
 def from_dict(data: Any, cls: type[T], where: _Where | None = None, key: str = "") -> T:
@@ -263,8 +267,11 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         try:
             obj = tp(**kwargs)
         except (ValueError, TypeError) as e:
-            # A whole-recipe check (the message names its keys) has no section to prefix.
-            raise where.error(key, f"'{label}': {e}" if key else str(e)) from None
+            # A whole-recipe check (the message names its keys) has no section to prefix; one about a
+            # single key (KeyedError) is reported where that key is.
+            at = getattr(e, "key", None) if isinstance(e, KeyedError) else None
+            located = key if at is None else (f"{key}.{at}" if key else at)
+            raise where.error(located, f"'{label}': {e}" if key else str(e)) from None
         return obj
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:

@@ -4,6 +4,9 @@
   string and, for any other string, reports the file, line, key and the allowed values; `to_dict`
   writes the string back. It compares equal to, hashes as and prints as its string, so code and
   report text that used the plain string keep working.
+* `KeyedError`: a check in a recipe dataclass's `__post_init__` that concerns one of its keys raises it
+  with that key (relative to the dataclass), so lpq.config reports the key's line, or the command-line
+  option that set it, instead of the section's first line.
 * `RecipeVersion`: the `version:` key at the root of every recipe (ptq, train, eval, export; the
   `quant:` section carries it too, as exports store that section alone). A file without it is
   version 1; an unknown version is refused with the allowed ones.
@@ -41,6 +44,15 @@ class Choice(str, enum.Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"{key} {value!r} is not allowed; use one of {cls.allowed()}") from None
+
+
+class KeyedError(ValueError):
+    """A recipe value refused by a check about one key (`key`: dotted, relative to the dataclass whose
+    check raised it)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class RecipeVersion(int, enum.Enum):

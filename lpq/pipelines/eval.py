@@ -16,8 +16,9 @@ def _load_recipe(config: Path | None, overrides: dict):
     from lpq.config import from_options, load_config
     from lpq.eval.recipe import EvalRecipe
 
+    options = {key: option for option, key in OPTION_KEYS.items() if key in overrides}
     if config is not None:
-        return load_config(config, EvalRecipe, overrides)
+        return load_config(config, EvalRecipe, overrides, options)
     data: dict = {}
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")
@@ -25,7 +26,6 @@ def _load_recipe(config: Path | None, overrides: dict):
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
-    options = {key: option for option, key in OPTION_KEYS.items()}
     return from_options(data, EvalRecipe, options, "lpq eval (no --config)")
 
 

@@ -488,6 +488,11 @@ def validate_inputs(cfg: PTQConfig) -> None:
         raise FileNotFoundError(f"evaluation.wikitext2: {cfg.evaluation.wikitext2} not found")
 
 
+# The recipe keys the command's options set (an error about one names the option).
+OPTION_KEYS = {"model.id": "--model", "protect.auto": "--protect", "protect.blocks": "--protect",
+               "evaluation.mmlu": "--mmlu"}
+
+
 def _resolve_recipe(config: Path | None, scheme: str | None, overrides: dict) -> PTQConfig:
     from lpq.pipelines.recipes import SCHEMES, shipped_recipe
 
@@ -499,7 +504,7 @@ def _resolve_recipe(config: Path | None, scheme: str | None, overrides: dict) ->
         if scheme not in SCHEMES:
             raise ConfigError(f"--scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
         config = shipped_recipe(SCHEMES[scheme])
-    return load_config(config, PTQConfig, overrides)
+    return load_config(config, PTQConfig, overrides, {k: OPTION_KEYS[k] for k in overrides})
 
 
 def _protect_override(text: str) -> dict:

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lpq.formats.spec import FORMATS, get_format
-from lpq.schema import Choice, RecipeVersion, recipe_version
+from lpq.schema import Choice, KeyedError, RecipeVersion, recipe_version
 
 RECIPE_VERSION = RecipeVersion.V1
 
@@ -51,17 +51,20 @@ def block_budget(formats: Iterable[str]) -> int | None:
     return min(limits) if limits else None
 
 
-def check_protected_budget(count: int, formats: Iterable[str], allow_over_budget: bool, key: str) -> None:
+def check_protected_budget(count: int, formats: Iterable[str], allow_over_budget: bool, key: str,
+                           shown: str | None = None) -> None:
     """The one check of a number of protected blocks against the challenge budget, for every recipe that
-    protects blocks (`quant.protected_blocks` of train/export/eval/inspect, `protect` of ptq). `key` names
-    where the blocks come from; raises ValueError in one line."""
+    protects blocks (`quant.protected_blocks` of train/export/eval/inspect, `protect` of ptq). `key` is
+    where the blocks come from, relative to the checking dataclass (`shown`: as the message names it,
+    default `key`); raises KeyedError in one line."""
     formats = set(formats)
     budget = block_budget(formats)
     if budget is None or count <= budget or allow_over_budget:
         return
     fmts = "/".join(sorted(f for f in formats if BLOCK_BUDGETS.get(f) == budget))
-    raise ValueError(f"{count} protected blocks exceed the challenge budget of {budget} for {fmts} ({key}); set "
-                     f"quant.allow_over_budget: true for research runs outside the challenge")
+    raise KeyedError(key, f"{count} protected blocks exceed the challenge budget of {budget} for {fmts} "
+                          f"({shown or key}); set quant.allow_over_budget: true for research runs outside the "
+                          f"challenge")
 
 
 class QKRotation(Choice):
@@ -199,7 +202,7 @@ class QuantRecipe:
         if len(set(self.protected_blocks)) != len(self.protected_blocks):
             raise ValueError(f"protected_blocks has duplicates: {self.protected_blocks}")
         check_protected_budget(len(self.protected_blocks), self.formats(), self.allow_over_budget,
-                               "quant.protected_blocks")
+                               "protected_blocks", shown="quant.protected_blocks")
 
     def formats(self) -> set[str]:
         specs = [self.weight, self.input, self.grad]

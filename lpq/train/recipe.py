@@ -264,5 +264,6 @@ class TrainRecipe:
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
-    """Read and validate a training recipe; `overrides` are dotted keys set afterwards (`train.steps`)."""
-    return load_config(path, TrainRecipe, overrides)
+    """Read and validate a training recipe; `overrides` are dotted keys set afterwards (`train.steps`), given
+    as `--set KEY=VALUE` (an error about one names that option)."""
+    return load_config(path, TrainRecipe, overrides, {k: f"--set {k}" for k in overrides or {}})

@@ -87,3 +87,8 @@ def test_bad_option_values_name_the_option_before_any_folder(tmp_path, args, mes
     result, out = _run(["--model", "tiny-llama", "--candidate", "tiny-llama", *args, "--out", tmp_path / "o"])
     assert result.exit_code == 2 and message in out, out
     assert not (tmp_path / "o").exists()
+    # The same with a recipe file: the option, not the file's line, gave the bad value.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  id: tiny-llama\neval:\n  tasks: [wikitext2]\n")
+    result, out = _run(["--config", recipe, "--candidate", "tiny-llama", "--tasks", "nope", "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "error: --tasks: 'eval.tasks[0]': 'nope' is not allowed" in out, out

@@ -42,8 +42,13 @@ def test_bad_values_are_named(tmp_path):
         load_recipe(write(tmp_path, "train:\n  steps: 5\n  bf16_warmup_steps: 10\n"))
     with pytest.raises(ConfigError, match=r"r\.yaml:3: 'train\.lr_schedule': 'cosin' is not allowed"):
         load_recipe(write(tmp_path, "train:\n  steps: 5\n  lr_schedule: cosin\n"))
-    with pytest.raises(ConfigError, match=r"r\.yaml:1: 'quant': 6 protected blocks exceed the challenge budget of 5"):
+    with pytest.raises(ConfigError, match=r"r\.yaml:3: 'quant': 6 protected blocks exceed the challenge budget of 5"):
         load_recipe(write(tmp_path, "quant:\n  format: hif8\n  protected_blocks: [0, 1, 2, 3, 4, 5]\n"))
+    # A value given on the command line (`lpq train --set`) is named by that option, not by the file's line.
+    with pytest.raises(ConfigError, match=r"^--set train\.lr: 'train\.lr' must be float, got 'abc'$"):
+        load_recipe(write(tmp_path, "train:\n  steps: 5\n"), {"train.lr": "abc"})
+    with pytest.raises(ConfigError, match=r"^--set quant\.protected_blocks: 'quant': 6 protected blocks exceed"):
+        load_recipe(write(tmp_path, "quant:\n  format: hif8\n"), {"quant.protected_blocks": [0, 1, 2, 3, 4, 5]})
     with pytest.raises(ConfigError, match=r"r\.yaml:2: 'data\.video': num_frames must be 4k \+ 1"):
         load_recipe(write(tmp_path, "data:\n  video:\n    num_frames: 80\n"))
 
