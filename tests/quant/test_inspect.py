@@ -24,4 +24,4 @@ def test_inspect_reports_recipe_errors_with_line(tmp_path):
     bad.write_text("model:\n  id: tiny-llama\nquant:\n  format: hif4\n  protected_blocks: [0, 1, 2]\n")
     result = CliRunner().invoke(app, ["inspect", "--config", str(bad)])
     assert result.exit_code == 2
-    assert "bad.yaml:3" in result.output and "budget of 2" in result.output
+    assert "bad.yaml:5" in result.output and "budget of 2" in result.output   # the protected_blocks line
