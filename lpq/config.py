@@ -269,7 +269,7 @@ def _convert(value: Any, tp: Any, where: _Where, key: str) -> Any:
         except (ValueError, TypeError) as e:
             # A whole-recipe check (the message names its keys) has no section to prefix; one about a
             # single key (KeyedError) is reported where that key is.
-            at = getattr(e, "key", None) if isinstance(e, KeyedError) else None
+            at = e.key if isinstance(e, KeyedError) else None
             located = key if at is None else (f"{key}.{at}" if key else at)
             raise where.error(located, f"'{label}': {e}" if key else str(e)) from None
         return obj
