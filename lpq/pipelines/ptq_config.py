@@ -15,7 +15,7 @@ from lpq.eval.settings import DomainEvalSettings, Split
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe, check_protected_budget
-from lpq.schema import RecipeVersion, recipe_version
+from lpq.schema import KeyedError, RecipeVersion, recipe_version
 
 
 @dataclass
@@ -31,11 +31,11 @@ class ProtectConfig:
         if self.blocks is not None and self.auto is not None:
             raise ValueError("set either protect.blocks or protect.auto, not both")
         if self.auto is not None and self.auto < 0:
-            raise ValueError(f"protect.auto must be >= 0, got {self.auto}")
+            raise KeyedError("auto", f"protect.auto must be >= 0, got {self.auto}")
         if self.blocks is not None and any(b < 0 for b in self.blocks):
-            raise ValueError(f"protect.blocks must be block indices >= 0, got {self.blocks}")
+            raise KeyedError("blocks", f"protect.blocks must be block indices >= 0, got {self.blocks}")
         if self.blocks is not None and len(set(self.blocks)) != len(self.blocks):
-            raise ValueError(f"protect.blocks has duplicates: {self.blocks}")
+            raise KeyedError("blocks", f"protect.blocks has duplicates: {self.blocks}")
         if self.sequences < 1 or self.seq_len < 2:
             raise ValueError(f"protect needs sequences >= 1 and seq_len >= 2 to rank blocks, got {self.sequences} "
                              f"and {self.seq_len}")

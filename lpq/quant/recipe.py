@@ -198,9 +198,10 @@ class QuantRecipe:
         if not (self.weight or self.input or self.grad or self.attention):
             raise ValueError("the recipe quantizes nothing: set `format`, or weight/input/grad/attention")
         if any(b < 0 for b in self.protected_blocks):
-            raise ValueError(f"protected_blocks must be block indices >= 0, got {self.protected_blocks}")
+            raise KeyedError("protected_blocks",
+                             f"protected_blocks must be block indices >= 0, got {self.protected_blocks}")
         if len(set(self.protected_blocks)) != len(self.protected_blocks):
-            raise ValueError(f"protected_blocks has duplicates: {self.protected_blocks}")
+            raise KeyedError("protected_blocks", f"protected_blocks has duplicates: {self.protected_blocks}")
         check_protected_budget(len(self.protected_blocks), self.formats(), self.allow_over_budget,
                                "protected_blocks", shown="quant.protected_blocks")
 

@@ -34,6 +34,10 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     p.write_text("format: hif4\nprotected_blocks: [0, x]\n")
     with pytest.raises(ConfigError, match=r"r.yaml:2: 'protected_blocks\[1\]' must be int"):
         load_config(p, QuantRecipe)
+    # A check of the whole section that is about one key is reported at that key's line (schema.KeyedError).
+    p.write_text("format: hif4\nallow_over_budget: true\n\nprotected_blocks: [1, 1]\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:4: protected_blocks has duplicates: \[1, 1\]"):
+        load_config(p, QuantRecipe)
     with pytest.raises(ConfigError, match=r"unknown format 'fp7'; valid formats: hif8"):
         from_dict({"format": "fp7"}, QuantizerSpec)
 
