@@ -169,7 +169,7 @@ def _user_files(folder: Path, marker: dict) -> list[str]:
 def _holds_no_results(folder: Path, marker: dict) -> bool:
     """A run that stopped before writing anything but its copy of the recipe (a data error found after
     the folder was claimed): nothing there to protect, so a corrected recipe may start over without force."""
-    return not _user_files(folder, marker) and _files(folder) <= {RECIPE_COPY}
+    return _files(folder) <= {RECIPE_COPY} and not _user_files(folder, marker)
 
 
 def _describe(marker: dict, fingerprint: str | None = None) -> str:

@@ -423,10 +423,9 @@ def check_context(cfg: ModelConfig, lengths: dict[str, int]) -> None:
     """Refuse a sequence length (recipe key -> tokens) beyond the model's context, read from its config
     before any weights load: positions past it were never trained, so such a run would measure nothing."""
     context = peek_context(cfg)
-    too_long = {k: v for k, v in lengths.items() if context is not None and v > context}
-    if too_long:
-        key, value = next(iter(too_long.items()))
-        raise ModelError(f"{key}: {value} tokens is beyond {cfg.id}'s context of {context} tokens")
+    for key, value in lengths.items():
+        if context is not None and value > context:
+            raise ModelError(f"{key}: {value} tokens is beyond {cfg.id}'s context of {context} tokens")
 
 
 def check_blocks(cfg: ModelConfig, blocks: list[int], key: str = "quant.protected_blocks") -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 
-# The recipe key each command-line option sets.
+# Command option -> the recipe key it sets.
 OPTION_KEYS = {"--model": "model.id", "--limit": "eval.limit", "--data-dir": "eval.data_dir",
                "--tasks": "eval.tasks", "--kl/--no-kl": "eval.kl", "--cache/--no-cache": "eval.use_cache",
                "--vbench": "eval.video.vbench_python"}

@@ -488,8 +488,8 @@ def validate_inputs(cfg: PTQConfig) -> None:
         raise FileNotFoundError(f"evaluation.wikitext2: {cfg.evaluation.wikitext2} not found")
 
 
-# The recipe keys the command's options set (an error about one names the option).
-OPTION_KEYS = {"model.id": "--model", "protect.auto": "--protect", "protect.blocks": "--protect",
+# Recipe key -> the command option that sets it (an error about the key names the option).
+KEY_OPTIONS = {"model.id": "--model", "protect.auto": "--protect", "protect.blocks": "--protect",
                "evaluation.mmlu": "--mmlu"}
 
 
@@ -504,7 +504,7 @@ def _resolve_recipe(config: Path | None, scheme: str | None, overrides: dict) ->
         if scheme not in SCHEMES:
             raise ConfigError(f"--scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
         config = shipped_recipe(SCHEMES[scheme])
-    return load_config(config, PTQConfig, overrides, {k: OPTION_KEYS[k] for k in overrides})
+    return load_config(config, PTQConfig, overrides, {k: KEY_OPTIONS[k] for k in overrides})
 
 
 def _protect_override(text: str) -> dict:
