@@ -196,14 +196,14 @@ def _has_weights(folder: Path) -> bool:
     return any(next(folder.glob(g), None) is not None for g in _WEIGHT_GLOBS)
 
 
-def _check_local(path: Path, shown: str, cfg: ModelConfig) -> str:
+def _check_local(path: Path, shown: str, cfg: ModelConfig, key: str) -> str:
     """Check a local model folder before anything is loaded; returns its kind."""
     if not path.exists():
         hint = _close_builtins(shown)
         also = f" (did you mean the built-in {' or '.join(hint)}?)" if hint else ""
         raise ModelError(f"model folder {shown} does not exist{also}")
     if not path.is_dir():
-        raise ModelError(f"model.id {shown} is a file; give the model's folder (config.json and weights)")
+        raise ModelError(f"{key} {shown} is a file; give the model's folder (config.json and weights)")
     if (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
         for net in _pipeline_networks(index):
@@ -257,9 +257,9 @@ def _close_builtins(name: str) -> list[str]:
     return [b for b in sorted(scores, key=scores.get, reverse=True) if scores[b] >= max(0.6, best - 0.1)]
 
 
-def _hub_error(repo: str, why: str) -> ModelError:
+def _hub_error(repo: str, why: str, key: str) -> ModelError:
     return ModelError(f"model {repo!r} is not a built-in or a local folder, and {why}; download it where there is "
-                      f"network (`hf download {repo} --local-dir DIR`) and set model.id to DIR, or use a built-in: "
+                      f"network (`hf download {repo} --local-dir DIR`) and give DIR as {key}, or use a built-in: "
                       f"{', '.join(BUILTINS)}")
 
 
@@ -279,7 +279,7 @@ def _cached_kind(repo: str, revision: str | None) -> str | None:
     return None
 
 
-def _resolve_hub(repo: str, cfg: ModelConfig) -> Source:
+def _resolve_hub(repo: str, cfg: ModelConfig, key: str) -> Source:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -287,12 +287,12 @@ def _resolve_hub(repo: str, cfg: ModelConfig) -> Source:
     try:
         validate_repo_id(repo)
     except HFValidationError:
-        raise ModelError(f"model.id {repo!r} is not a built-in ({', '.join(BUILTINS)}), a local folder, or a "
+        raise ModelError(f"{key} {repo!r} is not a built-in ({', '.join(BUILTINS)}), a local folder, or a "
                          "hub id (org/name)") from None
     cached = _cached_kind(repo, cfg.revision)
     if _hub_offline_env():
         if cached is None:
-            raise _hub_error(repo, "HF_HUB_OFFLINE is set and the local hub cache has no copy")
+            raise _hub_error(repo, "HF_HUB_OFFLINE is set and the local hub cache has no copy", key)
         return Source("hub", repo, offline=True, model_kind=cached)
     # One request without retries: transformers' own download retries for about 25 s per file when
     # the hub cannot be reached, ~50 s before its error.
@@ -309,29 +309,30 @@ def _resolve_hub(repo: str, cfg: ModelConfig) -> Source:
     except Exception as e:   # connection refused, DNS, timeout, proxy, 5xx: all mean "not reachable now"
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         if cached is None:
-            raise _hub_error(repo, f"the hub cannot be reached ({reason})") from None
+            raise _hub_error(repo, f"the hub cannot be reached ({reason})", key) from None
         print(f"lpq: the hub cannot be reached ({reason}); using the cached copy of {repo}", file=sys.stderr)
         return Source("hub", repo, offline=True, model_kind=cached)
     files = {s.rfilename for s in info.siblings or []}
     return Source("hub", repo, model_kind="wan" if "model_index.json" in files else "causal_lm")
 
 
-def resolve(cfg: ModelConfig) -> Source:
-    """Where model.id points (see the module doc); raises ModelError, never waits on an unreachable hub."""
+def resolve(cfg: ModelConfig, key: str = "model.id") -> Source:
+    """Where model.id points (see the module doc); raises ModelError, never waits on an unreachable hub. `key`
+    names where the id came from in the messages (`--candidate` for lpq eval's second checkpoint)."""
     name = cfg.id.strip()
     if not name:
-        raise ModelError(f"model.id is empty; use a built-in ({', '.join(BUILTINS)}), a local folder or a hub id")
+        raise ModelError(f"{key} is empty; use a built-in ({', '.join(BUILTINS)}), a local folder or a hub id")
     if name.lower() in BUILTINS:
         kind = TINY_MODELS.get(name.lower(), "causal_lm")
         return Source("builtin", name.lower(), model_kind=kind)
     if _looks_local(name):
         path = Path(name).expanduser()
-        return Source("local", name, path, model_kind=_check_local(path, name, cfg))
+        return Source("local", name, path, model_kind=_check_local(path, name, cfg, key))
     close = _close_builtins(name)
     if "/" not in name and (close or name.lower().startswith("tiny-")):
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ModelError(f"unknown built-in model {name!r}; {hint}built-ins: {', '.join(BUILTINS)}")
-    return _resolve_hub(name, cfg)
+    return _resolve_hub(name, cfg, key)
 
 
 # ---------------------------------------------------------------- depth from the configs alone

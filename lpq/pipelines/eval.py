@@ -41,7 +41,8 @@ def check_models(recipe, candidate_id: str | None) -> None:
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
     resolve(recipe.model)
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
-        resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code))
+        resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),
+                key="--candidate")
 
 
 def run(recipe, out: Path, candidate_id: str | None = None) -> dict:

@@ -41,9 +41,15 @@ def test_second_checkpoint_and_missing_candidate(data_dir, tmp_path):
     ("tiny-llama", "{tmp}", "has no config.json (nor model_index.json)"),
     ("tiny-llama", "{tmp}/gone", "model folder {tmp}/gone does not exist"),
     ("tiny-lama", "tiny-llama", "unknown built-in model 'tiny-lama'; did you mean tiny-llama?"),
+    # the messages name the option the candidate came from, not the recipe's model.id
+    ("tiny-llama", "{tmp}/w.safetensors", "--candidate {tmp}/w.safetensors is a file; give the model's folder"),
+    ("tiny-llama", "org/no-such-model", "give DIR as --candidate"),
 ])
-def test_models_that_cannot_load_are_named_before_the_output_folder_is_made(tmp_path, model, candidate, message):
+def test_models_that_cannot_load_are_named_before_the_output_folder_is_made(tmp_path, model, candidate, message,
+                                                                            monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "w.safetensors").write_bytes(b"")
     tmp = str(tmp_path / "in")
     result, out = _run(["--model", model, "--candidate", candidate.format(tmp=tmp), "--out", tmp_path / "o"])
     assert result.exit_code == 2 and message.format(tmp=tmp) in out, out
