@@ -90,6 +90,11 @@ def _load_tensors(path: Path) -> dict:
     if path.is_dir():
         raise _fail(f"{path} is a folder; give a .npy or .safetensors file")
     if path.suffix == ".npy":
+        # Without the NPY magic, np.load would blame pickled data for any other file.
+        with path.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+            raise _fail(f"{path}: not a .npy file (no NPY header); save one array with np.save")
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:

@@ -63,6 +63,13 @@ def test_quantize_rejects_missing_and_non_float_files(tmp_path):
     np.save(tmp_path / "i.npy", np.arange(10))
     r = runner.invoke(app, ["formats", "quantize", "--fmt", "hif8", str(tmp_path / "i.npy")])
     assert r.exit_code != 0 and "floating-point" in text(r)
+    (tmp_path / "text.npy").write_text("not an array")        # not blamed on pickled data
+    r = runner.invoke(app, ["formats", "quantize", "--fmt", "hif8", str(tmp_path / "text.npy")])
+    assert r.exit_code != 0 and "not a .npy file (no NPY header)" in text(r) and "pickle" not in text(r)
+    np.savez(tmp_path / "z.npy", a=np.zeros(3))                # an archive under a .npy name
+    (tmp_path / "z.npy.npz").rename(tmp_path / "z.npy")
+    r = runner.invoke(app, ["formats", "quantize", "--fmt", "hif8", str(tmp_path / "z.npy")])
+    assert r.exit_code != 0 and "not a single .npy array" in text(r)
 
 
 def test_error_stats_counts_overflow_saturation_and_flush():
