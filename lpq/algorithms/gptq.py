@@ -24,6 +24,7 @@ from torch import Tensor
 from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
 from lpq.algorithms.step import Phase, Step, register
 from lpq.formats.grid import block_grid, columns
+from lpq.quant.recipe import QuantRecipe
 
 
 @dataclass
@@ -84,8 +85,8 @@ class GPTQ(Step):
     Settings = GPTQSettings
     phase = Phase.QUANTIZE
 
-    def check(self, run: RunContext) -> None:
-        block_grid(run.weight_format)       # GPTQ rounds onto fixed block metadata: the format needs a grid
+    def check_recipe(self, quant: QuantRecipe) -> None:
+        block_grid(quant.weight.format)     # GPTQ rounds onto fixed block metadata: the format needs a grid
 
     def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
         weights = [lin.weight for lin in group.linears]

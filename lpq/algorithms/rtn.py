@@ -14,6 +14,7 @@ from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
 from lpq.algorithms.gptq import layer_hessian
 from lpq.algorithms.step import Phase, Step, register
 from lpq.formats.grid import block_grid, fake_quant
+from lpq.quant.recipe import QuantRecipe
 
 
 def rtn_quantize(weight: Tensor, fmt: str, scale_search: bool = False, importance: Tensor | None = None) -> Tensor:
@@ -30,9 +31,9 @@ class RTN(Step):
     phase = Phase.QUANTIZE
     search: ClassVar[bool] = False
 
-    def check(self, run: RunContext) -> None:
+    def check_recipe(self, quant: QuantRecipe) -> None:
         if self.search:
-            block_grid(run.weight_format)   # the search picks among the format's block metadata
+            block_grid(quant.weight.format)     # the search picks among the format's block metadata
 
     def quantize_group(self, run: RunContext, block: BlockContext, group: LinearGroup) -> None:
         hessian = layer_hessian(block, group.names[0]) if self.search else None

@@ -18,7 +18,9 @@ A step's `phase` says where it may stand in a recipe: MODEL steps first, then TR
 exactly one QUANTIZE step, then REFINE steps. Within TRANSFORM, a step that writes the input scale
 of a linear's online transform must come before one that writes its rotation (the runtime's
 InputTransform divides by the scale, then rotates). `check_order` refuses any other order with the
-rule it breaks. `check(run)` refuses a model or setup the step cannot handle, before any work.
+rule it breaks. `check_recipe(quant)` refuses quantizer formats the step cannot work with when the
+recipe is read (before any model loads); `check(run)` refuses a model or setup the step cannot handle,
+before any work.
 
 State that must survive an interruption is returned by `state_dict()` and given back with
 `load_state_dict()`: the pipeline saves it with every finished block. Per-linear state lives in the
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
+    from lpq.quant.recipe import QuantRecipe
 
 
 class Phase(enum.IntEnum):
@@ -59,6 +62,9 @@ class Step:
 
     def __init__(self, settings: Any = None):
         self.settings = settings if settings is not None else self.Settings()
+
+    def check_recipe(self, quant: QuantRecipe) -> None:
+        """Raise ValueError for quantizer formats this step cannot work with (called as the recipe is read)."""
 
     def check(self, run: RunContext) -> None:
         """Raise ValueError for a model or setup this step cannot handle (called before any work)."""

@@ -140,6 +140,11 @@ class PTQConfig:
         check_protected_budget(self.protect.count(), self.quant.formats(), self.quant.allow_over_budget,
                                "protect.auto" if self.protect.auto is not None else "protect.blocks")
         check_order(self.algorithms)
+        for i, spec in enumerate(self.algorithms):
+            try:
+                spec.build().check_recipe(self.quant)
+            except ValueError as e:
+                raise KeyedError(f"algorithms[{i}]", f"{spec.name}: {e}") from None
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: every core), got {self.threads}")
 

@@ -44,6 +44,9 @@ def _write(tmp_path, d: dict, name: str = "r.yaml"):
     ({"model": {"dtype": "float16"},
       "algorithms": [{"name": "rtn"}, {"name": "norm_distill", "steps": 1, "sequences": 1, "seq_len": 8}]},
      "float16 overflows"),
+    # a step that needs the format's block grid, refused as the recipe is read (not after the model loads)
+    ({"quant": {"format": "hif8"}, "algorithms": [{"name": "gptq"}]},
+     r"r.yaml:\d+: gptq: format 'hif8' has no block grid for the PTQ algorithms"),
 ])
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, change, message):
     recipe = _write(tmp_path, _recipe(tmp_path, **change))
