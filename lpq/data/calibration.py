@@ -11,6 +11,7 @@ from typing import Any
 
 from lpq.config import RecipePath
 from lpq.data.files import json_records, read_user_text
+from lpq.schema import KeyedError
 
 
 @dataclass
@@ -50,11 +51,14 @@ class CalibrationConfig:
             from lpq.data.domains import check_names
 
             check_names(self.domains)
-            if not self.domains or any(not w > 0 for w in self.domains.values()):
-                raise ValueError(f"domains needs at least one domain and weights > 0, got {self.domains}")
+            if not self.domains:
+                raise KeyedError("domains", "domains needs at least one domain")
+            for name, weight in self.domains.items():
+                if not weight > 0:
+                    raise KeyedError(f"domains.{name}", f"domains.{name}: weights must be > 0, got {weight}")
         for name in ("num_sequences", "seq_len", "batch_size", "num_prompts", "timesteps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise KeyedError(name, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def read_text(cfg: CalibrationConfig) -> str:

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpq.schema import Choice
+from lpq.schema import Choice, KeyedError
 
 
 class ExportKind(Choice):
@@ -65,4 +65,4 @@ class ExportSettings:
     def __post_init__(self) -> None:
         self.kind = ExportKind.parse(self.kind, "export kind")
         if not self.max_shard_gb > 0:
-            raise ValueError(f"max_shard_gb must be > 0, got {self.max_shard_gb}")
+            raise KeyedError("max_shard_gb", f"max_shard_gb must be > 0, got {self.max_shard_gb}")

@@ -70,13 +70,13 @@ class EvalConfig:
         for name in ("windows", "seq_len", "kl_windows", "batch_size", "mmlu_questions"):
             low = {"seq_len": 2, "windows": 0, "kl_windows": 0}.get(name, 1)
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+                raise KeyedError(name, f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.windows and self.wikitext2 is None:
             from lpq.data.domains import data_dir
 
             self.wikitext2 = data_dir() / "wikitext2" / "test.txt"
         if self.kl_windows > self.windows:
-            raise ValueError(f"kl_windows ({self.kl_windows}) must be <= windows ({self.windows})")
+            raise KeyedError("kl_windows", f"kl_windows ({self.kl_windows}) must be <= windows ({self.windows})")
         self._fold_short_form()
         if self.domain_eval is not None:
             self._check_domain_eval(self.domain_eval)
@@ -87,7 +87,7 @@ class EvalConfig:
         if self.domain_eval is not None:
             raise ValueError("set domain_eval, or its short form domains / domain_windows, not both")
         if self.domain_windows is not None and self.domain_windows < 1:
-            raise ValueError(f"domain_windows must be >= 1, got {self.domain_windows}")
+            raise KeyedError("domain_windows", f"domain_windows must be >= 1, got {self.domain_windows}")
         if self.domains:
             given = {"windows": self.domain_windows} if self.domain_windows is not None else {}
             self.domain_eval = DomainEvalSettings(domains=self.domains, seq_len=self.seq_len,
@@ -146,7 +146,7 @@ class PTQConfig:
             except ValueError as e:
                 raise KeyedError(f"algorithms[{i}]", f"{spec.name}: {e}") from None
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: every core), got {self.threads}")
+            raise KeyedError("threads", f"threads must be >= 0 (0: every core), got {self.threads}")
 
     @property
     def weight_format(self) -> str:

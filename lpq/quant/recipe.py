@@ -125,20 +125,20 @@ class QuantizerSpec:
         self.target = ScaleTarget.parse(self.target, "target")
         self.reduction = Reduction.parse(self.reduction, "reduction")
         if self.history_len < 1:
-            raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+            raise KeyedError("history_len", f"history_len must be >= 1, got {self.history_len}")
         if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+            raise KeyedError("margin", f"margin must be >= 0, got {self.margin}")
         if not math.isfinite(self.window_center):
-            raise ValueError(f"window_center must be a finite log2 value, got {self.window_center}")
+            raise KeyedError("window_center", f"window_center must be a finite log2 value, got {self.window_center}")
         limit = self.limit()
         if limit is not None and abs(self.window_center) > math.log2(limit):
             # Beyond the format's largest value the overflow guard would silently turn the rule into
             # an amax rule; below its reciprocal most of the tensor flushes to zero.
             bound = math.log2(limit)
-            raise ValueError(f"window_center {self.window_center:g} is outside {self.format}'s range: "
+            raise KeyedError("window_center", f"window_center {self.window_center:g} is outside {self.format}'s range: "
                              f"use -{bound:g} .. {bound:g} (log2 of where the RMS goes)")
         if self.amax_target is not None and not self.amax_target > 0:
-            raise ValueError(f"amax_target must be > 0, got {self.amax_target}")
+            raise KeyedError("amax_target", f"amax_target must be > 0, got {self.amax_target}")
         if (self.scaling != Scaling.NONE and self.target == ScaleTarget.AMAX and self.amax_target is None
                 and self.format not in FORMAT_LIMITS):
             raise ValueError(f"the amax scaling rule for block format {self.format!r} needs an explicit "

@@ -14,7 +14,7 @@ from lpq.eval.settings import DomainEvalSettings, EvalSettings, Split  # noqa: F
 from lpq.export.settings import ExportSettings
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
-from lpq.schema import Choice, RecipeVersion, recipe_version
+from lpq.schema import Choice, KeyedError, RecipeVersion, recipe_version
 
 
 class LrSchedule(Choice):
@@ -60,10 +60,10 @@ class FlowMatchConfig:
 
     def __post_init__(self) -> None:
         if self.shift is not None and self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+            raise KeyedError("shift", f"shift must be > 0, got {self.shift}")
         self.expert = WanExpert.parse(self.expert, "expert")
         if self.eval_timesteps < 1:
-            raise ValueError(f"eval_timesteps must be >= 1, got {self.eval_timesteps}")
+            raise KeyedError("eval_timesteps", f"eval_timesteps must be >= 1, got {self.eval_timesteps}")
 
 
 class CompareMode(Choice):
@@ -107,24 +107,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_processes", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise KeyedError(name, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_warmup_steps", "bf16_warmup_steps", "checkpoint_every", "stats_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise KeyedError(name, f"{name} must be >= 0, got {getattr(self, name)}")
         if self.bf16_warmup_steps >= self.steps:
-            raise ValueError(f"bf16_warmup_steps ({self.bf16_warmup_steps}) must be < steps ({self.steps}), "
+            raise KeyedError("bf16_warmup_steps", f"bf16_warmup_steps ({self.bf16_warmup_steps}) must be < steps ({self.steps}), "
                              "or quantization never turns on")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise KeyedError("lr", f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise KeyedError("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            raise KeyedError("betas", f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+            raise KeyedError("max_grad_norm", f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         self.compare = [CompareMode.parse(m, "compare: scaling mode") for m in self.compare]
         if len(set(self.compare)) != len(self.compare):
-            raise ValueError(f"compare lists a mode twice: {self.compare}")
+            raise KeyedError("compare", f"compare lists a mode twice: {self.compare}")
 
 
 class DataKind(Choice):
@@ -149,7 +149,7 @@ class VideoPrepConfig:
 
     def __post_init__(self) -> None:
         if (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 4k + 1 for Wan's VAE, got {self.num_frames}")
+            raise KeyedError("num_frames", f"num_frames must be 4k + 1 for Wan's VAE, got {self.num_frames}")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
 
@@ -177,11 +177,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+            raise KeyedError("seq_len", f"seq_len must be >= 2, got {self.seq_len}")
         if self.eval_blocks < 1:
-            raise ValueError(f"eval_blocks must be >= 1, got {self.eval_blocks}")
+            raise KeyedError("eval_blocks", f"eval_blocks must be >= 1, got {self.eval_blocks}")
         if self.max_train_blocks is not None and self.max_train_blocks < 1:
-            raise ValueError(f"max_train_blocks must be >= 1, got {self.max_train_blocks}")
+            raise KeyedError("max_train_blocks", f"max_train_blocks must be >= 1, got {self.max_train_blocks}")
         if self.kind is DataKind.WAN_LATENTS and self.cache_dir is None:
             raise ValueError("kind 'wan_latents' needs cache_dir (the folder `lpq prepare-data` writes)")
         if self.mix is not None:
@@ -198,12 +198,15 @@ class DataConfig:
             raise ValueError("set either paths or mix, not both")
         bad = [d for d in self.mix if d not in MIX_DOMAINS]
         if bad:
-            raise ValueError(f"mix: unknown domain {bad[0]!r}; allowed: {', '.join(MIX_DOMAINS)}")
-        if not self.mix or any(not w > 0 for w in self.mix.values()):
-            raise ValueError(f"mix needs at least one domain and weights > 0, got {self.mix}")
+            raise KeyedError(f"mix.{bad[0]}", f"mix: unknown domain {bad[0]!r}; allowed: {', '.join(MIX_DOMAINS)}")
+        if not self.mix:
+            raise KeyedError("mix", "mix needs at least one domain")
+        for name, weight in self.mix.items():
+            if not weight > 0:
+                raise KeyedError(f"mix.{name}", f"mix.{name}: weights must be > 0, got {weight}")
         for name, count in (("eval_blocks", self.eval_blocks), ("max_train_blocks", self.max_train_blocks)):
             if count is not None and count < len(self.mix):
-                raise ValueError(f"{name} ({count}) must be >= the number of mix domains ({len(self.mix)}): "
+                raise KeyedError(name, f"{name} ({count}) must be >= the number of mix domains ({len(self.mix)}): "
                                  "each gets at least one block")
 
     @property

@@ -72,7 +72,10 @@ def test_mix_shares_blocks_by_weight_and_holds_out_each_domain(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("data: {mix: {wikitext2: 1, news: 1}}\n",
      r"r\.yaml:1: 'data': mix: unknown domain 'news'; allowed: wikitext2, gsm8k, chat, python, pydoc, fortunes"),
-    ("data: {mix: {wikitext2: 0}}\n", r"'data': mix needs at least one domain and weights > 0"),
+    ("data: {mix: {wikitext2: 0}}\n", r"'data': mix.wikitext2: weights must be > 0, got 0.0"),
+    # a check about one key is reported at that key's line
+    ("data:\n  mix:\n    gsm8k: 1\n    wikitext2: -1\n", r"r\.yaml:4: 'data': mix.wikitext2: weights must be > 0"),
+    ("train:\n  lr: 1.0e-5\n  steps: 0\n", r"r\.yaml:3: 'train': steps must be >= 1, got 0"),
     ("data: {mix: {wikitext2: 1}, paths: [a.txt]}\n", r"'data': set either paths or mix, not both"),
     ("data: {mix: {wikitext2: 1, gsm8k: 1}, eval_blocks: 1}\n",
      r"'data': eval_blocks \(1\) must be >= the number of mix domains \(2\)"),
