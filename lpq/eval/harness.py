@@ -101,11 +101,11 @@ def _local_files(name: str, spec: TaskSpec, settings: EvalSettings) -> tuple[dic
         if settings.gpqa_file:
             path = Path(settings.gpqa_file).expanduser().resolve()
         else:
-            data = resolve_data_dir(settings)
+            data = resolve_data_dir(settings.data_dir)
             candidates = [data / "gpqa" / f for f in ("gpqa_diamond.csv", "gpqa_diamond.jsonl")] if data else []
             path = next((p for p in candidates if p.is_file()), candidates[0] if candidates else Path("gpqa"))
         return {"train": path}, "csv" if path.suffix == ".csv" else "json"
-    data = resolve_data_dir(settings)
+    data = resolve_data_dir(settings.data_dir)
     root = data if data is not None else Path("<no data dir>")
     return {split: root / rel for split, rel in spec.local.items()}, spec.builder
 

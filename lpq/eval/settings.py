@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lpq.schema import Choice
+from lpq.schema import Choice, KeyedError
 
 
 class Task(Choice):
@@ -111,8 +111,16 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.tasks = [Task.parse(t, "task") for t in self.tasks]
+        if not self.tasks:
+            raise KeyedError("tasks", f"tasks must name at least one task: {', '.join(t.value for t in Task)}")
+        twice = [t.value for i, t in enumerate(self.tasks) if t in self.tasks[:i]]
+        if twice:
+            raise KeyedError("tasks", f"tasks lists {twice[0]!r} twice")
+        if self.video.vbench_python and Task.VIDEO not in self.tasks:
+            raise KeyedError("video.vbench_python", "vbench_python scores the generated videos: it needs the "
+                             f"'video' task (tasks: {', '.join(t.value for t in self.tasks)})")
         if self.limit is not None and self.limit < 1:
-            raise ValueError("limit must be >= 1 (or null for all items)")
+            raise KeyedError("limit", "limit must be >= 1 (or null for all items)")
         for task, n in self.task_limits.items():
             if task not in LM_TASKS or n < 1:
                 raise ValueError(f"task_limits: {task}: {n} is not allowed; use tasks from {', '.join(LM_TASKS)} "
@@ -121,17 +129,17 @@ class EvalSettings:
             raise ValueError("enable_thinking needs chat_template: true (thinking is a chat-template switch)")
         for name in ("batch_size", "window_batch_size", "max_length", "kl_windows", "kl_seq_len", "bootstrap"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise KeyedError(name, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def resolve_data_dir(settings: EvalSettings) -> Path | None:
-    """`data_dir` from the recipe, else $LPQ_DATA_DIR, else ../shared/data beside the repo if present."""
-    if settings.data_dir:
-        return Path(settings.data_dir).expanduser().resolve()
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    """`data_dir` (the recipe's), else $LPQ_DATA_DIR, else ../shared/data beside the repo if present."""
+    if data_dir:
+        return Path(data_dir).expanduser().resolve()
     if os.environ.get("LPQ_DATA_DIR"):
         return Path(os.environ["LPQ_DATA_DIR"]).expanduser().resolve()
     shared = repo_root().parent / "shared" / "data"
@@ -142,7 +150,7 @@ def kl_text_path(settings: EvalSettings) -> Path:
     if settings.kl_text:
         path = Path(settings.kl_text).expanduser()
     else:
-        data = resolve_data_dir(settings)
+        data = resolve_data_dir(settings.data_dir)
         if data is None:
             raise FileNotFoundError("no text for the distribution-shift measure: set eval.kl_text (any text "
                                     "file) or a data dir holding wikitext2/test.txt (--data-dir or $LPQ_DATA_DIR)")

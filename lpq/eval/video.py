@@ -29,7 +29,7 @@ def load_prompts(settings: EvalSettings) -> list[str]:
     if vs.prompts_file:
         path = Path(vs.prompts_file).expanduser()
     else:
-        data = resolve_data_dir(settings)
+        data = resolve_data_dir(settings.data_dir)
         path = (data / "video" / "vbench_prompts.json") if data else Path("video/vbench_prompts.json")
     if not path.is_file():
         raise FileNotFoundError(f"video prompts {path} not found: set eval.video.prompts_file to a JSON list of "

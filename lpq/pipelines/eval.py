@@ -1,6 +1,7 @@
 """`lpq eval`: a baseline and a candidate (quantized on the fly, or a second checkpoint), paired report."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -40,9 +41,22 @@ def check_models(recipe, candidate_id: str | None) -> None:
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
     resolve(recipe.model)
+    _check_paths(recipe.eval)
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
         resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),
                 key="--candidate")
+
+
+def _check_paths(settings) -> None:
+    """The folder and program the settings name exist (they are read only after both models ran)."""
+    given = settings.data_dir or os.environ.get("LPQ_DATA_DIR")
+    if given and not Path(given).expanduser().is_dir():
+        what = "does not exist" if not Path(given).expanduser().exists() else "is not a folder"
+        raise FileNotFoundError(f"data folder {given} (--data-dir, eval.data_dir or $LPQ_DATA_DIR) {what}")
+    python = settings.video.vbench_python
+    if python and not (Path(python).expanduser().is_file() and os.access(Path(python).expanduser(), os.X_OK)):
+        raise FileNotFoundError(f"--vbench / eval.video.vbench_python: {python} is not an executable file (give the "
+                                "python of a venv with vbench installed)")
 
 
 def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
@@ -109,7 +123,7 @@ def register(app: typer.Typer) -> None:
         from lpq.export.settings import refuse_runtime_export
 
         given = {"--model": model, "--limit": limit, "--data-dir": str(data_dir) if data_dir else None,
-                 "--tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                 "--tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None,
                  "--kl/--no-kl": kl, "--cache/--no-cache": cache, "--vbench": vbench_python}
         overrides = {OPTION_KEYS[option]: v for option, v in given.items() if v is not None}
         from lpq.outputs import claim_output, recipe_fingerprint

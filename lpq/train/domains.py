@@ -42,9 +42,9 @@ CHAT_RECORDS = 400      # conversations per scored chat part: far more tokens th
 
 def resolve_root(data_dir: str | None, what: str) -> Path:
     """The shared data folder: `data_dir`, else $LPQ_DATA_DIR, else ../shared/data beside the repo."""
-    from lpq.eval.settings import EvalSettings, resolve_data_dir
+    from lpq.eval.settings import resolve_data_dir
 
-    found = resolve_data_dir(EvalSettings(tasks=[], data_dir=data_dir, kl=False))
+    found = resolve_data_dir(data_dir)
     if found is None:
         raise FileNotFoundError(f"{what}: no data folder: set {what}.data_dir or $LPQ_DATA_DIR to the "
                                 "folder holding wikitext2/, gsm8k/ and calib/")

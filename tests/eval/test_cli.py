@@ -87,11 +87,20 @@ def test_packed_lpq_export_as_candidate(data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "wikitext2,nope"], "error: --tasks: 'eval.tasks[1]': 'nope' is not allowed; use one of"),
-    (["--tasks", "wikitext2", "--limit", -1], "error: lpq eval (no --config): 'eval': limit must be >= 1"),
+    (["--tasks", "wikitext2", "--limit", -1], "error: --limit: 'eval': limit must be >= 1"),
+    (["--tasks", ""], "error: --tasks: 'eval': tasks must name at least one task: mmlu, gsm8k"),
+    (["--tasks", "wikitext2,mmlu,wikitext2"], "error: --tasks: 'eval': tasks lists 'wikitext2' twice"),
+    (["--tasks", "wikitext2", "--vbench", "python3"], "error: --vbench: 'eval': vbench_python scores the generated "
+                                                      "videos: it needs the 'video' task (tasks: wikitext2)"),
+    (["--tasks", "wikitext2", "--data-dir", "{tmp}/none"],
+     "error: data folder {tmp}/none (--data-dir, eval.data_dir or $LPQ_DATA_DIR) does not exist"),
+    (["--tasks", "video", "--vbench", "{tmp}/none/python"],
+     "error: --vbench / eval.video.vbench_python: {tmp}/none/python is not an executable file"),
 ])
 def test_bad_option_values_name_the_option_before_any_folder(tmp_path, args, message):
+    args = [str(a).format(tmp=tmp_path) for a in args]
     result, out = _run(["--model", "tiny-llama", "--candidate", "tiny-llama", *args, "--out", tmp_path / "o"])
-    assert result.exit_code == 2 and message in out, out
+    assert result.exit_code == 2 and message.format(tmp=tmp_path) in out, out
     assert not (tmp_path / "o").exists()
     # The same with a recipe file: the option, not the file's line, gave the bad value.
     recipe = tmp_path / "r.yaml"

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_on_50_mmlu_questions():
     settings = EvalSettings(tasks=["mmlu"], limit=50, seed=0, kl=False)
-    data = resolve_data_dir(settings)
+    data = resolve_data_dir(settings.data_dir)
     if data is None or not (Path(data) / "mmlu" / "test.jsonl").is_file():
         pytest.skip("MMLU not found: set $LPQ_DATA_DIR to a folder with mmlu/test.jsonl (../shared/data layout)")
     from lpq.models.hub import ModelConfig, load_model
