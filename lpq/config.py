@@ -59,6 +59,10 @@ class _Where:
 
     def error(self, key: str, msg: str) -> ConfigError:
         option = next((self.options[k] for k in _key_and_parents(key) if k in self.options), None)
+        if option is None and key not in self.lines:
+            # A key the file does not have came from an option that set a key below it (`--set a.b=1`
+            # with no section `a`).
+            option = next((o for k, o in self.options.items() if k.startswith(f"{key}.")), None)
         if option is not None:
             return ConfigError(f"{option}: {msg}")
         line = self.lines.get(key)

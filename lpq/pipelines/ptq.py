@@ -54,6 +54,7 @@ from lpq.quant import quantize_model, set_quant_enabled
 from lpq.quant.apply import protect_blocks, set_quant_enabled_in
 from lpq.quant.experts import QuantExperts
 from lpq.quant.linear import QuantLinear
+from lpq.schema import KeyedError
 
 CHECKPOINT_VERSION = 2
 ERROR_BATCHES = 1        # calibration batches on which each block's relative output error is measured
@@ -450,7 +451,8 @@ def export(ctx: RunContext, out_dir: Path) -> dict:
 def validate_inputs(cfg: PTQConfig) -> None:
     """Everything that can be checked before a model is loaded: the model resolves, the protected
     blocks exist (global indices over every network, from the config alone), the data files exist
-    and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file."""
+    and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file (KeyedError
+    for a value of one key, which the command may have set from an option)."""
     from lpq.data.calibration import read_prompts, read_text
     from lpq.models.hub import check_context, peek_blocks
 
@@ -459,10 +461,10 @@ def validate_inputs(cfg: PTQConfig) -> None:
     if cfg.protect.blocks:
         bad = [b for b in cfg.protect.blocks if b >= total]
         if bad:
-            raise ValueError(f"protect.blocks: block {bad[0]} is out of range: {cfg.model.id} has {total} blocks "
+            raise KeyedError("protect.blocks", f"block {bad[0]} is out of range: {cfg.model.id} has {total} blocks "
                              f"(0-{total - 1})")
     if cfg.protect.auto is not None and cfg.protect.auto > total:
-        raise ValueError(f"protect.auto: {cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
+        raise KeyedError("protect.auto", f"{cfg.protect.auto} blocks asked for, {cfg.model.id} has {total}")
     lengths = {"calibration.seq_len": cfg.calibration.seq_len, "protect.seq_len": cfg.protect.seq_len}
     if cfg.evaluation is not None:
         if cfg.evaluation.windows:          # WikiText-2 windows are scored at this length
@@ -543,7 +545,10 @@ def register(app: typer.Typer) -> None:
             if mmlu:
                 overrides["evaluation.mmlu"] = True
             cfg = _resolve_recipe(config, scheme, overrides)
-            validate_inputs(cfg)
+            try:
+                validate_inputs(cfg)
+            except KeyedError as e:
+                raise ValueError(f"{KEY_OPTIONS[e.key] if e.key in overrides else e.key}: {e}") from None
             out_dir = out or Path(cfg.output_dir)
             folder = claim_output(out_dir, fingerprint=fingerprint(cfg), force=force, command="ptq")
             if scheme is not None or overrides:    # after the checks: a refused command prints one line

@@ -93,6 +93,9 @@ def train(
 ) -> None:
     """Fine-tune with QAT (one run per compared scaling mode) and a BF16 reference run of the same seed;
     write train_report.json."""
+    if num_processes is not None and num_processes < 1:
+        typer.echo(f"error: --num-processes must be >= 1, got {num_processes}", err=True)
+        raise typer.Exit(2)
     recipe = _load(config, overrides)
     from lpq.train.compare import select_runs
 

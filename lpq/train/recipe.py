@@ -114,6 +114,8 @@ class TrainConfig:
         if self.bf16_warmup_steps >= self.steps:
             raise KeyedError("bf16_warmup_steps", f"bf16_warmup_steps ({self.bf16_warmup_steps}) must be < steps ({self.steps}), "
                              "or quantization never turns on")
+        if not 0 <= self.seed < 2**32:
+            raise KeyedError("seed", f"seed must be in [0, 2**32), got {self.seed}")
         if not self.lr > 0:
             raise KeyedError("lr", f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

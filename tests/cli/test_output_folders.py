@@ -300,3 +300,15 @@ def test_two_exports_into_one_folder_at_once_one_wins(tmp_path):
     kind = json.loads((tmp_path / "out" / "lpq_export.json").read_text())["kind"]
     assert results[("packed", "fake").index(kind)][0] == 0                  # the folder is the winner's, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.yaml", "out", "packed.yaml"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "nosuch.key=1"], "error: --set nosuch.key: unknown key 'nosuch'; allowed at the top level"),
+    (["--set", "train.seed=-1"], "error: --set train.seed: 'train': seed must be in [0, 2**32), got -1"),
+    (["-n", "0"], "error: --num-processes must be >= 1, got 0"),     # was the recipe's count, silently
+])
+def test_bad_train_options_are_named_before_any_folder(tmp_path, args, message):
+    out = tmp_path / "run"
+    code, text = lpq("train", "--config", _train_recipe(tmp_path, out), *args)
+    assert code == 2 and error_line(text).startswith(message), text
+    assert not out.exists()

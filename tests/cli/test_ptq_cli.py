@@ -140,7 +140,7 @@ def test_presets_resolve_to_the_shipped_recipe(tmp_path):
     code, out = lpq("ptq", "--scheme", "hif4", "--protect", "auto:x", "--out", tmp_path / "o")
     assert code == 2 and "--protect 'auto:x'" in error_line(out)
     code, out = lpq("ptq", "--scheme", "hif4", "--model", "tiny-llama", "--protect", "7", "--out", tmp_path / "o")
-    assert code == 2 and "protect.blocks: block 7 is out of range: tiny-llama has 2 blocks" in error_line(out)
+    assert code == 2 and "error: --protect: block 7 is out of range: tiny-llama has 2 blocks" in error_line(out)
     assert out.strip() == error_line(out)    # the resolved recipe is shown only once the checks pass
     code, out = lpq("ptq", "--scheme", "hif4", "--protect", "0,1,2", "--out", tmp_path / "o")
     assert code == 2 and error_line(out).startswith("error: --protect: 3 protected blocks exceed the challenge budget")

@@ -508,7 +508,7 @@ def test_two_runs_of_the_command_give_identical_exports(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"protect": {"blocks": [7]}}, "protect.blocks: block 7 is out of range: tiny-llama has 2 blocks"),
+    ({"protect": {"blocks": [7]}}, "block 7 is out of range: tiny-llama has 2 blocks"),   # KeyedError: the command names the key
     ({"protect": {"blocks": None, "auto": 1, "sequences": 0}}, "protect needs sequences >= 1"),
     ({"calibration": {"seq_len": 300}}, "calibration.seq_len: 300 tokens is beyond tiny-llama's context of 256"),
     ({"calibration": {"num_sequences": 60}}, "holds 37 windows of 16 tokens .* fewer than the 60 asked for"),
