@@ -1,6 +1,7 @@
 """`lpq inspect`: show, block by block, what a recipe quantizes in a model, and what it leaves alone."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,23 +10,31 @@ import yaml
 
 from lpq.config import ConfigError, _Where, from_dict
 from lpq.models.hub import ModelConfig
+from lpq.pipelines.ptq_config import ProtectConfig
 from lpq.quant.recipe import QuantizerSpec, QuantRecipe, Scaling
 from lpq.schema import RecipeVersion, recipe_version
 
 STATUS = {"quantize": "quant", "protected": "PROT", "excluded": "excl"}
-SHARED = ("version", "model", "quant")
+SHARED = ("version", "model", "quant", "protect")
 
 
 @dataclass
 class InspectRecipe:
-    """What every recipe shares (SHARED); other sections of the file are ignored here."""
+    """What every recipe shares (SHARED); other sections of the file are ignored here. `protect` is
+    lpq ptq's (its explicit blocks are shown as protected; auto-chosen ones are known only at run time)."""
 
     version: RecipeVersion = field(default=RecipeVersion.V1, kw_only=True)
     quant: QuantRecipe
     model: ModelConfig = field(default_factory=ModelConfig)
+    protect: ProtectConfig | None = None
 
     def __post_init__(self) -> None:
         self.version = recipe_version(self.version)
+        if self.protect is not None and self.protect.blocks:
+            if self.quant.protected_blocks:
+                raise ValueError("list protected blocks under `protect.blocks` (lpq ptq) or "
+                                 "`quant.protected_blocks`, not both")
+            self.quant = dataclasses.replace(self.quant, protected_blocks=self.protect.blocks)
 
 
 def register(app: typer.Typer) -> None:
@@ -114,7 +123,7 @@ def inspect(config: Path = typer.Option(..., "--config", help="recipe YAML with 
             model: str | None = typer.Option(None, "--model", help="override model.id")) -> None:
     """Per block, which modules get which quantizer, and which are protected or excluded."""
     from lpq.export.settings import refuse_runtime_export
-    from lpq.models.hub import load_model
+    from lpq.models.hub import check_blocks, load_model
 
     try:
         recipe = load_inspect_recipe(config)
@@ -125,8 +134,14 @@ def inspect(config: Path = typer.Option(..., "--config", help="recipe YAML with 
         recipe.model.id = model
     try:
         refuse_runtime_export(recipe.model.id)
+        check_blocks(recipe.model, recipe.quant.protected_blocks,
+                     "protect.blocks" if recipe.protect is not None and recipe.protect.blocks else
+                     "quant.protected_blocks")
         loaded = load_model(recipe.model)
         typer.echo(f"model: {recipe.model.id}\n" + render(loaded.model, recipe.quant))
+        if recipe.protect is not None and recipe.protect.auto:
+            typer.echo(f"protect.auto: lpq ptq also protects the {recipe.protect.auto} most sensitive blocks, "
+                       "ranked when it runs (not shown above)")
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
