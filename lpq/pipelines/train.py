@@ -145,17 +145,27 @@ def prepare_data(
     recipe = _load(config, overrides)
     from lpq.models.hub import load_model, resolve
     from lpq.outputs import claim_output
-    from lpq.train.latents import prepare_latent_cache
+    from lpq.train.latents import find_clips, prepare_latent_cache
 
+    # Before the model loads: a Wan pipeline (from its files), the clips (their messages name the captions
+    # file), then the cache folder (lpq.outputs' rules: never a folder lpq did not write; another recipe's
+    # cache only with --force; locked).
     try:
-        # Before the model loads: a Wan pipeline (from its files), then the cache folder (lpq.outputs'
-        # rules: never a folder lpq did not write; another recipe's cache only with --force; locked).
         kind = recipe.model.kind or resolve(recipe.model).model_kind or "causal_lm"
         if kind != "wan":
             raise ValueError(f"prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a {kind} "
                              f"(text data needs no preparation)")
         if recipe.data.cache_dir is None:
             raise ValueError("data.cache_dir is not set: where should the latents go?")
+    except ValueError as e:
+        typer.echo(f"error: {config}: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        clips = find_clips(recipe.data.video)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
         folder = claim_output(recipe.data.cache_dir, fingerprint=cache_fingerprint(recipe), force=force,
                               command="lpq prepare-data")
     except ValueError as e:
@@ -164,7 +174,8 @@ def prepare_data(
     with folder:
         try:
             loaded = load_model(recipe.model)
-            manifest = prepare_latent_cache(loaded.model, recipe.data.video, recipe.data.cache_dir, recipe.model.id)
+            manifest = prepare_latent_cache(loaded.model, clips, recipe.data.video, recipe.data.cache_dir,
+                                            recipe.model.id)
         except (ValueError, FileNotFoundError, ImportError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ CACHE_VERSION = 1
 def read_caption_records(cfg: VideoPrepConfig) -> list[dict]:
     """(video path, caption) records from OpenS2V-style JSON/JSONL (`path` + `cap`, or `video` + `caption`)."""
     if cfg.captions is None or not cfg.captions.exists():
-        raise FileNotFoundError(f"data.video.captions: {cfg.captions} does not exist")
+        where = "" if cfg.captions is None or cfg.captions.is_absolute() else f" (from {Path.cwd()})"
+        raise FileNotFoundError(f"data.video.captions: {cfg.captions} does not exist{where}")
     path, text = read_user_text(cfg.captions, "data.video.captions")
     out = []
     for i, rec in json_records(path, text):
@@ -56,32 +58,48 @@ def _normalize(pipe, mean_latents: Tensor) -> Tensor:
     return (mean_latents.float() - mean) / std
 
 
-@torch.no_grad()
-def prepare_latent_cache(pipe, cfg: VideoPrepConfig, out_dir: Path, model_id: str) -> dict:
-    """Encode every clip that exists; skip missing ones (counted in the manifest). Returns the manifest."""
-    from tqdm import tqdm
+@dataclass
+class Clips:
+    """The caption records whose clip files exist: (record index, record, file), and the paths not found."""
 
+    found: list[tuple[int, dict, Path]]
+    missing: list[str]
+
+
+def find_clips(cfg: VideoPrepConfig) -> Clips:
+    """Read the captions and locate every clip (before any model or folder: a wrong root fails here)."""
     records = read_caption_records(cfg)
-    samples_dir = out_dir / "samples"
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    store_dtype = pipe.transformer.dtype
-    samples, missing = [], []
-    for i, rec in enumerate(tqdm(records, desc="prepare-data", unit="clip", dynamic_ncols=True)):
+    found, missing = [], []
+    for i, rec in enumerate(records):
         src = locate(rec["path"], cfg.video_root)
         if src is None:
             missing.append(rec["path"])
-            continue
+        else:
+            found.append((i, rec, src))
+    if not found:
+        raise FileNotFoundError(f"none of the {len(records)} clips in {cfg.captions} was found"
+                                + (f" under {cfg.video_root}" if cfg.video_root else "")
+                                + "; set data.video.video_root to the folder that holds them")
+    return Clips(found, missing)
+
+
+@torch.no_grad()
+def prepare_latent_cache(pipe, clips: Clips, cfg: VideoPrepConfig, out_dir: Path, model_id: str) -> dict:
+    """Encode every clip found (`find_clips`); the missing ones are counted in the manifest. Returns the manifest."""
+    from tqdm import tqdm
+
+    samples_dir = out_dir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    store_dtype = pipe.transformer.dtype
+    samples, missing = [], clips.missing
+    for i, rec, src in tqdm(clips.found, desc="prepare-data", unit="clip", dynamic_ncols=True):
         name = f"{i:06d}.safetensors"   # named by record, so a re-run reuses what was already encoded
         target = samples_dir / name
         if not target.is_file():
             _encode_one(pipe, src, rec["caption"], cfg, target, store_dtype)
         samples.append({"file": name, "caption": rec["caption"], "source": str(src)})
-    if not samples:
-        raise FileNotFoundError(f"none of the {len(records)} clips in {cfg.captions} was found"
-                                + (f" under {cfg.video_root}" if cfg.video_root else "")
-                                + "; set data.video.video_root to the folder that holds them")
     if missing:
-        print(f"lpq prepare-data: {len(missing)} of {len(records)} clips not found, skipped "
+        print(f"lpq prepare-data: {len(missing)} of {len(missing) + len(samples)} clips not found, skipped "
               f"(first: {missing[0]})", file=sys.stderr)
     manifest = {"version": CACHE_VERSION, "model": model_id, "num_frames": cfg.num_frames,
                 "height": cfg.height, "width": cfg.width, "max_sequence_length": cfg.max_sequence_length,

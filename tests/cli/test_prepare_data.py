@@ -64,6 +64,20 @@ def test_a_wan_recipe_without_cache_dir_is_refused_before_it_loads(tmp_path, no_
     assert code == 2 and "data.cache_dir is not set" in error_line(out) and str(recipe) in out
 
 
+@pytest.mark.parametrize("video, message", [
+    ({"captions": "missing.jsonl"}, "error: data.video.captions: missing.jsonl does not exist (from "),
+    ({"video_root": "{tmp}/elsewhere"},
+     "error: none of the 3 clips in {tmp}/videos/captions.jsonl was found under {tmp}/elsewhere; set "
+     "data.video.video_root"),
+])
+def test_captions_and_clips_are_found_before_the_folder_and_the_model(tmp_path, no_model_load, video, message):
+    """A wrong captions path or clip root used to claim the cache folder and load the pipeline first."""
+    recipe = _recipe(tmp_path, **{k: v.format(tmp=tmp_path) for k, v in video.items()})
+    code, out = lpq("prepare-data", "--config", recipe)
+    assert code == 2 and error_line(out).startswith(message.format(tmp=tmp_path)), out
+    assert not (tmp_path / "cache").exists()
+
+
 def test_same_recipe_continues_another_needs_force(tmp_path):
     recipe = _recipe(tmp_path)
     code, out = lpq("prepare-data", "--config", recipe)
