@@ -124,6 +124,9 @@ class Hadamard(Step):
     phase = Phase.TRANSFORM
     transform_part = "rotation"
 
+    def online_parts(self) -> tuple[str, ...]:
+        return ("rotation",)
+
     def on_prepare_block(self, run: RunContext, block: BlockContext) -> None:
         from lpq.formats import get_format
         from lpq.quant.transforms import InputTransform

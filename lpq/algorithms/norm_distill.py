@@ -369,6 +369,9 @@ class NormDistill(Step):
     Settings = NormDistillSettings
     phase = Phase.REFINE
 
+    def online_parts(self) -> tuple[str, ...]:
+        return ("scale",) if self.settings.input_scales else ()
+
     def check(self, run) -> None:
         if not run.kind.next_token_logits:
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "

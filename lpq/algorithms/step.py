@@ -66,6 +66,11 @@ class Step:
     def check_recipe(self, quant: QuantRecipe) -> None:
         """Raise ValueError for quantizer formats this step cannot work with (called as the recipe is read)."""
 
+    def online_parts(self) -> tuple[str, ...]:
+        """The parts of the linears' online input transform ("scale", "rotation") this step always leaves
+        in the quantized model, for any model: what an export's runtime must apply."""
+        return ()
+
     def check(self, run: RunContext) -> None:
         """Raise ValueError for a model or setup this step cannot handle (called before any work)."""
 

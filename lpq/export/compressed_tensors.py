@@ -33,11 +33,12 @@ from torch import nn
 
 from lpq.export.bits import LinearBits, dense_tensors, linear_bits, require_causal_lm, unquantized_linears
 from lpq.export.packing import input_transforms, quantized_weights
+from lpq.export.settings import RUNTIME_WEIGHT_FORMATS, check_runtime_quant
 from lpq.export.tensor_io import write_hf_index, write_shards
-from lpq.quant.recipe import QuantizerSpec, QuantRecipe, Scaling
+from lpq.quant.recipe import QuantRecipe
 
-MX_FORMATS = ("mxfp4", "mxfp4-rceil", "mxfp4-toolkit")
-FORMATS = (*MX_FORMATS, "nvfp4")
+KIND = "compressed-tensors"
+FORMATS = RUNTIME_WEIGHT_FORMATS[KIND]
 WHAT = "a compressed-tensors checkpoint"
 STEM = "model"
 README = ("compressed-tensors checkpoint (`quantization_config.quant_method: compressed-tensors`): the quantized "
@@ -58,21 +59,6 @@ def _nv_weight_args() -> dict[str, Any]:
             "dynamic": False, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
 
 
-def _input_args(weight_fmt: str, spec: QuantizerSpec | None) -> dict[str, Any] | None:
-    """compressed-tensors' input_activations for the recipe's input quantizer, or a refusal."""
-    if spec is None:
-        return None
-    if spec.format == "nvfp4":
-        raise ValueError("nvfp4 input quantization cannot be exported to compressed-tensors: lpq computes each "
-                         "activation's per-tensor scale at run time, compressed-tensors' NVFP4 needs a calibrated "
-                         "static input_global_scale; drop quant.input (W4A16) or use mxfp4")
-    if spec.format not in MX_FORMATS or weight_fmt not in MX_FORMATS:
-        raise ValueError(f"{spec.format} input quantization with {weight_fmt} weights has no compressed-tensors "
-                         f"scheme; it runs mxfp4 weights with dynamic mxfp4 activations, or weight-only")
-    if spec.scaling != Scaling.NONE or spec.axis != -1:
-        raise ValueError("compressed-tensors' dynamic MXFP4 activations have only the block scale along the input "
-                         "dim: use input scaling: none and axis: -1")
-    return _mx_args(dynamic=True)
 
 
 def _transform_config(net: nn.Module) -> dict[str, Any] | None:
@@ -100,19 +86,19 @@ def _transform_config(net: nn.Module) -> dict[str, Any] | None:
 
 def quantization_config(net: nn.Module, recipe: QuantRecipe, linears: list[LinearBits]) -> dict[str, Any]:
     """config.json's quantization_config for `net`, quantized with `recipe`, whose weights are `linears`."""
-    if recipe.weight is None or not linears:
-        raise ValueError("compressed-tensors checkpoints hold quantized weights; this recipe quantizes none "
-                         "(set quant.weight)")
-    if recipe.attention is not None:
-        raise ValueError("attention quantization (quant.attention) has no compressed-tensors form that vLLM runs; "
-                         "remove it, or use kind packed")
+    check_runtime_quant(KIND, recipe)      # what the recipe alone rules out (checked as it was read, too)
+    if not linears:
+        raise ValueError("compressed-tensors checkpoints hold quantized weights; this model has none quantized "
+                         "(every linear protected or excluded)")
     fmts = {lb.fmt for lb in linears}
     nv = "nvfp4" in fmts
     if nv and len(fmts) > 1:
         raise ValueError(f"weights in {sorted(fmts)}: one compressed-tensors checkpoint holds one format")
     weights = _nv_weight_args() if nv else _mx_args(dynamic=False)
     fmt = "nvfp4-pack-quantized" if nv else "mxfp4-pack-quantized"
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": _input_args(linears[0].fmt, recipe.input),
+    # An MXFP4 input quantizer is the runtime's dynamic MXFP4 activation scheme (check_runtime_quant).
+    inputs = _mx_args(dynamic=True) if recipe.input is not None else None
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
              "output_activations": None, "format": fmt}
     ignore = unquantized_linears(net, {lb.name for lb in linears})
     config: dict[str, Any] = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",

@@ -31,13 +31,14 @@ from torch import Tensor, nn
 
 from lpq.export.bits import LinearBits, dense_tensors, linear_bits, require_causal_lm
 from lpq.export.packing import input_transforms, quantized_weights
+from lpq.export.settings import RUNTIME_WEIGHT_FORMATS, check_runtime_quant
 from lpq.export.tensor_io import check_finite
 from lpq.models.adapters import get_adapter
 from lpq.quant.recipe import QuantRecipe
 
 FILE = "model.gguf"
 WHAT = "a GGUF file"
-FORMATS = ("mxfp4", "mxfp4-rceil", "mxfp4-toolkit")
+FORMATS = RUNTIME_WEIGHT_FORMATS["gguf"]
 ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3"}
 NAN_SCALE = 0xFF
 README = ("GGUF file for llama.cpp (`model.gguf`): weight-only MXFP4 (GGML type MXFP4) holding lpq's own codes and "
@@ -66,10 +67,7 @@ def _rope_rows(n: int, heads: int) -> Tensor:
 def _check(net: nn.Module, recipe: QuantRecipe, family: str) -> None:
     if family not in ARCHS:
         raise ValueError(f"kind gguf writes the {' and '.join(ARCHS)} families; this model is {family}")
-    if recipe.input is not None or recipe.attention is not None:
-        raise ValueError("kind gguf is weight-only: llama.cpp multiplies MXFP4 weights with activations in its own "
-                         "precision (Q8_0 blocks on CPU), not lpq's input/attention quantizers; remove quant.input "
-                         "and quant.attention")
+    check_runtime_quant("gguf", recipe)    # what the recipe alone rules out (checked as it was read, too)
     transforms = input_transforms(net)
     if transforms:
         raise ValueError(f"{next(iter(transforms))} has an online input transform (Hadamard / SmoothQuant scale), "

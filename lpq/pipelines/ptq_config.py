@@ -12,7 +12,7 @@ from lpq.algorithms.step import Step, StepSpec, check_order
 from lpq.config import RecipePath
 from lpq.data.calibration import CalibrationConfig
 from lpq.eval.settings import DomainEvalSettings, Split
-from lpq.export.settings import ExportSettings
+from lpq.export.settings import RUNTIME_ONLINE_PARTS, ExportSettings, check_runtime_quant
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe, check_protected_budget
 from lpq.schema import KeyedError, RecipeVersion, recipe_version
@@ -145,8 +145,25 @@ class PTQConfig:
                 spec.build().check_recipe(self.quant)
             except ValueError as e:
                 raise KeyedError(f"algorithms[{i}]", f"{spec.name}: {e}") from None
+        if self.export is not None:
+            self._check_runtime_export(self.export.kind.value)
         if self.threads < 0:
             raise KeyedError("threads", f"threads must be >= 0 (0: every core), got {self.threads}")
+
+    def _check_runtime_export(self, kind: str) -> None:
+        """An export for another runtime (vLLM, llama.cpp) refused now, not after the last block."""
+        if kind not in RUNTIME_ONLINE_PARTS:
+            return
+        try:
+            check_runtime_quant(kind, self.quant)
+        except ValueError as e:
+            raise KeyedError("export.kind", str(e)) from None
+        for i, spec in enumerate(self.algorithms):
+            left = [p for p in spec.build().online_parts() if p not in RUNTIME_ONLINE_PARTS[kind]]
+            if left:
+                raise KeyedError(f"algorithms[{i}]", f"{spec.name} leaves an online input {left[0]} on quantized "
+                                 f"linears (lpq.quant.InputTransform), which export kind {kind} cannot run; drop "
+                                 f"the step (or its option that adds it) or export kind packed")
 
     @property
     def weight_format(self) -> str:

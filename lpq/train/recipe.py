@@ -11,7 +11,7 @@ from typing import Any
 
 from lpq.config import load_config
 from lpq.eval.settings import DomainEvalSettings, EvalSettings, Split  # noqa: F401  (Split: domain_eval.split)
-from lpq.export.settings import ExportSettings
+from lpq.export.settings import ExportSettings, check_runtime_quant
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
 from lpq.schema import Choice, KeyedError, RecipeVersion, recipe_version
@@ -266,6 +266,11 @@ class TrainRecipe:
             raise ValueError("train.compare needs a `quant:` section (the runs it compares are quantized)")
         if self.domain_eval is not None and self.data.kind is not DataKind.TEXT:
             raise ValueError("domain_eval scores text domains; it needs data.kind 'text' (a causal LM)")
+        if self.export is not None and self.quant is not None:
+            try:
+                check_runtime_quant(self.export.kind.value, self.quant)   # before training, not after
+            except ValueError as e:
+                raise KeyedError("export.kind", str(e)) from None
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:

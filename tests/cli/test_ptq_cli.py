@@ -58,6 +58,25 @@ def test_bad_values_are_one_line_errors_before_any_work(tmp_path, change, messag
     assert {k: v for k, v in after.items() if not k.startswith("out")} == before
 
 
+@pytest.mark.parametrize("quant, algorithms, kind, message", [
+    ({"format": "hif4"}, [{"name": "rtn"}], "compressed-tensors",
+     r"r.yaml:\d+: export kind compressed-tensors stores mxfp4, mxfp4-rceil, mxfp4-toolkit, nvfp4 weights, the "
+     r"recipe has hif4 weights"),
+    ({"format": "mxfp4"}, [{"name": "rtn"}, {"name": "norm_distill", "input_scales": True}], "compressed-tensors",
+     r"r.yaml:\d+: norm_distill leaves an online input scale on quantized linears .* export kind compressed-tensors "
+     r"cannot run"),
+    ({"weight": {"format": "mxfp4"}}, [{"name": "hadamard"}, {"name": "rtn"}], "gguf",
+     r"r.yaml:\d+: hadamard leaves an online input rotation on quantized linears .* export kind gguf cannot run"),
+    ({"format": "mxfp4"}, [{"name": "rtn"}], "gguf", r"r.yaml:\d+: kind gguf is weight-only"),
+])
+def test_an_export_its_runtime_cannot_hold_is_refused_before_the_blocks(tmp_path, quant, algorithms, kind, message):
+    """For vLLM / llama.cpp: refused as the recipe is read, not after the last block (hours on a 32B model)."""
+    d = {**_recipe(tmp_path), "quant": quant, "algorithms": algorithms, "export": {"kind": kind}}
+    code, out = lpq("ptq", "--config", _write(tmp_path, d), "--out", tmp_path / "out")
+    assert code == 2 and __import__("re").search(message, error_line(out)), out
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_calibration_text(tmp_path):
     recipe = _write(tmp_path, _recipe(tmp_path))
     (tmp_path / "calib.txt").write_text("   \n")
