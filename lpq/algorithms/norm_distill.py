@@ -395,6 +395,11 @@ class NormDistill(Step):
             raise ValueError("norm_distill trains the norm weights in the model's dtype, and float16 overflows "
                              "(the KL becomes NaN): load the model in float32 or bfloat16 (model.dtype), or drop "
                              "norm_distill")
+        try:      # its windows are cut after the last block: text too short must fail before the first
+            run.text_windows(self.settings.sequences, self.settings.seq_len)
+        except ValueError as e:
+            raise ValueError(f"norm_distill (sequences {self.settings.sequences}, seq_len "
+                             f"{self.settings.seq_len}): {e}") from None
 
     def on_model_end(self, run) -> dict:
         s = self.settings

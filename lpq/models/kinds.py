@@ -54,6 +54,9 @@ class ModelKind:
     def text_windows(self, loaded: LoadedModel, calib: CalibrationConfig, num: int, seq_len: int) -> Tensor:
         raise ValueError(f"a {self.name} model has no next-token text to train or score on")
 
+    def check_evaluation(self, loaded: LoadedModel, evaluation: Any) -> None:
+        """Raise ValueError when the data `evaluate` reads cannot be had (called before the first block)."""
+
     def evaluate(self, loaded: LoadedModel, float_model: Any, evaluation: Any, out_dir: Path) -> dict:
         """Quality of the quantized model against its float model: {"baseline": {...}, "quantized": {...}}."""
         return {"baseline": {}, "quantized": {}}
@@ -99,6 +102,11 @@ class CausalLM(ModelKind):
         from lpq.data.calibration import calibration_tokens
 
         return calibration_tokens(dataclasses.replace(calib, num_sequences=num, seq_len=seq_len), loaded.tokenizer)
+
+    def check_evaluation(self, loaded: LoadedModel, evaluation: Any) -> None:
+        from lpq.eval.ptq_quality import evaluation_windows
+
+        evaluation_windows(loaded.tokenizer, evaluation)      # a domain too short for its windows fails now
 
     def evaluate(self, loaded: LoadedModel, float_model: Any, evaluation: Any, out_dir: Path) -> dict:
         from lpq.eval.ptq_quality import evaluate_causal_lm

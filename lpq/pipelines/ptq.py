@@ -294,6 +294,8 @@ def _run(cfg: PTQConfig, out_dir: Path, recipe_id: str | None, check_interrupt: 
     steps = cfg.steps()
     for step in steps:
         step.check(ctx)
+    if cfg.evaluation is not None:
+        ctx.kind.check_evaluation(loaded, cfg.evaluation)
     if cfg.protect.blocks:
         _check_protected(stages, cfg.protect.blocks)   # fail now, not after the ranking or the last block
 

@@ -516,6 +516,11 @@ def test_two_runs_of_the_command_give_identical_exports(tmp_path):
     ({"evaluation": {"wikitext2": "/nonexistent/test.txt"}}, "evaluation.wikitext2: /nonexistent/test.txt not found"),
     ({"evaluation": {"windows": 0, "domain_eval": {"domains": ["gsm8k"], "windows": 1, "seq_len": 300}}},
      "evaluation.domain_eval.seq_len: 300 tokens is beyond tiny-llama's context of 256"),
+    # data read only after the last block (the evaluation, the distillation) is checked before the first
+    ({"evaluation": {"windows": 0, "domain_eval": {"domains": ["gsm8k"], "windows": 100000, "seq_len": 16}}},
+     r"domain 'gsm8k' \(validation\) has \d+ tokens, fewer than 100000 windows of 16"),
+    ({"algorithms": [{"name": "rtn"}, {"name": "norm_distill", "steps": 1, "sequences": 500, "seq_len": 16}]},
+     r"norm_distill \(sequences 500, seq_len 16\): the calibration text holds \d+ windows of 16 tokens"),
 ])
 def test_bad_values_are_refused_before_the_blocks(tmp_path, monkeypatch, change, message):
     """Ranges, lengths, patterns and files are checked before any block is quantized, with the key."""
