@@ -40,8 +40,10 @@ def check_models(recipe, candidate_id: str | None) -> None:
     if (recipe.quant is None) == (candidate_id is None):
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
-    resolve(recipe.model)
+    source = resolve(recipe.model)
     _check_paths(recipe.eval)
+    if "video" in recipe.eval.tasks and source.model_kind != "wan":
+        raise ValueError(f"task 'video' needs a Wan pipeline; {recipe.model.id} is a causal LM")
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
         resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),
                 key="--candidate")
@@ -78,12 +80,26 @@ def run(recipe, out: Path, candidate_id: str | None = None) -> dict:
         from lpq.eval.video import run_paired_video
 
         return run_paired_video(base.model, candidate, recipe.eval, out, model_name=base.name, recipe=provenance)
-    if "video" in recipe.eval.tasks:
-        raise ValueError(f"task 'video' needs a Wan pipeline; {base.name} is a causal LM")
+    if candidate_id is not None:
+        _check_same_model(base, candidate, candidate_id)
     from lpq.eval.paired import run_paired
 
     return run_paired(base.model, candidate, base.tokenizer, recipe.eval, out, model_name=base.name,
                       recipe=provenance)
+
+
+# What a quantized version of the baseline shares with it (checked before any item is scored).
+SAME_MODEL_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _check_same_model(base, candidate, candidate_id: str) -> None:
+    """A second checkpoint must be the baseline quantized: both are fed the baseline's tokenizer and
+    compared position by position, which means nothing for another vocabulary or model."""
+    for key in SAME_MODEL_KEYS:
+        theirs, ours = getattr(candidate.config, key, None), getattr(base.model.config, key, None)
+        if theirs != ours:
+            raise ValueError(f"--candidate {candidate_id} is not {base.name} quantized: its {key} is {theirs!r}, "
+                             f"the baseline's {ours!r}; give the checkpoint lpq made from this model")
 
 
 def _load_candidate(candidate_id: str, base_cfg):

@@ -56,6 +56,26 @@ def test_models_that_cannot_load_are_named_before_the_output_folder_is_made(tmp_
     assert not (tmp_path / "o").exists()
 
 
+def test_a_candidate_of_another_model_is_refused(tmp_path):
+    """Scored with the baseline's tokenizer position by position, another model's numbers mean nothing."""
+    from lpq.export import export_model
+    from lpq.models.hub import ModelConfig, load_model
+    from lpq.quant import QuantRecipe, quantize_model
+
+    model = load_model(ModelConfig(id="tiny-llama")).model
+    recipe = QuantRecipe(format="hif8")
+    quantize_model(model, recipe)
+    export_model(model, recipe, tmp_path / "llama-hif8", kind="packed")
+    result, out = _run(["--model", "tiny-qwen3", "--candidate", tmp_path / "llama-hif8", "--tasks", "wikitext2",
+                        "--limit", 2, "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and f"--candidate {tmp_path / 'llama-hif8'} is not tiny-qwen3 quantized: its " \
+        "model_type is 'llama', the baseline's 'qwen3'" in out, out
+    result, out = _run(["--model", "tiny-llama", "--candidate", "tiny-llama", "--tasks", "video", "--out",
+                        tmp_path / "v"])
+    assert result.exit_code == 2 and "task 'video' needs a Wan pipeline; tiny-llama is a causal LM" in out, out
+    assert not (tmp_path / "v").exists()
+
+
 def test_wan22_video_from_a_recipe(data_dir, tmp_path):
     recipe = tmp_path / "w.yaml"
     recipe.write_text("model:\n  id: tiny-wan22\nquant:\n  format: hif8\neval:\n  bootstrap: 200\n")
