@@ -306,9 +306,14 @@ def test_two_exports_into_one_folder_at_once_one_wins(tmp_path):
     (["--set", "nosuch.key=1"], "error: --set nosuch.key: unknown key 'nosuch'; allowed at the top level"),
     (["--set", "train.seed=-1"], "error: --set train.seed: 'train': seed must be in [0, 2**32), got -1"),
     (["-n", "0"], "error: --num-processes must be >= 1, got 0"),     # was the recipe's count, silently
+    # the data files are read and parsed before the folder is claimed and the model loads
+    (["--set", "data.paths=[{tmp}/missing.txt]"], "error: data.paths: {tmp}/missing.txt does not exist"),
+    (["--set", "data.paths=[{tmp}/bad.jsonl]"], "error: {tmp}/bad.jsonl:2: record has no string field 'text'"),
 ])
 def test_bad_train_options_are_named_before_any_folder(tmp_path, args, message):
     out = tmp_path / "run"
+    (tmp_path / "bad.jsonl").write_text('{"text": "a b c"}\n{"txt": "d"}\n')
+    args = [a.format(tmp=tmp_path) for a in args]
     code, text = lpq("train", "--config", _train_recipe(tmp_path, out), *args)
-    assert code == 2 and error_line(text).startswith(message), text
+    assert code == 2 and error_line(text).startswith(message.format(tmp=tmp_path)), text
     assert not out.exists()
