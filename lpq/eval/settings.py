@@ -146,6 +146,19 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     return shared.resolve() if shared.is_dir() else None
 
 
+def check_paths(settings: EvalSettings) -> None:
+    """The data folder and the VBench python the settings name exist: they are read only after the
+    models ran (lpq eval: both models; lpq train: every run), so they are checked before."""
+    given = settings.data_dir or os.environ.get("LPQ_DATA_DIR")
+    if given and not Path(given).expanduser().is_dir():
+        what = "does not exist" if not Path(given).expanduser().exists() else "is not a folder"
+        raise FileNotFoundError(f"data folder {given} (--data-dir, eval.data_dir or $LPQ_DATA_DIR) {what}")
+    python = settings.video.vbench_python
+    if python and not (Path(python).expanduser().is_file() and os.access(Path(python).expanduser(), os.X_OK)):
+        raise FileNotFoundError(f"--vbench / eval.video.vbench_python: {python} is not an executable file (give the "
+                                "python of a venv with vbench installed)")
+
+
 def kl_text_path(settings: EvalSettings) -> Path:
     if settings.kl_text:
         path = Path(settings.kl_text).expanduser()

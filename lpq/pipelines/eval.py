@@ -1,7 +1,6 @@
 """`lpq eval`: a baseline and a candidate (quantized on the fly, or a second checkpoint), paired report."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -34,6 +33,7 @@ def check_models(recipe, candidate_id: str | None) -> None:
     """Before any folder is made or weight read: exactly one candidate, and the baseline's and a
     candidate checkpoint's sources resolve (lpq.models.hub.resolve: local folders complete, built-ins
     known). A packed lpq export is checked by its own loader."""
+    from lpq.eval.settings import check_paths
     from lpq.export.settings import export_kind
     from lpq.models.hub import ModelConfig, resolve
 
@@ -41,24 +41,12 @@ def check_models(recipe, candidate_id: str | None) -> None:
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
     source = resolve(recipe.model)
-    _check_paths(recipe.eval)
+    check_paths(recipe.eval)
     if "video" in recipe.eval.tasks and source.model_kind != "wan":
         raise ValueError(f"task 'video' needs a Wan pipeline; {recipe.model.id} is a causal LM")
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
         resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),
                 key="--candidate")
-
-
-def _check_paths(settings) -> None:
-    """The folder and program the settings name exist (they are read only after both models ran)."""
-    given = settings.data_dir or os.environ.get("LPQ_DATA_DIR")
-    if given and not Path(given).expanduser().is_dir():
-        what = "does not exist" if not Path(given).expanduser().exists() else "is not a folder"
-        raise FileNotFoundError(f"data folder {given} (--data-dir, eval.data_dir or $LPQ_DATA_DIR) {what}")
-    python = settings.video.vbench_python
-    if python and not (Path(python).expanduser().is_file() and os.access(Path(python).expanduser(), os.X_OK)):
-        raise FileNotFoundError(f"--vbench / eval.video.vbench_python: {python} is not an executable file (give the "
-                                "python of a venv with vbench installed)")
 
 
 def run(recipe, out: Path, candidate_id: str | None = None) -> dict:

@@ -138,6 +138,10 @@ def select_runs(recipe: TrainRecipe, only: str | None = None) -> list[RunPlan]:
         if only not in [p.label for p in plans]:
             raise ValueError(f"--only {only}: the recipe has no such run (runs: {', '.join(p.label for p in plans)})")
         plans = [p for p in plans if p.label == only]
+    if recipe.eval is not None:
+        from lpq.eval.settings import check_paths
+
+        check_paths(recipe.eval)
     if recipe.domain_eval is not None:
         from lpq.train.domains import check_domain_files
 

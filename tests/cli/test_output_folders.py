@@ -309,6 +309,8 @@ def test_two_exports_into_one_folder_at_once_one_wins(tmp_path):
     # the data files are read and parsed before the folder is claimed and the model loads
     (["--set", "data.paths=[{tmp}/missing.txt]"], "error: data.paths: {tmp}/missing.txt does not exist"),
     (["--set", "data.paths=[{tmp}/bad.jsonl]"], "error: {tmp}/bad.jsonl:2: record has no string field 'text'"),
+    (["--set", "eval={{tasks: [wikitext2], data_dir: {tmp}/none}}"],
+     "error: data folder {tmp}/none (--data-dir, eval.data_dir or $LPQ_DATA_DIR) does not exist"),
 ])
 def test_bad_train_options_are_named_before_any_folder(tmp_path, args, message):
     out = tmp_path / "run"
