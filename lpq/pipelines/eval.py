@@ -37,6 +37,8 @@ def check_models(recipe, candidate_id: str | None) -> None:
     from lpq.export.settings import export_kind
     from lpq.models.hub import ModelConfig, resolve
 
+    if candidate_id is not None and not candidate_id.strip():
+        raise ValueError("--candidate is empty: give a checkpoint folder (e.g. an lpq export)")
     if (recipe.quant is None) == (candidate_id is None):
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")

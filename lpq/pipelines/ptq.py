@@ -541,7 +541,7 @@ def register(app: typer.Typer) -> None:
         from lpq.outputs import OutputError, claim_output, recipe_fingerprint
 
         try:
-            overrides = {"model.id": model} if model else {}
+            overrides = {"model.id": model} if model is not None else {}
             if protect is not None:
                 overrides.update(_protect_override(protect))
             if mmlu:

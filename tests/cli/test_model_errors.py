@@ -162,12 +162,13 @@ def test_unreachable_hub_uses_the_cached_copy(recipe, tmp_path):
 
 def test_train_protected_block_out_of_range_before_any_training(tmp_path):
     recipe = tmp_path / "t.yaml"
-    recipe.write_text("""model: {id: tiny-llama}
+    (tmp_path / "corpus.txt").write_text("some words " * 100)
+    recipe.write_text(f"""model: {{id: tiny-llama}}
 quant:
-  weight: {format: hif8, scaling: current}
+  weight: {{format: hif8, scaling: current}}
   protected_blocks: [1, 7]
-train: {output_dir: run, steps: 4}
-data: {paths: [nothing.jsonl]}
+train: {{output_dir: run, steps: 4}}
+data: {{paths: [{tmp_path / "corpus.txt"}]}}
 """)
     before = snapshot(tmp_path)
     t0 = time.perf_counter()

@@ -167,3 +167,11 @@ def test_presets_resolve_to_the_shipped_recipe(tmp_path):
     assert code == 2 and "--config r.yaml and --scheme hif4: give one recipe, not both" in error_line(out)
     code, out = lpq("recipes", "show", "w4a4_hif4")
     assert code == 0 and "algorithms:" in out
+
+
+def test_an_empty_model_option_is_refused_not_replaced_by_the_recipe_model(tmp_path):
+    code, out = lpq("ptq", "--scheme", "hif4", "--model", "", "--out", tmp_path / "o")
+    assert code == 2 and error_line(out).startswith("error: --model: 'model': model.id is empty"), out
+    code, out = lpq("eval", "--model", "tiny-llama", "--candidate", " ", "--out", tmp_path / "e")
+    assert code == 2 and error_line(out) == "error: --candidate is empty: give a checkpoint folder (e.g. an lpq export)"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()

@@ -63,8 +63,12 @@ def test_hub_ids_that_are_not_valid():
 
 
 def test_empty_model_id():
+    with pytest.raises(ValueError, match="model.id is empty"):      # refused as the recipe is read
+        ModelConfig(id="  ")
+    cfg = ModelConfig()
+    cfg.id = " "                                                     # set afterwards, as an option does
     with pytest.raises(ModelError, match="model.id is empty"):
-        resolve(ModelConfig(id="  "))
+        resolve(cfg)
 
 
 def test_a_packed_export_is_not_loaded_as_a_model(tmp_path):
