@@ -59,8 +59,6 @@ def _nv_weight_args() -> dict[str, Any]:
             "dynamic": False, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
 
 
-
-
 def _transform_config(net: nn.Module) -> dict[str, Any] | None:
     """transform_config for the online block Hadamards; refuses what it cannot express."""
     by_block: dict[int, list[str]] = {}
