@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lpq.export.bits import LinearBits, dense_tensors, linear_bits, require_causal_lm
+from lpq.export.bits import dense_tensors, linear_bits, require_causal_lm
 from lpq.export.packing import input_transforms, quantized_weights
 from lpq.export.settings import RUNTIME_WEIGHT_FORMATS, check_runtime_quant
 from lpq.export.tensor_io import check_finite
