@@ -111,8 +111,9 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.tasks = [Task.parse(t, "task") for t in self.tasks]
-        if not self.tasks:
-            raise KeyedError("tasks", f"tasks must name at least one task: {', '.join(t.value for t in Task)}")
+        if not self.tasks and not self.kl:      # no task: the distribution shift alone is a valid evaluation
+            raise KeyedError("tasks", f"nothing to evaluate: no task and kl off; name tasks "
+                             f"({', '.join(t.value for t in Task)}) or turn kl on")
         twice = [t.value for i, t in enumerate(self.tasks) if t in self.tasks[:i]]
         if twice:
             raise KeyedError("tasks", f"tasks lists {twice[0]!r} twice")

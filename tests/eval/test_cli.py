@@ -108,7 +108,7 @@ def test_packed_lpq_export_as_candidate(data_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "wikitext2,nope"], "error: --tasks: 'eval.tasks[1]': 'nope' is not allowed; use one of"),
     (["--tasks", "wikitext2", "--limit", -1], "error: --limit: 'eval': limit must be >= 1"),
-    (["--tasks", ""], "error: --tasks: 'eval': tasks must name at least one task: mmlu, gsm8k"),
+    (["--tasks", "", "--no-kl"], "error: --tasks: 'eval': nothing to evaluate: no task and kl off; name tasks"),
     (["--tasks", "wikitext2,mmlu,wikitext2"], "error: --tasks: 'eval': tasks lists 'wikitext2' twice"),
     (["--tasks", "wikitext2", "--vbench", "python3"], "error: --vbench: 'eval': vbench_python scores the generated "
                                                       "videos: it needs the 'video' task (tasks: wikitext2)"),
