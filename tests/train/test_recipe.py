@@ -38,7 +38,7 @@ def test_unknown_key_is_named_with_file_and_line(tmp_path):
 
 
 def test_bad_values_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"r\.yaml:1: 'train': bf16_warmup_steps \(10\) must be < steps \(5\)"):
+    with pytest.raises(ConfigError, match=r"r\.yaml:3: 'train': bf16_warmup_steps \(10\) must be < steps \(5\)"):
         load_recipe(write(tmp_path, "train:\n  steps: 5\n  bf16_warmup_steps: 10\n"))
     with pytest.raises(ConfigError, match=r"r\.yaml:3: 'train\.lr_schedule': 'cosin' is not allowed"):
         load_recipe(write(tmp_path, "train:\n  steps: 5\n  lr_schedule: cosin\n"))
