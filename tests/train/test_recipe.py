@@ -49,7 +49,7 @@ def test_bad_values_are_named(tmp_path):
         load_recipe(write(tmp_path, "train:\n  steps: 5\n"), {"train.lr": "abc"})
     with pytest.raises(ConfigError, match=r"^--set quant\.protected_blocks: 'quant': 6 protected blocks exceed"):
         load_recipe(write(tmp_path, "quant:\n  format: hif8\n"), {"quant.protected_blocks": [0, 1, 2, 3, 4, 5]})
-    with pytest.raises(ConfigError, match=r"r\.yaml:2: 'data\.video': num_frames must be 4k \+ 1"):
+    with pytest.raises(ConfigError, match=r"r\.yaml:3: 'data\.video': num_frames must be 4k \+ 1"):
         load_recipe(write(tmp_path, "data:\n  video:\n    num_frames: 80\n"))
 
 
