@@ -44,7 +44,7 @@ def check_models(recipe, candidate_id: str | None) -> None:
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
     source = resolve(recipe.model)
     check_paths(recipe.eval)
-    if "video" in recipe.eval.tasks and source.model_kind != "wan":
+    if "video" in recipe.eval.tasks and (recipe.model.kind or source.model_kind) != "wan":
         raise ValueError(f"task 'video' needs a Wan pipeline; {recipe.model.id} is a causal LM")
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
         resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),
