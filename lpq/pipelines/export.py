@@ -70,6 +70,15 @@ def export(
     if recipe.export.out is None:
         raise _fail("no output folder: pass --out or set export.out in the recipe")
     target = Path(recipe.export.out)
+    from lpq.models.hub import resolve
+
+    try:
+        source = resolve(recipe.model)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if source.kind == "local" and target.expanduser().resolve() == source.path.expanduser().resolve():
+        raise _fail(f"the output folder {target} is the model folder it reads (model.id); write the export to "
+                    "another folder")
     from lpq.outputs import check_output, locked_output
 
     try:

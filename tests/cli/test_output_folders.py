@@ -78,6 +78,19 @@ def test_export_adopts_an_empty_folder_and_replaces_its_own_only_with_force(reci
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
 
 
+def test_export_into_the_model_folder_it_reads_is_refused(recipe, tmp_path):
+    """An lpq export read back as --model and written over with --force would replace its own input."""
+    fake = recipe.read_text().replace("kind: packed", "kind: fake")
+    recipe.write_text(fake)
+    code, text = lpq("export", "--config", recipe, "--out", tmp_path / "fk")
+    assert code == 0, text
+    before = snapshot(tmp_path)
+    code, text = lpq("export", "--config", recipe, "--model", f"{tmp_path / 'fk'}/", "--out", tmp_path / "fk", "--force")
+    assert code == 2 and error_line(text) == (f"error: the output folder {tmp_path / 'fk'} is the model folder it reads "
+                                              "(model.id); write the export to another folder"), text
+    assert snapshot(tmp_path) == before
+
+
 def test_export_removes_the_temp_folder_of_a_killed_run(recipe, tmp_path):
     left = tmp_path / ".exp.lpq-tmp-deadbeef"
     left.mkdir()
