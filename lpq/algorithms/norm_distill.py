@@ -372,10 +372,13 @@ class NormDistill(Step):
     def online_parts(self) -> tuple[str, ...]:
         return ("scale",) if self.settings.input_scales else ()
 
-    def check(self, run) -> None:
-        if not run.kind.next_token_logits:
+    def check_kind(self, kind) -> None:
+        if not kind.next_token_logits:
             raise ValueError(f"norm_distill matches next-token distributions: it needs a causal LM, not a "
-                             f"{run.kind.name} model")
+                             f"{kind.name} model")
+
+    def check(self, run) -> None:
+        self.check_kind(run.kind)
         run.require_whole_model("norm_distill trains through the whole model at once")
         linear_head(run.loaded.model)
         if self.settings.biases and not run.adapter.bias_flags:

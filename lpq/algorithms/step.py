@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from lpq.algorithms.context import BlockContext, LinearGroup, RunContext
+    from lpq.models.kinds import ModelKind
     from lpq.quant.recipe import QuantRecipe
 
 
@@ -65,6 +66,10 @@ class Step:
 
     def check_recipe(self, quant: QuantRecipe) -> None:
         """Raise ValueError for quantizer formats this step cannot work with (called as the recipe is read)."""
+
+    def check_kind(self, kind: ModelKind) -> None:
+        """Raise ValueError for a kind of model this step cannot work on (known from the model's files,
+        checked before any folder is made or weight read)."""
 
     def online_parts(self) -> tuple[str, ...]:
         """The parts of the linears' online input transform ("scale", "rotation") this step always leaves

@@ -175,3 +175,17 @@ def test_an_empty_model_option_is_refused_not_replaced_by_the_recipe_model(tmp_p
     code, out = lpq("eval", "--model", "tiny-llama", "--candidate", " ", "--out", tmp_path / "e")
     assert code == 2 and error_line(out) == "error: --candidate is empty: give a checkpoint folder (e.g. an lpq export)"
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_step_for_another_kind_of_model_is_refused_before_it_loads(tmp_path, monkeypatch):
+    """norm_distill needs next-token logits: on a Wan pipeline it is refused from the model's files."""
+    monkeypatch.setattr("lpq.models.hub.load_model", lambda cfg: pytest.fail("the model was loaded"))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    d = {"model": {"id": "tiny-wan21"}, "quant": {"format": "hif4"},
+         "calibration": {"prompts": "prompts.txt", "num_prompts": 1},
+         "algorithms": [{"name": "rtn"}, {"name": "norm_distill", "steps": 1, "sequences": 1, "seq_len": 8}],
+         "protect": {"blocks": []}, "evaluation": None, "export": None}
+    code, out = lpq("ptq", "--config", _write(tmp_path, d), "--out", tmp_path / "out")
+    assert code == 2 and error_line(out) == ("error: norm_distill matches next-token distributions: it needs a "
+                                             "causal LM, not a wan model"), out
+    assert not (tmp_path / "out").exists()
