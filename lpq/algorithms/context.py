@@ -53,6 +53,7 @@ class RunContext:
     checkpoint_dir: Path
     calibration_data: Any = None     # what the model kind feeds (token windows, prompts)
     _float: Any = field(default=None, repr=False)
+    _windows: dict = field(default_factory=dict, repr=False)
 
     @property
     def kind(self) -> ModelKind:
@@ -97,8 +98,11 @@ class RunContext:
         release_freed_memory()
 
     def text_windows(self, num: int, seq_len: int) -> Tensor:
-        """`num` windows of `seq_len` tokens of the calibration text (refused for models without text)."""
-        return self.kind.text_windows(self.loaded, self.cfg.calibration, num, seq_len)
+        """`num` windows of `seq_len` tokens of the calibration text (refused for models without text); cut
+        once per run (a step's check and its work ask for the same ones)."""
+        if (num, seq_len) not in self._windows:
+            self._windows[num, seq_len] = self.kind.text_windows(self.loaded, self.cfg.calibration, num, seq_len)
+        return self._windows[num, seq_len]
 
     def resume_file(self, step: Step) -> Path:
         """Where a step keeps its own progress within this run: named by the step and a hash of its

@@ -33,10 +33,17 @@ RUNTIME_READERS = {"compressed-tensors": "vLLM (`vllm serve FOLDER`) or transfor
 
 def check_runtime_quant(kind: str, quant: QuantRecipe) -> None:
     """What an export of runtime kind `kind` cannot hold, known from the quant recipe alone: refused as
-    a recipe is read, before any model is loaded or quantized."""
+    a recipe is read, before any model is loaded or quantized (KeyedError at the recipe's `export.kind`)."""
     formats = RUNTIME_WEIGHT_FORMATS.get(kind)
     if formats is None:
         return
+    try:
+        _check_runtime_quant(kind, formats, quant)
+    except ValueError as e:
+        raise KeyedError("export.kind", str(e)) from None
+
+
+def _check_runtime_quant(kind: str, formats: tuple[str, ...], quant: QuantRecipe) -> None:
     if quant.weight is None or quant.weight.format not in formats:
         got = f"{quant.weight.format} weights" if quant.weight is not None else "no quantized weights"
         raise ValueError(f"export kind {kind} stores {', '.join(formats)} weights, the recipe has {got}; use kind "

@@ -338,6 +338,13 @@ def resolve(cfg: ModelConfig, key: str = "model.id") -> Source:
     return _resolve_hub(name, cfg, key)
 
 
+def model_kind(cfg: ModelConfig) -> str:
+    """"causal_lm" or "wan": the recipe's model.kind, else what the model's files say (resolving model.id, so
+    its errors are resolve's)."""
+    source = resolve(cfg)
+    return cfg.kind or source.model_kind or "causal_lm"
+
+
 # ---------------------------------------------------------------- depth from the configs alone
 
 def _config_blocks(config: dict, where: str, cfg: ModelConfig, src: str) -> int:

@@ -35,16 +35,16 @@ def check_models(recipe, candidate_id: str | None) -> None:
     known). A packed lpq export is checked by its own loader."""
     from lpq.eval.settings import check_paths
     from lpq.export.settings import export_kind
-    from lpq.models.hub import ModelConfig, resolve
+    from lpq.models.hub import ModelConfig, model_kind, resolve
 
     if candidate_id is not None and not candidate_id.strip():
         raise ValueError("--candidate is empty: give a checkpoint folder (e.g. an lpq export)")
     if (recipe.quant is None) == (candidate_id is None):
         raise ValueError("give exactly one candidate: a `quant:` section in the recipe (quantize the model on "
                          "the fly) or --candidate DIR (a second checkpoint, e.g. an lpq export)")
-    source = resolve(recipe.model)
+    kind = model_kind(recipe.model)       # resolves model.id: a baseline that cannot load fails here
     check_paths(recipe.eval)
-    if "video" in recipe.eval.tasks and (recipe.model.kind or source.model_kind) != "wan":
+    if "video" in recipe.eval.tasks and kind != "wan":
         raise ValueError(f"task 'video' needs a Wan pipeline; {recipe.model.id} is a causal LM")
     if candidate_id is not None and export_kind(candidate_id) in (None, "fake"):
         resolve(ModelConfig(id=candidate_id, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code),

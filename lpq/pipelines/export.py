@@ -12,7 +12,7 @@ import typer
 from lpq.export.settings import KINDS, ExportSettings, check_runtime_quant
 from lpq.models.hub import ModelConfig
 from lpq.quant.recipe import QuantRecipe
-from lpq.schema import KeyedError, RecipeVersion, recipe_version
+from lpq.schema import RecipeVersion, recipe_version
 
 
 @dataclass
@@ -26,10 +26,7 @@ class ExportRecipe:
 
     def __post_init__(self) -> None:
         self.version = recipe_version(self.version)
-        try:
-            check_runtime_quant(self.export.kind.value, self.quant)   # before the model loads
-        except ValueError as e:
-            raise KeyedError("export.kind", str(e)) from None
+        check_runtime_quant(self.export.kind.value, self.quant)   # before the model loads
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 # Recipe key -> the command option that sets it (an error about the key names the option).
-OPTIONS = {"model.id": "--model", "export.out": "--out", "export.kind": "--kind", "export.force": "--force"}
+KEY_OPTIONS = {"model.id": "--model", "export.out": "--out", "export.kind": "--kind", "export.force": "--force"}
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -64,7 +61,7 @@ def export(
     if force:
         overrides["export.force"] = True
     try:
-        recipe = load_config(config, ExportRecipe, overrides, {k: OPTIONS[k] for k in overrides})
+        recipe = load_config(config, ExportRecipe, overrides, {k: KEY_OPTIONS[k] for k in overrides})
     except ConfigError as e:
         raise _fail(str(e)) from None
     if recipe.export.out is None:

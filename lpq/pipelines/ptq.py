@@ -456,11 +456,11 @@ def validate_inputs(cfg: PTQConfig) -> None:
     and hold text. Raises ValueError / FileNotFoundError with one line naming the key or file (KeyedError
     for a value of one key, which the command may have set from an option)."""
     from lpq.data.calibration import read_prompts, read_text
-    from lpq.models.hub import check_context, peek_blocks, resolve
+    from lpq.models.hub import check_context, model_kind, peek_blocks
     from lpq.models.kinds import KINDS
 
     blocks = peek_blocks(cfg.model)
-    kind = KINDS[cfg.model.kind or resolve(cfg.model).model_kind or "causal_lm"]
+    kind = KINDS[model_kind(cfg.model)]
     for spec in cfg.algorithms:
         spec.build().check_kind(kind)
     total = sum(blocks.values())

@@ -140,28 +140,26 @@ class PTQConfig:
         check_protected_budget(self.protect.count(), self.quant.formats(), self.quant.allow_over_budget,
                                "protect.auto" if self.protect.auto is not None else "protect.blocks")
         check_order(self.algorithms)
-        for i, spec in enumerate(self.algorithms):
+        steps = self.steps()
+        for i, step in enumerate(steps):
             try:
-                spec.build().check_recipe(self.quant)
+                step.check_recipe(self.quant)
             except ValueError as e:
-                raise KeyedError(f"algorithms[{i}]", f"{spec.name}: {e}") from None
+                raise KeyedError(f"algorithms[{i}]", f"{step.name}: {e}") from None
         if self.export is not None:
-            self._check_runtime_export(self.export.kind.value)
+            self._check_runtime_export(self.export.kind.value, steps)
         if self.threads < 0:
             raise KeyedError("threads", f"threads must be >= 0 (0: every core), got {self.threads}")
 
-    def _check_runtime_export(self, kind: str) -> None:
+    def _check_runtime_export(self, kind: str, steps: list[Step]) -> None:
         """An export for another runtime (vLLM, llama.cpp) refused now, not after the last block."""
         if kind not in RUNTIME_ONLINE_PARTS:
             return
-        try:
-            check_runtime_quant(kind, self.quant)
-        except ValueError as e:
-            raise KeyedError("export.kind", str(e)) from None
-        for i, spec in enumerate(self.algorithms):
-            left = [p for p in spec.build().online_parts() if p not in RUNTIME_ONLINE_PARTS[kind]]
+        check_runtime_quant(kind, self.quant)
+        for i, step in enumerate(steps):
+            left = [p for p in step.online_parts() if p not in RUNTIME_ONLINE_PARTS[kind]]
             if left:
-                raise KeyedError(f"algorithms[{i}]", f"{spec.name} leaves an online input {left[0]} on quantized "
+                raise KeyedError(f"algorithms[{i}]", f"{step.name} leaves an online input {left[0]} on quantized "
                                  f"linears (lpq.quant.InputTransform), which export kind {kind} cannot run; drop "
                                  f"the step (or its option that adds it) or export kind packed")
 

@@ -98,9 +98,11 @@ def train(
         raise typer.Exit(2)
     recipe = _load(config, overrides)
     from lpq.train.compare import select_runs
+    from lpq.train.data import check_text_files
 
     try:
         select_runs(recipe, only)      # a wrong --only or a missing data file leaves no folder behind
+        check_text_files(recipe.data)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -143,7 +145,7 @@ def prepare_data(
 ) -> None:
     """Encode captioned video clips into the Wan latent cache (VAE latents + text embeddings)."""
     recipe = _load(config, overrides)
-    from lpq.models.hub import load_model, resolve
+    from lpq.models.hub import load_model, model_kind
     from lpq.outputs import claim_output
     from lpq.train.latents import find_clips, prepare_latent_cache
 
@@ -151,7 +153,7 @@ def prepare_data(
     # file), then the cache folder (lpq.outputs' rules: never a folder lpq did not write; another recipe's
     # cache only with --force; locked).
     try:
-        kind = recipe.model.kind or resolve(recipe.model).model_kind or "causal_lm"
+        kind = model_kind(recipe.model)
         if kind != "wan":
             raise ValueError(f"prepare-data encodes videos for Wan pipelines; {recipe.model.id!r} is a {kind} "
                              f"(text data needs no preparation)")

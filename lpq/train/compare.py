@@ -25,7 +25,7 @@ from lpq.outputs import RECIPE_COPY
 from lpq.quant.recipe import QKRotation, QuantizerSpec, QuantRecipe, Scaling
 from lpq.train.loop import RunResult, StepCallback, process_state, train_run
 from lpq.train.monitor import median, plot_loss_curves, plot_quant_stats, plot_stability, read_jsonl
-from lpq.train.recipe import DataKind, MixedPrecision, TrainRecipe
+from lpq.train.recipe import MixedPrecision, TrainRecipe
 
 REPORT = "train_report.json"
 # How formats are written for people (labels and folder names use the registry names).
@@ -150,10 +150,6 @@ def select_runs(recipe: TrainRecipe, only: str | None = None) -> list[RunPlan]:
         from lpq.train.data import check_mix_files
 
         check_mix_files(recipe.data)
-    elif recipe.data.kind is DataKind.TEXT:
-        from lpq.train.data import read_texts
-
-        read_texts(recipe.data)     # read and parsed now: a bad file or line is named before any model loads
     return plans
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lpq.data.files import json_records, read_user_text
-from lpq.train.recipe import PYDOC_TOPICS, DataConfig
+from lpq.train.recipe import PYDOC_TOPICS, DataConfig, DataKind
 
 
 def read_texts(cfg: DataConfig) -> list[str]:
@@ -79,6 +79,13 @@ def text_splits(cfg: DataConfig, tokenizer) -> TextSplits:
     if cfg.train_blocks is not None:
         train = train[: cfg.train_blocks]
     return TextSplits(train, held_out)
+
+
+def check_text_files(cfg: DataConfig) -> None:
+    """Fail early (before the output folder and any model), naming the file and line, when a text
+    corpus (`paths`) cannot be read or parsed: the files are read here once more than training needs."""
+    if cfg.kind is DataKind.TEXT and cfg.mix is None:
+        read_texts(cfg)
 
 
 def check_mix_files(cfg: DataConfig) -> None:

@@ -267,10 +267,7 @@ class TrainRecipe:
         if self.domain_eval is not None and self.data.kind is not DataKind.TEXT:
             raise ValueError("domain_eval scores text domains; it needs data.kind 'text' (a causal LM)")
         if self.export is not None and self.quant is not None:
-            try:
-                check_runtime_quant(self.export.kind.value, self.quant)   # before training, not after
-            except ValueError as e:
-                raise KeyedError("export.kind", str(e)) from None
+            check_runtime_quant(self.export.kind.value, self.quant)   # before training, not after
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
