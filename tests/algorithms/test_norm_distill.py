@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lpq.algorithms.norm_distill import (NormDistillSettings, distill_norms, final_hidden, head_kl, norm_parameters,
-                                         teacher_targets)
+from lpq.algorithms.norm_distill import (NormDistillSettings, distill_norms, final_hidden, head_kl, next_tokens,
+                                         norm_parameters, teacher_targets)
 from lpq.config import from_dict
 from lpq.models.tiny import tiny_causal_lm
 from lpq.quant import QuantRecipe, quantize_model
@@ -240,6 +240,56 @@ def test_head_kl_in_slices_equals_the_plain_expression_and_its_gradient(monkeypa
     head_s.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="not the head itself"):
         head_kl(teacher, student, head_t, head_s)
+
+
+@pytest.mark.parametrize("label_weight", [0.3, 0.9])
+def test_head_kl_to_a_target_mixed_with_the_next_token_equals_the_plain_expression(monkeypatch, label_weight):
+    """With a label weight w the teacher's side is (1 - w) teacher + w one-hot(next token) where a next
+    token exists, the teacher's alone at the window's last position: value and gradient against the
+    plain autograd expression, slices that do not divide the positions."""
+    monkeypatch.setattr(shift, "KL_ROWS", 5)
+    gen = torch.Generator().manual_seed(1)
+    head_t, head_s = nn.Linear(16, 97, bias=False).requires_grad_(False), nn.Linear(16, 97).requires_grad_(False)
+    teacher = torch.randn(2, 13, 16, generator=gen)
+    student = (teacher + 0.3 * torch.randn(2, 13, 16, generator=gen)).requires_grad_()
+    ids = torch.randint(0, 97, (2, 13), generator=gen)
+    plain_s = student.detach().clone().requires_grad_()
+    lt, ls = head_t(teacher).log_softmax(-1), head_s(plain_s).log_softmax(-1)
+    q = (1 - label_weight) * lt.exp()
+    q[:, :-1] += label_weight * nn.functional.one_hot(ids[:, 1:], 97)
+    q[:, -1] = lt[:, -1].exp()
+    plain = (torch.xlogy(q, q) - q * ls).sum(-1).mean()
+    plain.backward()
+    mixed = head_kl(teacher, student, head_t, head_s, next_tokens(ids), label_weight)
+    mixed.backward()
+    torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(student.grad, plain_s.grad, rtol=1e-5, atol=1e-7)
+    assert next_tokens(ids)[:, -1].eq(-1).all() and torch.equal(next_tokens(ids)[:, :-1], ids[:, 1:])
+    with pytest.raises(ValueError, match="needs the next tokens"):
+        head_kl(teacher, student, head_t, head_s, None, label_weight)
+
+
+def test_a_zero_label_weight_is_the_plain_distillation_bit_for_bit():
+    """label_weight 0 (the default) takes exactly the pure-KL arithmetic: the same losses and norms as a
+    run that never heard of next tokens; a positive weight trains to other norms."""
+    teacher, student = _pair()
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for w in (None, 0.0, 0.5):
+        s = copy.deepcopy(student)
+        settings = NormDistillSettings(steps=3, sequences=4, seq_len=16) if w is None else \
+            NormDistillSettings(steps=3, sequences=4, seq_len=16, label_weight=w)
+        stats = _distill(s, teacher, ids, settings)
+        runs[w] = (stats["first_loss"], stats["last_loss"], [p.detach().clone() for p in norm_parameters(s)])
+    assert runs[None][:2] == runs[0.0][:2]
+    assert all(torch.equal(a, b) for a, b in zip(runs[None][2], runs[0.0][2]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[None][2], runs[0.5][2]))
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.0, 1.5])
+def test_a_label_weight_outside_zero_to_one_is_refused(weight):
+    with pytest.raises(ValueError, match=r"label_weight must be in \[0, 1\)"):
+        NormDistillSettings(label_weight=weight)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-pangu", "tiny-qwen3", "tiny-qwen3-moe"])
