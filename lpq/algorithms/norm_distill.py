@@ -154,7 +154,7 @@ def linear_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def next_tokens(batch: Tensor) -> Tensor:
+def next_token_labels(batch: Tensor) -> Tensor:
     """The token each position of a (batch, positions) window predicts; -1 at the last, which has none."""
     return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], dim=1)
 
@@ -374,7 +374,7 @@ def distill_norms(student: nn.Module, targets: TeacherTargets | None, tokens: Te
             batch = tokens[idx].to(device)
             with autocast:
                 loss = head_kl(target, final_hidden(student, batch), targets.head, student.get_output_embeddings(),
-                               next_tokens(batch), settings.label_weight)
+                               next_token_labels(batch), settings.label_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"norm distillation: the loss is {float(loss)} at step {step + 1} "
                                          f"({_first_nonfinite(student, params) or 'the norms are finite'}); "

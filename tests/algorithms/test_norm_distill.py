@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lpq.algorithms.norm_distill import (NormDistillSettings, distill_norms, final_hidden, head_kl, next_tokens,
+from lpq.algorithms.norm_distill import (NormDistillSettings, distill_norms, final_hidden, head_kl, next_token_labels,
                                          norm_parameters, teacher_targets)
 from lpq.config import from_dict
 from lpq.models.tiny import tiny_causal_lm
@@ -260,11 +260,11 @@ def test_head_kl_to_a_target_mixed_with_the_next_token_equals_the_plain_expressi
     q[:, -1] = lt[:, -1].exp()
     plain = (torch.xlogy(q, q) - q * ls).sum(-1).mean()
     plain.backward()
-    mixed = head_kl(teacher, student, head_t, head_s, next_tokens(ids), label_weight)
+    mixed = head_kl(teacher, student, head_t, head_s, next_token_labels(ids), label_weight)
     mixed.backward()
     torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(student.grad, plain_s.grad, rtol=1e-5, atol=1e-7)
-    assert next_tokens(ids)[:, -1].eq(-1).all() and torch.equal(next_tokens(ids)[:, :-1], ids[:, 1:])
+    assert next_token_labels(ids)[:, -1].eq(-1).all() and torch.equal(next_token_labels(ids)[:, :-1], ids[:, 1:])
     with pytest.raises(ValueError, match="needs the next tokens"):
         head_kl(teacher, student, head_t, head_s, None, label_weight)
 
