@@ -87,7 +87,7 @@ def run() -> None:
         message = " ".join(e.format_message().split())
         typer.echo(f"error: {command}: {message} (see {command} --help)", err=True)
         code = e.exit_code
-    except (typer.Abort, _click_errors.Abort):
+    except typer.Abort:     # end of input at a prompt (an interrupt is exit 130, no message)
         typer.echo("error: aborted", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -79,7 +79,18 @@ def _target(path: str | os.PathLike) -> Path:
     target = Path(os.path.abspath(Path(path).expanduser()))
     if target == Path(target.anchor):     # nothing can sit beside it (the lock, a staging folder)
         raise OutputError(f"{path} is the filesystem root; give a folder below it")
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"{path}: {blocker} is a file, not a folder; choose another output folder")
     return target
+
+
+def _make_parent(target: Path, shown: str) -> None:
+    """Create the folder `target` goes in; a failure (no permission, a read-only disk) in one line."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{shown}: cannot create the folder it goes in ({e.strerror}: {e.filename})") from None
 
 
 def _protected(target: Path) -> str | None:
@@ -371,7 +382,7 @@ def locked_output(path: str | os.PathLike, *, command: str = "lpq") -> Iterator[
     """Hold the lock of `path` for the block, e.g. from the start of a command whose writer uses
     staged_output later; the leftovers of a killed run are cleaned up first. Yields the absolute path."""
     target = _target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target, str(path))
     key = _acquire(target, str(path), command)
     try:
         _clean_leftovers(target, str(path))
@@ -456,7 +467,7 @@ def claim_output(path: str | os.PathLike, *, fingerprint: str | None, force: boo
         return OutputFolder(target, "worker", fingerprint, command)
     _refuse_if_locked(target, shown)
     _plan(target, shown, fingerprint, force, command, staged=False)     # refuse before creating anything
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target, shown)
     key = _acquire(target, shown, command)
     try:
         _clean_leftovers(target, shown)
@@ -494,7 +505,7 @@ def staged_output(path: str | os.PathLike, *, fingerprint: str | None = None, fo
     shown = str(path)
     _refuse_if_locked(target, shown)
     _plan(target, shown, fingerprint, force, command, staged=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target, shown)
     key = _acquire(target, shown, command)
     try:
         _clean_leftovers(target, shown)

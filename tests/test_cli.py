@@ -45,6 +45,29 @@ def test_usage_errors_are_one_line_naming_the_command(args, names):
     assert all(n in out for n in names), out
 
 
+def test_the_executable_reports_an_abort_and_lets_other_errors_through(monkeypatch, capsys):
+    # run() named an Abort class that typer's click does not have: every exception that reached its
+    # last `except` (end of input at a prompt, any error a command did not catch) became an AttributeError.
+    import typer
+
+    from lpq import cli
+
+    def aborts(**kwargs):
+        raise typer.Abort()
+
+    monkeypatch.setattr(cli, "app", aborts)
+    with pytest.raises(SystemExit) as stop:
+        cli.run()
+    assert stop.value.code == 1 and capsys.readouterr().err == "error: aborted\n"
+
+    def fails(**kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "app", fails)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run()
+
+
 def test_lpq_alone_prints_the_command_list():
     code, out = lpq_process()
     assert "Traceback" not in out and all(name in out for name in COMMANDS), out

@@ -269,6 +269,31 @@ def test_the_filesystem_root_is_refused_in_one_line(how):
         how("/", fingerprint="f", force=True)
 
 
+def test_an_output_folder_below_a_file_is_refused_in_one_line(recipe, tmp_path):
+    # mkdir of the folder's parent failed on the file with a FileExistsError traceback.
+    (tmp_path / "afile").write_text("the user's")
+    before = snapshot(tmp_path)
+    for out in (tmp_path / "afile" / "sub", tmp_path / "afile" / "sub" / "deeper"):
+        code, text = lpq_process("export", "--config", recipe, "--out", out)
+        assert code == 2, text
+        assert error_line(text) == f"error: {out}: {tmp_path / 'afile'} is a file, not a folder; choose another " \
+                                   f"output folder"
+        with pytest.raises(ValueError, match="is a file, not a folder"):
+            claim_output(out, fingerprint="f", command="lpq train")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_parent_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    import pathlib
+
+    def no_permission(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", no_permission)
+    with pytest.raises(ValueError, match=r"^.*/new/out: cannot create the folder it goes in \(Permission denied: "):
+        claim_output(tmp_path / "new" / "out", fingerprint="f", command="lpq train")
+
+
 def test_train_sequence_longer_than_the_model_context_is_refused_before_any_folder(tmp_path):
     out = tmp_path / "run"
     recipe = _train_recipe(tmp_path, out)
