@@ -209,7 +209,9 @@ def _check_out(out: Path, src: Path, force: bool, n_tensors: int) -> None:
     if out.suffix == ".npy" and n_tensors != 1:
         raise _fail(f"--out {out}: a .npy file holds one tensor and {src} has {n_tensors}; use .safetensors")
     if not out.parent.is_dir():
-        raise _fail(f"--out {out}: the folder {out.parent} does not exist; create it first")
+        what = (f"{out.parent} is a file, not a folder" if out.parent.exists()
+                else f"the folder {out.parent} does not exist; create it first")
+        raise _fail(f"--out {out}: {what}")
     if out.is_dir():
         raise _fail(f"--out {out} is a folder; give a file name")
     if out.exists() or out.is_symlink():

@@ -55,6 +55,11 @@ def test_missing_out_folder_is_a_one_line_error(tmp_path):
     code, out, before = _quantize(tmp_path, "x.npy", "--fmt", "hif8", "--out", tmp_path / "nodir" / "y.npy")
     assert code == 2 and "the folder" in error_line(out) and "nodir does not exist; create it first" in out
     assert snapshot(tmp_path) == before
+    (tmp_path / "afile").write_text("the user's")
+    before = snapshot(tmp_path)
+    code, out, _ = _quantize(tmp_path, "x.npy", "--fmt", "hif8", "--out", tmp_path / "afile" / "y.npy")
+    assert code == 2 and error_line(out).endswith(f"{tmp_path / 'afile'} is a file, not a folder"), out
+    assert snapshot(tmp_path) == before
 
 
 def test_unsupported_dtypes(tmp_path):
