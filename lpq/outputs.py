@@ -85,6 +85,22 @@ def _target(path: str | os.PathLike) -> Path:
     return target
 
 
+def refuse_input_folders(path: str | os.PathLike, reads: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, holds or lies inside a folder the command reads (`reads`: the
+    option or key that names it -> its path; ids that are no local folder are skipped): with --force the
+    input would be deleted before it is read, and an output inside a model folder mixes files into it."""
+    target = _target(path).resolve()
+    for name, given in reads.items():
+        if given is None or not str(given).strip() or not Path(given).expanduser().is_dir():
+            continue
+        source = Path(given).expanduser().resolve()
+        how = ("is" if target == source else "is inside" if source in target.parents
+               else "holds" if target in source.parents else None)
+        if how is not None:
+            raise OutputError(f"the output folder {path} {how} the folder it reads ({name} {given}); choose another "
+                              f"output folder")
+
+
 def _make_parent(target: Path, shown: str) -> None:
     """Create the folder `target` goes in; a failure (no permission, a read-only disk) in one line."""
     try:

@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                  "--tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None,
                  "--kl/--no-kl": kl, "--cache/--no-cache": cache, "--vbench": vbench_python}
         overrides = {OPTION_KEYS[option]: v for option, v in given.items() if v is not None}
-        from lpq.outputs import claim_output, recipe_fingerprint
+        from lpq.outputs import claim_output, recipe_fingerprint, refuse_input_folders
 
         try:
             recipe = _load_recipe(config, overrides)
@@ -141,6 +141,7 @@ def register(app: typer.Typer) -> None:
                 if folder is not None:
                     refuse_runtime_export(folder)
             check_models(recipe, candidate)
+            refuse_input_folders(out, {"model.id": recipe.model.id, "--candidate": candidate})
             # lpq.outputs' rules: never a folder lpq did not write; another recipe's only with --force.
             # The recipe format's version is not part of what a run computes (lpq.schema).
             fingerprint = recipe_fingerprint({"recipe": recipe, "candidate": candidate}, ignore=["recipe.version"])

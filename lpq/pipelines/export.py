@@ -68,15 +68,13 @@ def export(
         raise _fail("no output folder: pass --out or set export.out in the recipe")
     target = Path(recipe.export.out)
     from lpq.models.hub import resolve
+    from lpq.outputs import check_output, locked_output, refuse_input_folders
 
     try:
         source = resolve(recipe.model)
+        refuse_input_folders(target, {"model.id": source.path if source.kind == "local" else None})
     except ValueError as e:
         raise _fail(str(e)) from None
-    if source.kind == "local" and target.expanduser().resolve() == source.path.expanduser().resolve():
-        raise _fail(f"the output folder {target} is the model folder it reads (model.id); write the export to "
-                    "another folder")
-    from lpq.outputs import check_output, locked_output
 
     try:
         # lpq.outputs' rules, checked before the model is loaded; the lock is held from here to the end.

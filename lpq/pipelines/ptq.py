@@ -542,7 +542,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace the output of another recipe in the folder"),
     ) -> None:
         """W4A4 post-training quantization with block-sequential calibration (resumable)."""
-        from lpq.outputs import OutputError, claim_output, recipe_fingerprint
+        from lpq.outputs import OutputError, claim_output, recipe_fingerprint, refuse_input_folders
 
         try:
             overrides = {"model.id": model} if model is not None else {}
@@ -556,6 +556,7 @@ def register(app: typer.Typer) -> None:
             except KeyedError as e:
                 raise ValueError(f"{KEY_OPTIONS[e.key] if e.key in overrides else e.key}: {e}") from None
             out_dir = out or Path(cfg.output_dir)
+            refuse_input_folders(out_dir, {"model.id": cfg.model.id})
             folder = claim_output(out_dir, fingerprint=fingerprint(cfg), force=force, command="ptq")
             if scheme is not None or overrides:    # after the checks: a refused command prints one line
                 typer.echo(f"lpq ptq: resolved recipe (saved as recipe.yaml in the output folder):\n"

@@ -47,7 +47,7 @@ def _check_and_claim(config: Path, recipe, force: bool) -> None:
     (from its config, no weights), then the output folder, locked until this process ends (lpq.outputs;
     launched ranks inherit the lock)."""
     from lpq.models.hub import check_blocks, check_context
-    from lpq.outputs import claim_output, recipe_fingerprint
+    from lpq.outputs import claim_output, recipe_fingerprint, refuse_input_folders
 
     try:
         check_blocks(recipe.model, recipe.quant.protected_blocks if recipe.quant else [])
@@ -55,6 +55,7 @@ def _check_and_claim(config: Path, recipe, force: bool) -> None:
         if recipe.domain_eval is not None:
             lengths["domain_eval.seq_len"] = recipe.domain_eval.seq_len
         check_context(recipe.model, lengths)
+        refuse_input_folders(recipe.train.output_dir, {"model.id": recipe.model.id})
         # The recipe format's version is not part of what a run computes (lpq.schema).
         claim_output(recipe.train.output_dir,
                      fingerprint=recipe_fingerprint(recipe, ignore=["train.output_dir", "version"]),

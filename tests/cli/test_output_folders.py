@@ -86,8 +86,42 @@ def test_export_into_the_model_folder_it_reads_is_refused(recipe, tmp_path):
     assert code == 0, text
     before = snapshot(tmp_path)
     code, text = lpq("export", "--config", recipe, "--model", f"{tmp_path / 'fk'}/", "--out", tmp_path / "fk", "--force")
-    assert code == 2 and error_line(text) == (f"error: the output folder {tmp_path / 'fk'} is the model folder it reads "
-                                              "(model.id); write the export to another folder"), text
+    assert code == 2 and error_line(text) == (f"error: the output folder {tmp_path / 'fk'} is the folder it reads "
+                                              f"(model.id {tmp_path / 'fk'}); choose another output folder"), text
+    assert snapshot(tmp_path) == before
+
+
+def test_no_command_writes_into_the_folder_it_reads(recipe, tmp_path):
+    """`lpq eval --candidate X --out X --force` deleted the candidate export before reading it; ptq and train
+    replaced a model folder given as model.id the same way; an output inside an input folder mixes files into it."""
+    packed, fake = tmp_path / "packed", tmp_path / "fake"
+    for out, kind in ((packed, "packed"), (fake, "fake")):
+        code, text = lpq("export", "--config", recipe, "--out", out, "--kind", kind)
+        assert code == 0, text
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 97}" for i in range(400)))
+    ptq = tmp_path / "ptq.yaml"
+    ptq.write_text(f"model: {{id: {fake}}}\nquant: {{format: hif4}}\nalgorithms: [{{name: rtn}}]\n"
+                   f"calibration: {{text_file: {calib}, num_sequences: 2, seq_len: 16, batch_size: 2}}\n"
+                   f"protect: {{blocks: []}}\nevaluation: {{wikitext2: {calib}, windows: 1, seq_len: 16}}\n")
+    before = snapshot(tmp_path)
+    cases = [
+        (["eval", "--model", "tiny-llama", "--candidate", packed, "--tasks", "wikitext2", "--out", packed, "--force"],
+         f"the output folder {packed} is the folder it reads (--candidate {packed})"),
+        (["eval", "--model", "tiny-llama", "--candidate", packed, "--tasks", "wikitext2", "--out", packed / "ev"],
+         f"the output folder {packed / 'ev'} is inside the folder it reads (--candidate {packed})"),
+        (["eval", "--model", fake, "--candidate", "tiny-llama", "--tasks", "wikitext2", "--out", tmp_path, "--force"],
+         f"the output folder {tmp_path} holds the folder it reads (model.id {fake})"),
+        (["ptq", "--config", ptq, "--out", fake, "--force"],
+         f"the output folder {fake} is the folder it reads (model.id {fake})"),
+        (["train", "--config", "configs/smollm2_hif8.yaml", "--set", f"model.id={fake}",
+          "--set", "quant.protected_blocks=[]", "--set", "data.seq_len=64", "--set", "domain_eval.seq_len=64",
+          "--set", f"train.output_dir={fake}", "--force"],
+         f"the output folder {fake} is the folder it reads (model.id {fake})"),
+    ]
+    for args, message in cases:
+        code, text = lpq(*args)
+        assert code == 2 and message in error_line(text), (args, text)
     assert snapshot(tmp_path) == before
 
 
