@@ -461,8 +461,8 @@ def validate_inputs(cfg: PTQConfig) -> None:
 
     blocks = peek_blocks(cfg.model)
     kind = KINDS[model_kind(cfg.model)]
-    for spec in cfg.algorithms:
-        spec.build().check_kind(kind)
+    for step in cfg.steps():
+        step.check_kind(kind)
     total = sum(blocks.values())
     if cfg.protect.blocks:
         bad = [b for b in cfg.protect.blocks if b >= total]
